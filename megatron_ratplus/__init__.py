@@ -1,0 +1,1 @@
+"""megatron-ratplus: RAT+ recurrence-augmented attention on megatron-core (train dense, infer sparse)."""

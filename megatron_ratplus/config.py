@@ -1,0 +1,87 @@
+"""Model configuration: megatron-core's TransformerConfig plus the RAT+ fields, and the presets.
+
+The RAT+ architecture fixes most of TransformerConfig (RMSNorm 1e-6, GELU MLP without bias, no
+dropout, std 0.02 everywhere, RoPE base 10000); :func:`preset` fills those in so that a preset
+name and a few overrides describe a model completely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer import TransformerConfig
+from megatron.core.utils import init_method_normal
+
+from megatron_ratplus.patterns import parse_pattern
+
+
+@dataclass
+class RATPlusConfig(TransformerConfig):
+    """TransformerConfig with the RAT+ mixer's settings.
+
+    recurrence: the gated k/v recurrence (False: the attention-only baseline, W_in d -> 4d).
+    attention_pattern: the pattern every mixer starts with (switchable later, see model.py).
+    """
+
+    recurrence: bool = True
+    attention_pattern: str = "dense"
+    vocab_size: int = 32000
+    seq_length: int = 4096
+    rotary_base: int = 10000
+
+    def __post_init__(self):
+        parse_pattern(self.attention_pattern)  # fail early on a bad pattern string
+        if self.init_method is None:
+            self.init_method = init_method_normal(self.init_method_std)
+        if self.output_layer_init_method is None:  # RAT+ uses std 0.02 for every matrix
+            self.output_layer_init_method = init_method_normal(self.init_method_std)
+        super().__post_init__()
+
+    @property
+    def mixer_parts(self) -> int:
+        """Rows of W_in per channel: o, q, k, v (+ g with the recurrence)."""
+        return 5 if self.recurrence else 4
+
+
+# Shapes from DESIGN §1 (the authors' configs); `tiny` trains on a laptop CPU.
+PRESETS = {
+    "tiny": dict(num_layers=4, hidden_size=128, num_attention_heads=4, ffn_hidden_size=512,
+                 seq_length=256, vocab_size=384),
+    "1.5b": dict(num_layers=24, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=8192),
+    "2.6b": dict(num_layers=28, hidden_size=2560, num_attention_heads=20, ffn_hidden_size=10240),
+    "7.6b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=16384),
+}
+
+# The architecture every preset shares.
+ARCHITECTURE = dict(
+    normalization="RMSNorm",
+    layernorm_epsilon=1e-6,
+    add_bias_linear=False,
+    gated_linear_unit=False,
+    activation_func=F.gelu,
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    init_method_std=0.02,
+    bias_activation_fusion=False,
+    bias_dropout_fusion=False,
+    masked_softmax_fusion=False,
+    apply_rope_fusion=False,
+    persist_layer_norm=False,
+)
+
+
+def preset(name: str, **overrides) -> RATPlusConfig:
+    """A RATPlusConfig for preset ``name`` with ``overrides`` (any RATPlusConfig field)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset '{name}' (choose from {', '.join(PRESETS)})")
+    known = {f.name for f in fields(RATPlusConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown model setting '{unknown[0]}'")
+    values = {**ARCHITECTURE, **PRESETS[name], **overrides}
+    if "ffn_hidden_size" not in overrides and "hidden_size" in overrides:
+        values["ffn_hidden_size"] = 4 * values["hidden_size"]
+    values.setdefault("use_cpu_initialization", not torch.cuda.is_available())
+    return RATPlusConfig(**values)

@@ -1,0 +1,55 @@
+"""The one CPU compatibility shim for megatron-core (active only when CUDA is absent).
+
+megatron-core 0.16 hard-codes CUDA in a few places that are otherwise device-agnostic:
+``torch.cuda.current_device()`` (RoPE, checkpoint loading), ``torch.cuda.synchronize()``
+(dist_checkpointing), and ``device="cuda"`` in tensor factories (pipeline schedules). Without
+CUDA each of these raises, so this module redirects exactly those calls to the CPU. With CUDA
+present :func:`install` does nothing, so the GPU path is never touched.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+# Tensor factories megatron-core calls with device="cuda" (schedules, RNG tracker, RoPE).
+_FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint")
+_installed = False
+
+
+def _is_cuda(device) -> bool:
+    if device is None:
+        return False
+    if isinstance(device, int):
+        return True  # a bare index means a CUDA ordinal in megatron-core's calls
+    return torch.device(device).type == "cuda"
+
+
+def _cpu_device(factory):
+    @functools.wraps(factory)
+    def wrapper(*args, **kwargs):
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return factory(*args, **kwargs)
+
+    wrapper.__wrapped_by_ratplus__ = True
+    return wrapper
+
+
+def install() -> bool:
+    """Install the shim when CUDA is unavailable; returns whether it is active. Idempotent."""
+    global _installed
+    if torch.cuda.is_available():
+        return False
+    if not _installed:
+        torch.cuda.current_device = lambda: torch.device("cpu")
+        torch.cuda.synchronize = lambda device=None: None
+        for name in _FACTORIES:
+            setattr(torch, name, _cpu_device(getattr(torch, name)))
+        _installed = True
+    return True
+
+
+def is_active() -> bool:
+    return _installed

@@ -1,0 +1,52 @@
+"""Process-group set-up: torch.distributed plus megatron-core's parallel_state.
+
+gloo on CPU, nccl on GPU. A single process without torchrun's environment gets a one-rank
+group on a free local port, so tools and tests use the same code path as multi-rank runs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_ratplus import cpu_compat
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, context_parallel: int = 1,
+               virtual_pipeline: int = None) -> None:
+    """Initialise torch.distributed (if needed) and megatron's model-parallel groups."""
+    cpu_compat.install()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        context_parallel_size=context_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline,
+    )
+
+
+def shutdown() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

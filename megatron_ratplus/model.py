@@ -1,0 +1,42 @@
+"""Model builder: megatron-core's GPTModel with the RAT+ layer spec.
+
+The model knows nothing about launch, parallel set-up or logging: megatron's parallel_state
+must already be initialised (see megatron_ratplus.distributed) when build_model is called.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron.core.models.gpt import GPTModel
+
+from megatron_ratplus.config import RATPlusConfig
+from megatron_ratplus.layers.mixer import set_attention_pattern
+from megatron_ratplus.layers.specs import get_ratplus_block_spec
+
+__all__ = ["build_model", "set_attention_pattern", "count_parameters"]
+
+
+def build_model(config: RATPlusConfig, backend: str = "local", pre_process: bool = True,
+                post_process: bool = True, vp_stage: Optional[int] = None) -> GPTModel:
+    """A GPTModel whose self-attention slots hold RAT+ mixers (tied embeddings, RoPE)."""
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=get_ratplus_block_spec(config, backend, vp_stage),
+        vocab_size=config.vocab_size,
+        max_sequence_length=config.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=True,
+        position_embedding_type="rope",
+        rotary_base=config.rotary_base,
+        vp_stage=vp_stage,
+    )
+
+
+def count_parameters(config: RATPlusConfig) -> int:
+    """Parameters of the full (unsharded) model with tied embeddings, from the shapes alone."""
+    d, layers = config.hidden_size, config.num_layers
+    mixer = config.mixer_parts * d * d + d * d
+    mlp = 2 * d * config.ffn_hidden_size
+    return config.vocab_size * d + layers * (mixer + mlp + 2 * d) + d

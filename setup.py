@@ -1,0 +1,34 @@
+"""megatron-ratplus: RAT+ (recurrence-augmented attention) pretraining on megatron-core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-ratplus",
+    version="0.1.0",
+    description="Train dense, infer sparse: RAT+ recurrence-augmented attention on megatron-core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # The Triton kernels live in the top-level kernels/ folder; "kernels" alone would clash with
+    # the PyPI package of that name, so they install as ratplus_kernels.
+    packages=find_packages(include=["megatron_ratplus", "megatron_ratplus.*"])
+    + ["ratplus_kernels"] + [f"ratplus_kernels.{p}" for p in find_packages("kernels")],
+    package_dir={"ratplus_kernels": "kernels"},
+    install_requires=[
+        "torch>=2.6,<2.15",
+        "megatron-core>=0.16.1,<0.17",
+        "triton>=3.2",
+        "tensorboard>=2.14",
+        "numpy>=1.24",
+        "psutil>=5.9",  # dist_checkpointing's writer needs it
+        "pyyaml>=6.0",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]>=2.0"],
+        "dali": ["nvidia-dali-cuda120>=1.40"],
+        "eval": ["lm-eval>=0.4", "matplotlib>=3.7", "tokenizers>=0.15"],
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.2", "matplotlib>=3.7", "tokenizers>=0.15"],
+    },
+    entry_points={"console_scripts": []},
+)

@@ -1,0 +1,18 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def megatron_single():
+    """A one-rank process group with megatron's parallel_state (TP = PP = CP = 1)."""
+    from megatron_ratplus import distributed
+
+    distributed.initialize()
+    yield

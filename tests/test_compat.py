@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from megatron_ratplus import cpu_compat, optional
+from megatron_ratplus.layers.specs import get_ratplus_block_spec, get_ratplus_layer_te_spec
+from megatron_ratplus.config import preset
+
+
+def test_shim_redirects_cuda_calls_to_cpu():
+    assert cpu_compat.install() is True
+    assert torch.zeros(2, device="cuda").device.type == "cpu"
+    assert torch.arange(3, device=torch.device("cuda", 0)).device.type == "cpu"
+    assert torch.empty(1, device=torch.cuda.current_device()).device.type == "cpu"
+    assert torch.cuda.synchronize() is None
+    assert torch.ones(2).device.type == "cpu"  # calls without a device are untouched
+
+
+def test_shim_is_inert_when_cuda_is_present(monkeypatch):
+    monkeypatch.setattr(cpu_compat, "_installed", False)  # as in a process that has not installed it
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    before = torch.zeros
+    assert cpu_compat.install() is False
+    assert torch.zeros is before and not cpu_compat.is_active()
+
+
+def test_megatron_rope_runs_on_cpu():
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    cpu_compat.install()
+    freqs = RotaryEmbedding(kv_channels=16, rotary_percent=1.0)(8)
+    assert freqs.shape == (8, 1, 1, 16) and freqs.device.type == "cpu"
+    torch.testing.assert_close(freqs[3, 0, 0, 1], torch.tensor(3.0 / 10000 ** (2 / 16)))
+
+
+def test_missing_optional_dependency_is_one_line():
+    with pytest.raises(optional.MissingDependency) as err:
+        optional.require("transformer_engine" if not optional.have("transformer_engine") else "nvidia.dali", "FP8")
+    message = str(err.value)
+    assert "\n" not in message and "not installed" in message and "pip install" in message
+
+
+def test_te_spec_builds_without_te(megatron_single):
+    spec = get_ratplus_layer_te_spec()
+    linear_in = spec.submodules.self_attention.submodules.linear_in
+    assert linear_in.module == ("megatron.core.extensions.transformer_engine", "TELayerNormColumnParallelLinear")
+    block = get_ratplus_block_spec(preset("tiny"), backend="te")
+    assert len(block.layer_specs) == 4
+    with pytest.raises(ValueError, match="unknown layer backend"):
+        get_ratplus_block_spec(preset("tiny"), backend="fast")
