@@ -30,5 +30,8 @@ setup(
         "eval": ["lm-eval>=0.4", "matplotlib>=3.7", "tokenizers>=0.15"],
         "dev": ["pytest>=8.0", "pytest-timeout>=2.2", "matplotlib>=3.7", "tokenizers>=0.15"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "ratplus-pretrain=megatron_ratplus.cli.pretrain:main",
+        "ratplus-eval=megatron_ratplus.cli.eval:main",
+    ]},
 )

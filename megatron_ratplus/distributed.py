@@ -27,14 +27,14 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, context_par
     """Initialise torch.distributed (if needed) and megatron's model-parallel groups."""
     cpu_compat.install()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+        if "WORLD_SIZE" in os.environ:  # launched by torchrun / SLURM wrappers
+            dist.init_process_group(backend=backend)
+        else:  # a lone process: a private one-rank group (the environment is left alone for children)
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=0, world_size=1)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

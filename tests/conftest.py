@@ -16,3 +16,13 @@ def megatron_single():
 
     distributed.initialize()
     yield
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def repo_env():
+    """Environment for subprocesses: import this checkout's packages first."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return env

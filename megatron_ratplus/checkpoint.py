@@ -1,0 +1,179 @@
+"""Checkpoints: megatron-core dist_checkpointing directories, written so a crash never costs one.
+
+Layout of a save directory::
+
+    SAVE/latest                 name of the newest complete checkpoint (replaced atomically)
+    SAVE/iter_0000100/          dist_checkpointing files + ratplus.json (model shape, tokenizer, progress)
+
+A save writes ``SAVE/.tmp.iter_0000100`` first, renames it into place when every rank is done,
+and only then moves the ``latest`` marker; an existing checkpoint directory is never written
+into. Sharded tensors reshard on load, so a TP=2 checkpoint loads at TP=1 and back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+META_FILE = "ratplus.json"
+LATEST = "latest"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that cannot be used; the message is one line for the user."""
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def iteration_dir(save_dir: str, iteration: int) -> str:
+    return os.path.join(save_dir, f"iter_{iteration:07d}")
+
+
+def latest_checkpoint(path: str) -> Optional[str]:
+    """The checkpoint a path names: a checkpoint directory itself, or a save dir's ``latest``."""
+    if os.path.isfile(os.path.join(path, META_FILE)):
+        return path
+    marker = os.path.join(path, LATEST)
+    if os.path.isfile(marker):
+        with open(marker, encoding="utf-8") as f:
+            target = os.path.join(path, f.read().strip())
+        if os.path.isfile(os.path.join(target, META_FILE)):
+            return target
+    return None
+
+
+def read_meta(path: str) -> dict:
+    """ratplus.json of the checkpoint at ``path``; CheckpointError if it is not a checkpoint."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise CheckpointError(f"{path} is not a megatron-ratplus checkpoint (no {META_FILE} or '{LATEST}' marker)")
+    try:
+        with open(os.path.join(ckpt, META_FILE), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"unreadable checkpoint metadata in {ckpt}: {err}") from None
+    meta["path"] = ckpt
+    return meta
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def sharded_training_state(model_chunks, optimizer) -> dict:
+    """The sharded tensors of a training state (model chunks and optimizer), megatron's key layout."""
+    if len(model_chunks) == 1:
+        model_state = {"model": model_chunks[0].sharded_state_dict()}
+    else:
+        model_state = {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+    flat_model = {}
+    for chunk_state in model_state.values():
+        flat_model.update(chunk_state)
+    state = dict(model_state)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(flat_model)
+    return state
+
+
+def save(save_dir: str, iteration: int, model_chunks, optimizer, common: dict, meta: dict) -> str:
+    """Write checkpoint ``iteration`` atomically; returns its directory."""
+    final = iteration_dir(save_dir, iteration)
+    tmp = os.path.join(save_dir, f".tmp.{os.path.basename(final)}")
+    if os.path.exists(final):
+        raise CheckpointError(f"{final} exists; refusing to overwrite a checkpoint")
+    if _is_rank0():
+        os.makedirs(save_dir, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # debris of an interrupted save
+        os.makedirs(tmp)
+    _barrier()
+    state = sharded_training_state(model_chunks, optimizer)
+    state.update(common)
+    dist_checkpointing.save(state, tmp)
+    _barrier()
+    if _is_rank0():
+        with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
+            json.dump({**meta, "iteration": iteration}, f, indent=2)
+        os.rename(tmp, final)
+        marker_tmp = os.path.join(save_dir, f".{LATEST}.tmp")
+        with open(marker_tmp, "w", encoding="utf-8") as f:
+            f.write(os.path.basename(final))
+        os.replace(marker_tmp, os.path.join(save_dir, LATEST))
+    _barrier()
+    return final
+
+
+def load(path: str, model_chunks, optimizer=None) -> dict:
+    """Load model (and optimizer) state in place; returns the common (non-tensor) state."""
+    ckpt = read_meta(path)["path"]
+    if optimizer is not None:
+        optimizer.init_state()
+    template = sharded_training_state(model_chunks, optimizer)
+    try:
+        state = dist_checkpointing.load(template, ckpt)
+    except Exception as err:  # dist_checkpointing reports shape/key mismatches as many error types
+        raise CheckpointError(f"cannot load {ckpt}: {str(err).splitlines()[0]}") from None
+    if len(model_chunks) == 1:
+        model_chunks[0].load_state_dict(state.pop("model"))
+    else:
+        for i, chunk in enumerate(model_chunks):
+            chunk.load_state_dict(state.pop(f"model{i}"))
+    if optimizer is not None:
+        optimizer.load_state_dict(state.pop("optimizer"))
+    return state
+
+
+MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length",
+              "vocab_size", "recurrence")
+
+
+def model_meta(config) -> dict:
+    """The model-shape fields a checkpoint records (enough to rebuild the model)."""
+    return {key: getattr(config, key) for key in MODEL_KEYS}
+
+
+def load_model(path: str, pattern=None, **config_overrides):
+    """(model, config, tokenizer) from a checkpoint, for evaluation and generation.
+
+    Initialises a one-rank process group if none exists; ``pattern`` switches every layer's
+    attention pattern (any string of the pattern grammar).
+    """
+    from megatron.core import parallel_state
+
+    from megatron_ratplus import distributed
+    from megatron_ratplus.config import preset
+    from megatron_ratplus.data.tokenizer import build_tokenizer
+    from megatron_ratplus.model import build_model, set_attention_pattern
+
+    meta = read_meta(path)
+    if not parallel_state.model_parallel_is_initialized():
+        distributed.initialize()
+    config = preset("tiny", **{**meta["model"], **config_overrides})
+    model = build_model(config)
+    load(meta["path"], [model])
+    model.eval()
+    if pattern is not None:
+        set_attention_pattern(model, pattern)
+    return model, config, build_tokenizer(meta["tokenizer"])

@@ -1,0 +1,1 @@
+"""Data: tokenizers, the embedded default corpus, and megatron indexed datasets."""

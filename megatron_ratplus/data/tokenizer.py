@@ -1,0 +1,71 @@
+"""Tokenizers: byte-level (the default, needs no files) and a local HF `tokenizers` JSON file.
+
+Both expose what megatron-core's GPTDataset reads (``vocab_size``, ``eod``) plus
+``tokenize``/``detokenize`` and a ``spec`` string that a checkpoint stores to rebuild them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List
+
+
+class DataError(ValueError):
+    """Bad data or tokenizer input; the message is one line meant for the user."""
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 0..255, end-of-document 256."""
+
+    vocab_size = 257
+    eod = 256
+    spec = "byte"
+
+    def tokenize(self, text: str) -> List[int]:
+        return list(text.encode("utf-8"))
+
+    def detokenize(self, ids) -> str:
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+
+class JsonTokenizer:
+    """A local HF `tokenizers` file (tokenizer.json); end-of-document is its EOS-like token."""
+
+    _EOD_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
+
+    def __init__(self, path: str):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise DataError("a tokenizer file needs the 'tokenizers' package: pip install tokenizers") from None
+        if not os.path.isfile(path):
+            raise DataError(f"tokenizer file not found: {path}")
+        try:
+            self._tok = Tokenizer.from_file(path)
+        except Exception as err:  # the library raises a bare Exception on malformed files
+            raise DataError(f"cannot read tokenizer file {path}: {str(err).splitlines()[0]}") from None
+        self.path = os.path.abspath(path)
+        vocab = self._tok.get_vocab()
+        eod = next((vocab[n] for n in self._EOD_NAMES if n in vocab), None)
+        self.vocab_size = self._tok.get_vocab_size() + (1 if eod is None else 0)
+        self.eod = eod if eod is not None else self.vocab_size - 1
+        self.spec = f"json:{self.path}"
+
+    def tokenize(self, text: str) -> List[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def detokenize(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids if int(i) != self.eod])
+
+
+def build_tokenizer(spec: str = "byte"):
+    """``byte`` or ``json:PATH`` (or a bare path to a tokenizer.json)."""
+    if spec in (None, "", "byte"):
+        return ByteTokenizer()
+    return JsonTokenizer(spec[5:] if spec.startswith("json:") else spec)
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel: int = 1, multiple: int = 128) -> int:
+    """Megatron's padding: a multiple of 128 x TP so the vocabulary splits evenly across ranks."""
+    step = multiple * tensor_parallel
+    return -(-vocab_size // step) * step

@@ -1,0 +1,184 @@
+"""Optimizer and LR schedule behind one small interface for GPU and CPU.
+
+On GPUs the optimizer is megatron-core's (``get_megatron_optimizer``: fp32 master weights,
+distributed optimizer, its clipping) over models wrapped in megatron DDP. Those hard-code CUDA,
+so on CPU :class:`TorchOptimizer` wraps ``torch.optim.AdamW`` with the same methods the loop
+uses: ``zero_grad``, ``step() -> (ok, grad_norm)``, ``param_groups``, and a
+``sharded_state_dict`` for megatron's dist_checkpointing. The LR schedule is megatron-core's
+``OptimizerParamScheduler`` in both cases.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.optimizer import (
+    get_param_id_to_sharded_param_map,
+    optim_state_to_sharding_state,
+)
+from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import param_is_not_shared
+
+
+def _param_groups(model_chunks, weight_decay: float):
+    """Weight decay on matrices only (norm weights and other 1-D parameters are not decayed)."""
+    decay, no_decay = [], []
+    for chunk in model_chunks:
+        for param in chunk.parameters():
+            if param.requires_grad:
+                (decay if param.dim() > 1 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0}]
+
+
+class TorchOptimizer:
+    """AdamW with megatron-style gradient clipping and data-parallel gradient averaging (CPU path)."""
+
+    def __init__(self, model_chunks: List[torch.nn.Module], lr: float, weight_decay: float,
+                 betas, eps: float, clip_grad: float):
+        self.model_chunks = model_chunks
+        self.optimizer = torch.optim.AdamW(_param_groups(model_chunks, weight_decay), lr=lr, betas=betas, eps=eps)
+        self.clip_grad = clip_grad
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def zero_grad(self) -> None:
+        for param in self.params:
+            param.grad = None
+
+    def _average_data_parallel_grads(self) -> None:
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        if dist.get_world_size(group) == 1:
+            return
+        for param in self.params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            dist.all_reduce(param.grad, group=group)
+            param.grad.div_(dist.get_world_size(group))
+
+    def grad_norm(self) -> float:
+        """Global L2 norm: tensor-parallel shards summed, duplicates and tied copies counted once."""
+        grads = [p.grad for p in self.params if p.grad is not None and param_is_not_shared(p)
+                 and tensor_parallel.param_is_not_tensor_parallel_duplicate(p)]
+        return float(get_grad_norm_fp32(grads, 2, parallel_state.get_model_parallel_group()))
+
+    def step(self):
+        """Clip, then update; returns (updated, grad_norm). A non-finite norm skips the update."""
+        self._average_data_parallel_grads()
+        norm = self.grad_norm()
+        if not torch.isfinite(torch.tensor(norm)):
+            return False, norm
+        if self.clip_grad > 0 and norm > self.clip_grad:
+            torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], self.clip_grad / (norm + 1e-6))
+        self.optimizer.step()
+        return True, norm
+
+    def step_count(self) -> int:
+        """Optimizer updates applied so far (AdamW's per-parameter step counter)."""
+        state = self.optimizer.state.get(self.params[0], {})
+        return int(state["step"]) if "step" in state else 0
+
+    def init_state(self) -> None:
+        """Create AdamW's state tensors before any step, so a checkpoint can be loaded into them."""
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                self.optimizer.state[param] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param),
+                                               "exp_avg_sq": torch.zeros_like(param)}
+
+    def sharded_state_dict(self, model_sharded_state_dict):
+        """AdamW's moments sharded like their parameters; the scalar step count kept as one value."""
+        state = self.optimizer.state_dict()
+        id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, self.params)
+        optim_state_to_sharding_state(state, id_map, exclude_keys=("step",))
+        state["step"] = self.step_count()
+        return state
+
+    def load_state_dict(self, state) -> None:
+        step = torch.tensor(float(state.pop("step")))
+        for param_state in state["state"].values():
+            param_state["step"] = step.clone()
+        self.optimizer.load_state_dict(state)
+
+
+def wrap_model(model_chunks, args):
+    """megatron-core DDP around each chunk on GPU (gradient buffers, overlapped reduction);
+    unchanged on CPU, where TorchOptimizer averages data-parallel gradients itself."""
+    if not torch.cuda.is_available():
+        return model_chunks
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.transformer.module import Float16Module
+
+    if args.bf16:  # bf16 compute; the optimizer keeps fp32 master weights
+        model_chunks = [Float16Module(chunk.config, chunk) for chunk in model_chunks]
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer)
+    wrapped = [DistributedDataParallel(chunk.config, ddp_config, chunk) for chunk in model_chunks]
+    for chunk in wrapped:
+        chunk.config.finalize_model_grads_func = finalize_model_grads
+    return wrapped
+
+
+def build_optimizer(model_chunks, args):
+    """megatron-core's optimizer on GPU (chunks from wrap_model), TorchOptimizer on CPU."""
+    if torch.cuda.is_available():
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        config = OptimizerConfig(
+            optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+            clip_grad=args.clip_grad, bf16=args.bf16, params_dtype=torch.float32,
+            use_distributed_optimizer=args.use_distributed_optimizer)
+        return MegatronOptimizerAdapter(get_megatron_optimizer(config, model_chunks), model_chunks)
+    return TorchOptimizer(model_chunks, args.lr, args.weight_decay, (args.adam_beta1, args.adam_beta2),
+                          args.adam_eps, args.clip_grad)
+
+
+class MegatronOptimizerAdapter:
+    """megatron-core's optimizer over DDP-wrapped chunks, seen through TorchOptimizer's interface (GPU)."""
+
+    def __init__(self, optimizer, model_chunks):
+        self.optimizer, self.model_chunks = optimizer, model_chunks
+        self.steps = 0
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def zero_grad(self) -> None:
+        for chunk in self.model_chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def step(self):
+        updated, norm, _ = self.optimizer.step()
+        self.steps += int(bool(updated))
+        return bool(updated), float(norm) if norm is not None else float("nan")
+
+    def step_count(self) -> int:
+        return self.steps
+
+    def init_state(self) -> None:
+        """Nothing to do: megatron's optimizer builds its state while loading a sharded state dict."""
+
+    def sharded_state_dict(self, model_sharded_state_dict):
+        return self.optimizer.sharded_state_dict(model_sharded_state_dict)
+
+    def load_state_dict(self, state) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+def build_scheduler(optimizer, args, train_iters: int) -> OptimizerParamScheduler:
+    """Linear warmup then cosine (or linear/constant) decay to --min-lr, one step per iteration."""
+    warmup = int(round(args.lr_warmup_fraction * train_iters))
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if warmup else args.lr, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=warmup, lr_decay_steps=max(1, train_iters), lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=max(1, train_iters),
+        wd_incr_style="constant")
