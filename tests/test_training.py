@@ -49,8 +49,25 @@ def test_joint_training_takes_sparse_then_dense_step(tmp_path, recorded_steps):
 
 
 def test_no_joint_training_is_one_dense_step(tmp_path, recorded_steps):
-    pretrain(MICRO + ["--train-iters", "2", "--no-joint-training", "--save", str(tmp_path / "ck")])
+    ck = str(tmp_path / "ck")  # --load SAVE --save SAVE starts fresh when SAVE holds no checkpoint yet
+    pretrain(MICRO + ["--train-iters", "2", "--no-joint-training", "--save", ck, "--load", ck])
     assert [c["pattern"] for c in recorded_steps] == ["dense", "dense"]
+
+
+def test_slurm_examples_use_known_flags():
+    from megatron_ratplus.training.arguments import build_parser
+
+    known = {s for action in build_parser()._actions for s in action.option_strings}
+    launcher = {"--kill-on-bad-exit=1", "--nnodes", "--nproc-per-node", "--rdzv-backend", "--rdzv-endpoint"}
+    folder = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "slurm")
+    scripts = [f for f in os.listdir(folder) if f.endswith((".sbatch", ".sh"))]
+    assert len(scripts) >= 4
+    for name in scripts:
+        text = open(os.path.join(folder, name)).read()
+        assert subprocess.run(["bash", "-n", os.path.join(folder, name)]).returncode == 0, name
+        flags = {tok for line in text.splitlines() if not line.lstrip().startswith("#")
+                 for tok in line.replace("(", " ").split() if tok.startswith("--")}
+        assert flags and flags - launcher <= known, (name, flags - launcher - known)
 
 
 def test_resume_equals_uninterrupted(tmp_path, recorded_steps):

@@ -100,6 +100,9 @@ def pretrain(args: Namespace) -> str:
     distributed.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                            args.context_parallel_size)
     torch.manual_seed(args.seed)
+    auto_resume = args.load and os.path.abspath(args.load) == os.path.abspath(args.save)
+    if auto_resume and not (os.path.isdir(args.load) and checkpoint.latest_checkpoint(args.load)):
+        args.load = None  # --load SAVE --save SAVE on a first run (SLURM requeue style): start fresh
     loaded_meta = checkpoint.read_meta(args.load) if args.load else None
     _check_save_dir(args)
     tokenizer = build_tokenizer(args.tokenizer_file or (loaded_meta["tokenizer"] if loaded_meta else "byte"))
