@@ -66,7 +66,7 @@ def test_slurm_examples_use_known_flags():
         text = open(os.path.join(folder, name)).read()
         assert subprocess.run(["bash", "-n", os.path.join(folder, name)]).returncode == 0, name
         flags = {tok for line in text.splitlines() if not line.lstrip().startswith("#")
-                 for tok in line.replace("(", " ").split() if tok.startswith("--")}
+                 for tok in line.replace("(", " ").replace(")", " ").split() if tok.startswith("--")}
         assert flags and flags - launcher <= known, (name, flags - launcher - known)
 
 
