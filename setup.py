@@ -33,5 +33,6 @@ setup(
     entry_points={"console_scripts": [
         "ratplus-pretrain=megatron_ratplus.cli.pretrain:main",
         "ratplus-eval=megatron_ratplus.cli.eval:main",
+        "ratplus-convert=megatron_ratplus.cli.convert:main",
     ]},
 )
