@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from megatron_ratplus.patterns import parse_pattern
+
 LOG2E = 1.4426950408889634
 
 
@@ -300,6 +302,9 @@ def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
 
     ``blocks`` overrides the tile sizes ((fwd M, N, warps), (bwd M, N, warps)), for tests.
     """
+    pattern = parse_pattern(pattern)
+    if pattern.kind == "topk":
+        raise ValueError("dilated_attention: top-k patterns go through pattern_attention")
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     return _PatternAttention.apply(q, k, v, pattern, float(scale), blocks)
 
@@ -307,14 +312,12 @@ def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
 def pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern,
                       softmax_scale: Optional[float] = None) -> torch.Tensor:
     """Same contract as ``megatron_ratplus.ops.pattern_attention`` (top-k patterns included)."""
-    from megatron_ratplus.patterns import parse_pattern
-
     pattern = parse_pattern(pattern)
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"pattern_attention: expected q, k, v as [s, b, heads, d_h], got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if pattern.kind == "topk":
-        from ratplus_kernels.topk import topk_attention
+        from .topk import topk_attention
 
         return topk_attention(q, k, v, pattern, softmax_scale)
     return dilated_attention(q, k, v, pattern, softmax_scale)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ratplus_kernels.attention import LOG2E
+from .attention import LOG2E
 
 MIN_SPLIT = 256  # slots per split below which splitting costs more than it gains
 

@@ -25,9 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
-TILE = 32
-BLOCK_N = 64
 MAX_SEGMENTS = 64
+
+
+def _tiles(device: torch.device):
+    """(time steps, channels) per tile; small off-GPU, where Triton's interpreter scans per element."""
+    return (32, 64) if device.type == "cuda" else (16, 32)
 
 
 @triton.jit
@@ -206,20 +209,19 @@ def _rows_view(x: torch.Tensor) -> torch.Tensor:
     return flat if flat.stride(2) == 1 or flat.shape[2] == 1 else flat.contiguous()
 
 
-def _segments(seq_len: int, n_blocks: int, device: torch.device, segments: Optional[int]) -> int:
-    """Enough segments to give every SM a few programs, never tiles shorter than TILE."""
+def _launch_geometry(seq_len: int, width: int, device: torch.device, segments: Optional[int]):
+    """(tile, channel block, channel blocks, segments, segment length).
+
+    Without ``segments``: enough segments to give every SM a few programs, at most MAX_SEGMENTS.
+    """
+    tile, block_n = _tiles(device)
+    n_blocks = triton.cdiv(width, block_n)
     if segments is None:
         programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         segments = -(-programs // n_blocks)
-    return max(1, min(segments, MAX_SEGMENTS, -(-seq_len // TILE)))
-
-
-def _launch_geometry(seq_len, width, device, segments):
-    n_blocks = triton.cdiv(width, BLOCK_N)
-    n_seg = _segments(seq_len, n_blocks, device, segments)
-    seg_len = triton.cdiv(triton.cdiv(seq_len, n_seg), TILE) * TILE
-    n_seg = triton.cdiv(seq_len, seg_len)
-    return n_blocks, n_seg, seg_len
+    n_seg = max(1, min(segments, MAX_SEGMENTS, triton.cdiv(seq_len, tile)))
+    seg_len = triton.cdiv(triton.cdiv(seq_len, n_seg), tile) * tile
+    return tile, block_n, n_blocks, triton.cdiv(seq_len, seg_len), seg_len
 
 
 class _ChunkedScan(torch.autograd.Function):
@@ -239,13 +241,13 @@ class _ChunkedScan(torch.autograd.Function):
         outs = [torch.empty(xs[0].shape, dtype=dtype, device=xs[0].device) for _ in xs]
         last = torch.empty((len(xs), width), dtype=dtype, device=xs[0].device)
         h0_32 = None if h0 is None else h0.reshape(len(xs), width).float().contiguous()
-        n_blocks, n_seg, seg_len = _launch_geometry(seq_len, width, xs[0].device, segments)
+        tile, block_n, n_blocks, n_seg, seg_len = _launch_geometry(seq_len, width, xs[0].device, segments)
         seg_a = torch.empty((n_seg, width), dtype=torch.float32, device=xs[0].device)
         seg_b = torch.empty((len(xs) * n_seg, width), dtype=torch.float32, device=xs[0].device)
         x1, x2 = views[0], views[-1]
         common = (seq_len, width, inner, x1.stride(0), x1.stride(1), g_view.stride(0), g_view.stride(1), seg_len)
         flags = dict(TWO=two, LOGITS=logits, HAS_H0=h0 is not None, USE_SEGMENTS=n_seg > 1,
-                     TILE=TILE, BLOCK_N=BLOCK_N)
+                     TILE=tile, BLOCK_N=block_n)
         grid = (n_blocks, n_seg)
         h0_arg = h0_32 if h0_32 is not None else seg_a
         if n_seg > 1:
@@ -272,13 +274,13 @@ class _ChunkedScan(torch.autograd.Function):
         dxs = [torch.empty_like(o) for o in outs]
         dg = torch.empty(outs[0].shape, dtype=g_dtype, device=dev)
         dh0 = torch.empty((len(outs), width), dtype=torch.float32, device=dev) if has_h0 else None
-        n_blocks, n_seg, seg_len = _launch_geometry(seq_len, width, dev, segments)
+        tile, block_n, n_blocks, n_seg, seg_len = _launch_geometry(seq_len, width, dev, segments)
         seg_a = torch.empty((n_seg, width), dtype=torch.float32, device=dev)
         seg_b = torch.empty((len(outs) * n_seg, width), dtype=torch.float32, device=dev)
         dlast = grad_last.reshape(len(outs), width).contiguous() if grad_last is not None else seg_a
         common = (seq_len, width, inner, x1.stride(0), x1.stride(1), g_view.stride(0), g_view.stride(1), seg_len)
         flags = dict(TWO=two, LOGITS=logits, HAS_H0=has_h0, HAS_DLAST=grad_last is not None,
-                     USE_SEGMENTS=n_seg > 1, TILE=TILE, BLOCK_N=BLOCK_N)
+                     USE_SEGMENTS=n_seg > 1, TILE=tile, BLOCK_N=block_n)
         args = (x1, x2, g_view, outs[0], outs[-1], grads[0], grads[-1], dlast,
                 h0_32 if has_h0 else seg_a, dxs[0], dxs[-1], dg, dh0 if has_h0 else seg_a, seg_a, seg_b)
         if n_seg > 1:
