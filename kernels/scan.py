@@ -91,7 +91,7 @@ def _fwd_kernel(x1_ptr, x2_ptr, g_ptr, h1_ptr, h2_ptr, h0_ptr, last_ptr, seg_a_p
     start = seg * seg_len
     stop = tl.minimum(start + seg_len, T)
     for t0 in range(start, stop, TILE):
-        t = t0 + rows
+        t = (t0 + rows).to(tl.int64)  # offsets of long sequences overflow int32
         mask = (t < stop)[:, None] & n_ok[None, :]
         g = _gate(g_ptr + t[:, None] * sg_t + g_col[None, :], mask, LOGITS)
         x_off = t[:, None] * sx_t + x_col[None, :]
@@ -143,20 +143,22 @@ def _bwd_kernel(x1_ptr, x2_ptr, g_ptr, h1_ptr, h2_ptr, dh1_ptr, dh2_ptr, dlast_p
     prod = tl.full([BLOCK_N], 1.0, tl.float32)
     dh0_1 = tl.zeros([BLOCK_N], tl.float32)
     dh0_2 = tl.zeros([BLOCK_N], tl.float32)
-    if HAS_DLAST and seg == 0:
-        lam1 = tl.load(dlast_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
-        if TWO:
-            lam2 = tl.load(dlast_ptr + N + n, mask=n_ok, other=0.0).to(tl.float32)
-    if not SUMMARY and USE_SEGMENTS:
-        for s in range(0, seg):
-            a_s = tl.load(seg_a_ptr + s * N + n, mask=n_ok, other=1.0)
-            lam1 = a_s * lam1 + tl.load(seg_b_ptr + s * N + n, mask=n_ok, other=0.0)
+    if HAS_DLAST:  # (nested ifs: Triton's compiler does not mix constexpr and tensor `and`)
+        if seg == 0:
+            lam1 = tl.load(dlast_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
             if TWO:
-                lam2 = a_s * lam2 + tl.load(seg_b_ptr + (n_seg + s) * N + n, mask=n_ok, other=0.0)
+                lam2 = tl.load(dlast_ptr + N + n, mask=n_ok, other=0.0).to(tl.float32)
+    if not SUMMARY:
+        if USE_SEGMENTS:
+            for s in range(0, seg):
+                a_s = tl.load(seg_a_ptr + s * N + n, mask=n_ok, other=1.0)
+                lam1 = a_s * lam1 + tl.load(seg_b_ptr + s * N + n, mask=n_ok, other=0.0)
+                if TWO:
+                    lam2 = a_s * lam2 + tl.load(seg_b_ptr + (n_seg + s) * N + n, mask=n_ok, other=0.0)
     top = T - 1 - seg * seg_len  # first (latest) time step of this segment
     bottom = tl.maximum(top - seg_len, -1)
     for i0 in range(0, seg_len, TILE):
-        t = top - i0 - rows
+        t = (top - i0 - rows).to(tl.int64)
         ok = t > bottom
         mask = ok[:, None] & n_ok[None, :]
         nxt = mask & (t < T - 1)[:, None]
@@ -197,10 +199,11 @@ def _bwd_kernel(x1_ptr, x2_ptr, g_ptr, h1_ptr, h2_ptr, dh1_ptr, dh2_ptr, dlast_p
         tl.store(seg_b_ptr + seg * N + n, lam1, mask=n_ok)
         if TWO:
             tl.store(seg_b_ptr + (n_seg + seg) * N + n, lam2, mask=n_ok)
-    elif HAS_H0 and bottom < 0:
-        tl.store(dh0_ptr + n, dh0_1, mask=n_ok)
-        if TWO:
-            tl.store(dh0_ptr + N + n, dh0_2, mask=n_ok)
+    elif HAS_H0:
+        if bottom < 0:  # the segment holding t = 0
+            tl.store(dh0_ptr + n, dh0_1, mask=n_ok)
+            if TWO:
+                tl.store(dh0_ptr + N + n, dh0_2, mask=n_ok)
 
 
 def _rows_view(x: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, pattern: AttentionPattern, s
     kk = min(pattern.topk, n_blocks)
     if kk == 0:
         return torch.empty((batch * heads, seq_len, 0), dtype=torch.int32, device=q.device)
-    pooled = _pool_blocks(candidates, pattern.block, pattern.pool).float()
+    pooled = _pool_blocks(candidates.float(), pattern.block, pattern.pool)
     pos = torch.arange(seq_len, device=q.device)
     own = torch.div((pos + 1) // dilation - 1, pattern.block, rounding_mode="floor")
     blocks = torch.arange(n_blocks, device=q.device)
