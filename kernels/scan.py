@@ -62,16 +62,39 @@ def _scan_tile(a, b, carry):
 
 
 @triton.jit
+def _channels(N, D, sx_m, sg_m, BLOCK_N: tl.constexpr):
+    """This program's channels n of the [T, M, D] views: (n, in range, x column offset, g column offset)."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return n, n < N, (n // D) * sx_m + n % D, (n // D) * sg_m + n % D
+
+
+@triton.jit
+def _fold_segments(state1, state2, seg_a_ptr, seg_b_ptr, seg, n, n_ok, N, TWO: tl.constexpr):
+    """Apply the maps of segments 0 .. seg - 1 (in processing order) to the incoming states."""
+    for s in range(0, seg):
+        a_s = tl.load(seg_a_ptr + s * N + n, mask=n_ok, other=1.0)
+        state1 = a_s * state1 + tl.load(seg_b_ptr + s * N + n, mask=n_ok, other=0.0)
+        if TWO:
+            state2 = a_s * state2 + tl.load(seg_b_ptr + (tl.num_programs(1) + s) * N + n, mask=n_ok, other=0.0)
+    return state1, state2
+
+
+@triton.jit
+def _store_segment_map(prod, state1, state2, seg_a_ptr, seg_b_ptr, seg, n, n_ok, N, TWO: tl.constexpr):
+    tl.store(seg_a_ptr + seg * N + n, prod, mask=n_ok)
+    tl.store(seg_b_ptr + seg * N + n, state1, mask=n_ok)
+    if TWO:
+        tl.store(seg_b_ptr + (tl.num_programs(1) + seg) * N + n, state2, mask=n_ok)
+
+
+@triton.jit
 def _fwd_kernel(x1_ptr, x2_ptr, g_ptr, h1_ptr, h2_ptr, h0_ptr, last_ptr, seg_a_ptr, seg_b_ptr,
                 T, N, D, sx_t, sx_m, sg_t, sg_m, seg_len,
                 TWO: tl.constexpr, LOGITS: tl.constexpr, HAS_H0: tl.constexpr, SUMMARY: tl.constexpr,
                 USE_SEGMENTS: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr):
     """SUMMARY: store each segment's map only. Otherwise write states (and the final state)."""
-    pid_n, seg = tl.program_id(0), tl.program_id(1)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    x_col = (n // D) * sx_m + n % D
-    g_col = (n // D) * sg_m + n % D
+    seg = tl.program_id(1)
+    n, n_ok, x_col, g_col = _channels(N, D, sx_m, sg_m, BLOCK_N)
     rows = tl.arange(0, TILE)
     carry1 = tl.zeros([BLOCK_N], tl.float32)
     carry2 = tl.zeros([BLOCK_N], tl.float32)
@@ -82,12 +105,7 @@ def _fwd_kernel(x1_ptr, x2_ptr, g_ptr, h1_ptr, h2_ptr, h0_ptr, last_ptr, seg_a_p
             if TWO:
                 carry2 = tl.load(h0_ptr + N + n, mask=n_ok, other=0.0)
         if USE_SEGMENTS:
-            for s in range(0, seg):  # fold the maps of the earlier segments into the state
-                a_s = tl.load(seg_a_ptr + s * N + n, mask=n_ok, other=1.0)
-                carry1 = a_s * carry1 + tl.load(seg_b_ptr + s * N + n, mask=n_ok, other=0.0)
-                if TWO:
-                    carry2 = a_s * carry2 + tl.load(seg_b_ptr + (tl.num_programs(1) + s) * N + n,
-                                                    mask=n_ok, other=0.0)
+            carry1, carry2 = _fold_segments(carry1, carry2, seg_a_ptr, seg_b_ptr, seg, n, n_ok, N, TWO)
     start = seg * seg_len
     stop = tl.minimum(start + seg_len, T)
     for t0 in range(start, stop, TILE):
@@ -108,10 +126,7 @@ def _fwd_kernel(x1_ptr, x2_ptr, g_ptr, h1_ptr, h2_ptr, h0_ptr, last_ptr, seg_a_p
             if TWO:
                 tl.store(h2_ptr + h_off, h2.to(h2_ptr.dtype.element_ty), mask=mask)
     if SUMMARY:
-        tl.store(seg_a_ptr + seg * N + n, prod, mask=n_ok)
-        tl.store(seg_b_ptr + seg * N + n, carry1, mask=n_ok)
-        if TWO:
-            tl.store(seg_b_ptr + (tl.num_programs(1) + seg) * N + n, carry2, mask=n_ok)
+        _store_segment_map(prod, carry1, carry2, seg_a_ptr, seg_b_ptr, seg, n, n_ok, N, TWO)
     elif seg == tl.num_programs(1) - 1:
         tl.store(last_ptr + n, carry1.to(last_ptr.dtype.element_ty), mask=n_ok)
         if TWO:
@@ -131,12 +146,8 @@ def _bwd_kernel(x1_ptr, x2_ptr, g_ptr, h1_ptr, h2_ptr, dh1_ptr, dh2_ptr, dlast_p
     The adjoint's coefficient at t is g_{t+1} (1 at t = T - 1, where the final-state gradient
     enters as the incoming state).
     """
-    pid_n, seg = tl.program_id(0), tl.program_id(1)
-    n_seg = tl.num_programs(1)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    x_col = (n // D) * sx_m + n % D
-    g_col = (n // D) * sg_m + n % D
+    seg = tl.program_id(1)
+    n, n_ok, x_col, g_col = _channels(N, D, sx_m, sg_m, BLOCK_N)
     rows = tl.arange(0, TILE)
     lam1 = tl.zeros([BLOCK_N], tl.float32)
     lam2 = tl.zeros([BLOCK_N], tl.float32)
@@ -150,11 +161,7 @@ def _bwd_kernel(x1_ptr, x2_ptr, g_ptr, h1_ptr, h2_ptr, dh1_ptr, dh2_ptr, dlast_p
                 lam2 = tl.load(dlast_ptr + N + n, mask=n_ok, other=0.0).to(tl.float32)
     if not SUMMARY:
         if USE_SEGMENTS:
-            for s in range(0, seg):
-                a_s = tl.load(seg_a_ptr + s * N + n, mask=n_ok, other=1.0)
-                lam1 = a_s * lam1 + tl.load(seg_b_ptr + s * N + n, mask=n_ok, other=0.0)
-                if TWO:
-                    lam2 = a_s * lam2 + tl.load(seg_b_ptr + (n_seg + s) * N + n, mask=n_ok, other=0.0)
+            lam1, lam2 = _fold_segments(lam1, lam2, seg_a_ptr, seg_b_ptr, seg, n, n_ok, N, TWO)
     top = T - 1 - seg * seg_len  # first (latest) time step of this segment
     bottom = tl.maximum(top - seg_len, -1)
     for i0 in range(0, seg_len, TILE):
@@ -195,10 +202,7 @@ def _bwd_kernel(x1_ptr, x2_ptr, g_ptr, h1_ptr, h2_ptr, dh1_ptr, dh2_ptr, dlast_p
                 if TWO:
                     dh0_2 += tl.sum(tl.where(first, g * lam_t2, 0.0), axis=0)
     if SUMMARY:
-        tl.store(seg_a_ptr + seg * N + n, prod, mask=n_ok)
-        tl.store(seg_b_ptr + seg * N + n, lam1, mask=n_ok)
-        if TWO:
-            tl.store(seg_b_ptr + (n_seg + seg) * N + n, lam2, mask=n_ok)
+        _store_segment_map(prod, lam1, lam2, seg_a_ptr, seg_b_ptr, seg, n, n_ok, N, TWO)
     elif HAS_H0:
         if bottom < 0:  # the segment holding t = 0
             tl.store(dh0_ptr + n, dh0_1, mask=n_ok)

@@ -27,5 +27,6 @@ def test_dry_run_checks_every_kernel(tmp_path):
     result = run("--dry-run", "--json", str(out), timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
-    assert report["correct"] and len(report["max_relative_error"]) == 6
-    assert {"copy_bandwidth_GBps", "scan_fwd", "scan_kv_fwd", "scan_kv_bwd"} <= set(report["timings"])
+    assert report["correct"] and len(report["max_relative_error"]) == 6 and report["failures"] == {}
+    assert {"copy_bandwidth_GBps", "scan_fwd", "scan_kv_fwd", "scan_kv_bwd", "attention T=32 dilated:4",
+            "decode_ms"} <= set(report["timings"])
