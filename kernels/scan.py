@@ -219,13 +219,15 @@ def _rows_view(x: torch.Tensor) -> torch.Tensor:
 def _launch_geometry(seq_len: int, width: int, device: torch.device, segments: Optional[int]):
     """(tile, channel block, channel blocks, segments, segment length).
 
-    Without ``segments``: enough segments to give every SM a few programs, at most MAX_SEGMENTS.
+    Without ``segments``: one segment (a single sweep) when the channel blocks alone
+    give every SM a program; otherwise enough segments for about two programs per SM, since the
+    segment maps cost a second read of x and g.
     """
     tile, block_n = _tiles(device)
     n_blocks = triton.cdiv(width, block_n)
     if segments is None:
-        programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        segments = -(-programs // n_blocks)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        segments = 1 if n_blocks >= sms else -(-2 * sms // n_blocks)
     n_seg = max(1, min(segments, MAX_SEGMENTS, triton.cdiv(seq_len, tile)))
     seg_len = triton.cdiv(triton.cdiv(seq_len, n_seg), tile) * tile
     return tile, block_n, n_blocks, triton.cdiv(seq_len, seg_len), seg_len

@@ -135,8 +135,9 @@ def _launch(q, k, v, idx, pattern, scale, out, lse, grad_out=None, delta=None, d
     seq_len, batch, heads, head_dim = q.shape
     dilation = pattern.dilation or 1
     backward = grad_out is not None
+    chosen = idx if idx.numel() else torch.full((1,), -1, dtype=torch.int32, device=q.device)  # K = 0: no null pointer
     _topk_kernel[(seq_len, batch * heads)](
-        q, k, v, idx, out, lse, grad_out if backward else q, delta if backward else lse,
+        q, k, v, chosen, out, lse, grad_out if backward else q, delta if backward else lse,
         dq if backward else q, dk if backward else q, dv if backward else q,
         seq_len, heads, idx.shape[2], q.stride(1), q.stride(2), q.stride(0), seq_len // dilation, dilation,
         pattern.window, pattern.sinks, pattern.block, scale * LOG2E, scale,

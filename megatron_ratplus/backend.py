@@ -31,6 +31,8 @@ def use_kernels(device: torch.device) -> bool:
     if mode not in MODES:
         raise ValueError(f"{ENV_VAR}={mode!r} is not one of {', '.join(MODES)}")
     choice = device.type == "cuda" if mode == "auto" else mode == "triton"
+    if choice and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"{ENV_VAR}=triton on {device.type} tensors needs TRITON_INTERPRET=1 (Triton's interpreter)")
     if (mode, choice) not in _logged:
         _logged.add((mode, choice))
         logger.info("RAT+ ops use the %s (%s=%s, device %s)", "Triton kernels" if choice else "reference ops",

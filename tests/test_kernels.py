@@ -237,6 +237,14 @@ def test_dispatch_rejects_unknown_setting(monkeypatch):
         backend.use_kernels(torch.device("cpu"))
 
 
+def test_dispatch_forcing_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv(backend.ENV_VAR, "triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="needs TRITON_INTERPRET=1"):
+        backend.use_kernels(torch.device("cpu"))
+    assert backend.use_kernels(torch.device("cuda"))
+
+
 def test_dispatch_logs_choice_once(monkeypatch, caplog):
     monkeypatch.setattr(backend, "_logged", set())
     monkeypatch.setenv(backend.ENV_VAR, "reference")
