@@ -1,7 +1,7 @@
 """Core attention of the RAT+ mixer: softmax attention under the current pattern.
 
-A spec submodule (like megatron's DotProductAttention) so that a spec can swap in the fused
-Triton path; this one calls the reference op, which runs anywhere.
+A spec submodule (like megatron's DotProductAttention); megatron_ratplus.backend picks the fused
+Triton kernel on CUDA and the reference op elsewhere.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_ratplus.ops import pattern_attention
+from megatron_ratplus import backend
 from megatron_ratplus.patterns import AttentionPattern
 
 
@@ -24,4 +24,4 @@ class PatternAttention(MegatronModule):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 pattern: AttentionPattern) -> torch.Tensor:
-        return pattern_attention(query, key, value, pattern, self.softmax_scale)
+        return backend.pattern_attention(query, key, value, pattern, self.softmax_scale)

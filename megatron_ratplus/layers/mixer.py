@@ -23,8 +23,8 @@ from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_e
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from megatron_ratplus import backend
 from megatron_ratplus.config import RATPlusConfig
-from megatron_ratplus.ops import gated_scan
 from megatron_ratplus.patterns import AttentionPattern, parse_pattern
 
 
@@ -70,10 +70,7 @@ class RATPlusMixer(MegatronModule):
 
     def recur(self, k: torch.Tensor, v: torch.Tensor, gate_logits: torch.Tensor, state=None):
         """k~, v~ = gated scan of k, v under one fp32 sigmoid gate; returns (k~, v~, final state)."""
-        gate = torch.sigmoid(gate_logits.float())
-        kv = torch.stack([k, v], dim=2)  # [s, b, 2, heads, d_h]
-        kv, last = gated_scan(kv, gate.unsqueeze(2).expand_as(kv), state)
-        return kv[:, :, 0], kv[:, :, 1], last
+        return backend.shared_gate_scan(k, v, gate_logits, state)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, inference_context=None,
                 rotary_pos_emb: Optional[torch.Tensor] = None, **unused):
