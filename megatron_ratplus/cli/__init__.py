@@ -1,0 +1,1 @@
+"""Console-script entry points (each module has a ``main(argv=None) -> int``)."""
