@@ -82,13 +82,14 @@ class PatternKV:
         if not self.compact:
             self.keys[rows, :, t], self.values[rows, :, t] = key, value
             return
-        sink = t < self.n_sink
-        self.keys[rows[sink], :, t[sink]], self.values[rows[sink], :, t[sink]] = key[sink], value[sink]
+        if int(t.min()) < self.n_sink:
+            sink = t < self.n_sink
+            self.keys[rows[sink], :, t[sink]], self.values[rows[sink], :, t[sink]] = key[sink], value[sink]
         ring = t % self.n_ring
         self.keys[rows, :, self.n_sink + ring], self.values[rows, :, self.n_sink + ring] = key, value
         self.ring_pos[rows, ring] = t
-        if self.pattern.dilation:
-            end = (t + 1) % self.pattern.dilation == 0
+        end = (t + 1) % self.pattern.dilation == 0 if self.pattern.dilation else None
+        if end is not None and bool(end.any()):
             slot = self._state_slot((t + 1) // self.pattern.dilation - 1)[end]
             self.keys[rows[end], :, slot], self.values[rows[end], :, slot] = key[end], value[end]
 
