@@ -1,7 +1,8 @@
-"""Full-forward and step-decode logits of a small RAT+ model on N tensor-parallel ranks.
+"""Full-forward and step-decode logits of a small RAT+ model, tensor-parallel over all ranks.
 
-``torchrun --nproc-per-node N tests/inference_harness.py OUT TP PATTERN [REFERENCE]``: rank 0 writes
-{full, decoded, weights}; REFERENCE (a TP=1 output) supplies the weights, sharded per rank.
+``torchrun --nproc-per-node N tests/inference_harness.py OUT PATTERN WEIGHTS``: WEIGHTS (a file
+with a TP=1 state dict under "weights") is sharded per rank; rank 0 writes {full, decoded}.
+In-process, ``run(1, pattern)`` gives the single-process reference.
 """
 
 import os
@@ -9,6 +10,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from megatron.core import tensor_parallel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,24 +32,17 @@ def run(tp, pattern, weights=None):
     tokens = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         full = model(tokens, torch.arange(SEQ).expand(2, -1), None)
-        full = torch.cat([full] if tp == 1 else _gather(full), dim=-1)
+        full = tensor_parallel.gather_from_tensor_model_parallel_region(full)
     with DecodeSession(model, 2, SEQ) as session:
         decoded = [session.prefill(tokens[:, :PROMPT], torch.tensor([PROMPT, PROMPT]))]
         decoded += [session.step(tokens[:, i]).unsqueeze(1) for i in range(PROMPT, SEQ)]
     return full, torch.cat(decoded, dim=1), model.state_dict()
 
 
-def _gather(logits):
-    parts = [torch.empty_like(logits) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, logits.contiguous())
-    return parts
-
-
 if __name__ == "__main__":
-    out, tp, pattern = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    weights = torch.load(sys.argv[4])["weights"] if len(sys.argv) > 4 else None
-    distributed.initialize(tensor_parallel=tp)
-    full, decoded, state = run(tp, pattern, weights)
+    out, pattern, reference = sys.argv[1:4]
+    distributed.initialize(tensor_parallel=int(os.environ["WORLD_SIZE"]))
+    full, decoded, _ = run(dist.get_world_size(), pattern, torch.load(reference)["weights"])
     if dist.get_rank() == 0:
-        torch.save({"full": full, "decoded": decoded, "weights": state}, out)
+        torch.save({"full": full, "decoded": decoded}, out)
     distributed.shutdown()

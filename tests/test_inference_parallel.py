@@ -19,7 +19,7 @@ def test_tensor_parallel_per_head_decode_matches_single_process(tmp_path, megatr
     torch.save({"weights": weights}, tmp_path / "tp1.pt")
     torch.testing.assert_close(decoded, full, **TOL)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           os.path.join(HERE, "inference_harness.py"), str(tmp_path / "tp2.pt"), "2", pattern, str(tmp_path / "tp1.pt")]
+           os.path.join(HERE, "inference_harness.py"), str(tmp_path / "tp2.pt"), pattern, str(tmp_path / "tp1.pt")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     tp2 = torch.load(tmp_path / "tp2.pt")
