@@ -93,11 +93,21 @@ class PatternKV:
             slot = self._state_slot((t + 1) // self.pattern.dilation - 1)[end]
             self.keys[rows[end], :, slot], self.values[rows[end], :, slot] = key[end], value[end]
 
-    def slot_positions(self, t: torch.Tensor):
-        """(used slots, [b, used] position of each slot, -1 where a slot must not count)."""
+    def visibility(self, t: torch.Tensor):
+        """(used slots, [b, used] mask of the slots queries at positions t[b] see; top-k selects later).
+
+        Equal for every layer's store of the same pattern (same layout, same positions), so a
+        decode step computes it once per pattern.
+        """
         if not self.compact:
             used = int(t.max()) + 1
-            return used, torch.arange(used, device=t.device).expand(t.shape[0], used)
+            positions = torch.arange(used, device=t.device).expand(t.shape[0], used)
+        else:
+            positions = self._slot_positions(t)
+        return positions.shape[1], (positions >= 0) & visible(self.pattern, t.unsqueeze(1), positions)
+
+    def _slot_positions(self, t: torch.Tensor) -> torch.Tensor:
+        """[b, used] position of each compact slot, -1 where a slot must not count."""
         batch, p = t.shape[0], self.n_sink
         n_states = int((t.max() + 1) // self.pattern.dilation) if self.pattern.dilation else 0
         sinks = torch.arange(p, device=t.device).expand(batch, p)
@@ -109,22 +119,22 @@ class PatternKV:
             states = torch.where(states < p, -1, states).expand(batch, n_states)
         else:
             states = ring.new_empty(batch, 0)
-        positions = torch.cat([sinks, torch.where(duplicate, -1, ring), states], dim=1)
-        return positions.shape[1], positions
+        return torch.cat([sinks, torch.where(duplicate, -1, ring), states], dim=1)
 
-    def attend(self, query: torch.Tensor, t: torch.Tensor, scale: float) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, t: torch.Tensor, scale: float, visibility=None) -> torch.Tensor:
         """[b, heads, d_h] queries at positions t[b] -> [b, heads, d_h] attention over the cache.
 
-        This is where megatron_ratplus.ops.decode.decode_attention (or its Triton kernel) can
-        take over for full-layout caches: keys/values [:, :, :t+1] with lengths t + 1.
+        ``visibility``: this step's ``self.visibility(t)`` if already computed. This is where
+        megatron_ratplus.ops.decode.decode_attention (or its Triton kernel) can take over for
+        full-layout caches: keys/values [:, :, :t+1] with lengths t + 1.
         """
-        used, positions = self.slot_positions(t)
+        used, mask = visibility or self.visibility(t)
         keys, values = self.keys[:, :, :used], self.values[:, :, :used]
         q = query.unsqueeze(2)
         if self.pattern.kind == "topk":
             mask = topk_allowed_mask(q, keys, self.pattern, scale, query_pos=t.unsqueeze(1))
         else:
-            mask = ((positions >= 0) & visible(self.pattern, t.unsqueeze(1), positions))[:, None, None, :]
+            mask = mask[:, None, None, :]
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale).squeeze(2)
 
 

@@ -69,7 +69,7 @@ class LayerCache:
         outputs = []
         for a, b, store in self.stores:
             store.append(key[:, a:b], value[:, a:b], t)
-            outputs.append(store.attend(query[:, a:b], t, self.scale))
+            outputs.append(store.attend(query[:, a:b], t, self.scale, self.session.visibility(store)))
         return torch.cat(outputs, dim=1).unsqueeze(0)
 
 
@@ -91,6 +91,7 @@ class DecodeSession:
         self.caches = [LayerCache(self, m, batch, capacity, dtype) for m in self.mixers]
         self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.prefilling = False
+        self._visibility = {}  # pattern -> this step's visibility, shared by the layers
 
     def __enter__(self):
         for mixer, cache in zip(self.mixers, self.caches):
@@ -129,12 +130,20 @@ class DecodeSession:
             self.prefilling = False
         return logits
 
+    def visibility(self, store: PatternKV):
+        """``store.visibility`` at this step, computed once per pattern for all layers (after the
+        first layer's write, which every layer repeats at the same slots)."""
+        if store.pattern not in self._visibility:
+            self._visibility[store.pattern] = store.visibility(self.lengths)
+        return self._visibility[store.pattern]
+
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per sequence (at each sequence's next position) -> logits [b, vocab]."""
         if int(self.lengths.max()) >= self.capacity:
             raise CacheFullError(f"a sequence reached the {self.capacity} positions its decode cache holds")
         positions = self.lengths.unsqueeze(1)
+        self._visibility = {}
         logits = self._logits(tokens.to(self.device).view(-1, 1), positions)[:, 0]
         self.lengths = self.lengths + 1
         return logits
