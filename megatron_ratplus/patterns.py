@@ -329,6 +329,28 @@ def parse_composition(text: CompositionLike) -> PatternComposition:
     return PatternComposition(tuple(layers), cycle=cycle)
 
 
+_PARAMETER = re.compile(r"^\s*[a-z]+\s*=", re.IGNORECASE)
+
+
+def split_pattern_list(text: str):
+    """Split a comma-separated list of patterns/compositions, where commas also separate a
+    pattern's own parameters: a piece that starts with ``name=`` continues the previous one.
+
+    ``dense,dilated:16,w=256,p=4,dilated:64`` -> [dense, dilated:16,w=256,p=4, dilated:64]
+    """
+    items = []
+    for piece in text.split(","):
+        if items and _PARAMETER.match(piece):
+            items[-1] += "," + piece.strip()
+        elif piece.strip():
+            items.append(piece.strip())
+        else:
+            raise PatternError(f"pattern list '{text}': empty entry")
+    for item in items:
+        parse_composition(item)  # one clear error for a bad entry
+    return items
+
+
 def head_runs(patterns: Sequence[AttentionPattern]):
     """Contiguous runs of equal patterns over heads: [(pattern, first head, end head)]."""
     runs = []
@@ -341,4 +363,4 @@ def head_runs(patterns: Sequence[AttentionPattern]):
 
 
 __all__ = ["AttentionPattern", "PatternError", "parse_pattern", "allowed_mask", "visible", "KINDS",
-           "LayerPatterns", "PatternComposition", "parse_composition", "head_runs"]
+           "LayerPatterns", "PatternComposition", "parse_composition", "head_runs", "split_pattern_list"]

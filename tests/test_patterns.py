@@ -103,3 +103,23 @@ def test_composition_errors(text, layers, heads, needle):
 
 def test_head_runs_group_neighbours():
     assert head_runs([DENSE, DENSE, D16, DENSE]) == [(DENSE, 0, 2), (D16, 2, 3), (DENSE, 3, 4)]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("dense,dilated:4,dilated:16,dilated:64", ["dense", "dilated:4", "dilated:16", "dilated:64"]),
+    ("dense,dilated:16,w=256,p=4,local:w=8", ["dense", "dilated:16,w=256,p=4", "local:w=8"]),
+    ("dilated:4,w=2;dilated:8,p=1,cycle(dense;dilated:64)", ["dilated:4,w=2;dilated:8,p=1", "cycle(dense;dilated:64)"]),
+])
+def test_split_pattern_list(text, expected):
+    from megatron_ratplus.patterns import split_pattern_list
+
+    assert split_pattern_list(text) == expected
+
+
+def test_split_pattern_list_errors():
+    from megatron_ratplus.patterns import split_pattern_list
+
+    with pytest.raises(PatternError, match="empty entry"):
+        split_pattern_list("dense,,dilated:4")
+    with pytest.raises(PatternError, match="unknown kind 'dilatd'"):
+        split_pattern_list("dense,dilatd:4")
