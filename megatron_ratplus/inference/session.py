@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
 from megatron_ratplus.inference.cache import CacheFullError, PatternKV, cache_bytes
 from megatron_ratplus.layers.mixer import RATPlusMixer
@@ -64,8 +65,9 @@ class LayerCache:
             self.state = gate * self.state + (1 - gate) * torch.stack([key, value], dim=2).float()
             key, value = self.state[:, :, 0].to(query.dtype), self.state[:, :, 1].to(query.dtype)
         freqs = self.session.rope[t].transpose(0, 1)  # [1, b, 1, d_h]: each sequence's own position
-        query, key = mixer.rotate(query.unsqueeze(0), key.unsqueeze(0), freqs)
-        query, key = query[0], key[0]
+        heads = query.shape[1]
+        rotated = apply_rotary_pos_emb(torch.cat([query, key], dim=1).unsqueeze(0), freqs, config=mixer.config)
+        query, key = rotated[0, :, :heads], rotated[0, :, heads:]  # one RoPE call for q and k~
         outputs = []
         for a, b, store in self.stores:
             store.append(key[:, a:b], value[:, a:b], t)
