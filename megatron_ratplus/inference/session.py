@@ -39,7 +39,7 @@ class LayerCache:
         return state + sum(store.nbytes for _, _, store in self.stores)
 
     def mix(self, mixer, query, key, value, gate_logits, rotary_pos_emb):
-        """The mixer's attention output [s, b, heads, d_h] for a prefill (s > 1 or first call) or a step."""
+        """The mixer's attention output [s, b, heads, d_h]: prefill or one decode step, as the session says."""
         if self.session.prefilling:
             return self._prefill(mixer, query, key, value, gate_logits, rotary_pos_emb)
         return self._step(mixer, query, key, value, gate_logits)
