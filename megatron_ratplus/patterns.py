@@ -34,12 +34,14 @@ Compositions (several patterns in one model), parsed by :func:`parse_composition
 - ``|`` binds tighter than a layer count, so ``4*(dense|dilated:64);4*dilated:64`` repeats a
   mixed-head layer 4 times (``4*dense|dilated:64`` would mean 4 dense heads).
 - Under tensor parallelism, rank r holds heads [r * H/tp, (r + 1) * H/tp) and uses their patterns.
+- A comma-separated list of patterns (``--patterns dense,dilated:16,w=256,p=4``) is split by
+  :func:`split_pattern_list`: a piece starting with ``name=`` continues the previous pattern.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import re
+from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
 
