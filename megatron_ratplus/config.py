@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 from megatron.core.utils import init_method_normal
 
-from megatron_ratplus.patterns import parse_pattern
+from megatron_ratplus.patterns import parse_composition
 
 
 @dataclass
@@ -22,7 +22,7 @@ class RATPlusConfig(TransformerConfig):
     """TransformerConfig with the RAT+ mixer's settings.
 
     recurrence: the gated k/v recurrence (False: the attention-only baseline, W_in d -> 4d).
-    attention_pattern: the pattern every mixer starts with (switchable later, see model.py).
+    attention_pattern: the pattern (or composition) the mixers start with (switchable later, see model.py).
     """
 
     recurrence: bool = True
@@ -32,7 +32,7 @@ class RATPlusConfig(TransformerConfig):
     rotary_base: int = 10000
 
     def __post_init__(self):
-        parse_pattern(self.attention_pattern)  # fail early on a bad pattern string
+        parse_composition(self.attention_pattern).resolve(self.num_layers, self.num_attention_heads)  # fail early
         if self.init_method is None:
             self.init_method = init_method_normal(self.init_method_std)
         if self.output_layer_init_method is None:  # RAT+ uses std 0.02 for every matrix

@@ -25,7 +25,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_ratplus import backend
 from megatron_ratplus.config import RATPlusConfig
-from megatron_ratplus.patterns import AttentionPattern, parse_pattern
+from megatron_ratplus.patterns import AttentionPattern, PatternError, head_runs, parse_composition
 
 
 @dataclass
@@ -51,7 +51,10 @@ class RATPlusMixer(MegatronModule):
         self.parts = 5 if self.recurrence else 4
         self.head_dim = config.kv_channels
         self.heads_local = config.num_attention_heads // tp_size
-        self.pattern = parse_pattern(getattr(config, "attention_pattern", "dense"))
+        self.tp_rank = tp_group.rank()
+        self.decode_cache = None  # set by megatron_ratplus.inference while generating
+        self.set_attention_pattern(parse_composition(getattr(config, "attention_pattern", "dense"))
+                                   .per_layer(config.num_layers)[layer_number - 1])
 
         width = self.head_dim * config.num_attention_heads
         self.linear_in = build_module(
@@ -65,12 +68,39 @@ class RATPlusMixer(MegatronModule):
             skip_bias_add=True, is_expert=False, tp_comm_buffer_name="proj", tp_group=tp_group)
 
     def set_attention_pattern(self, pattern) -> None:
-        """Switch the pattern this layer attends with (no retraining needed)."""
-        self.pattern = parse_pattern(pattern)
+        """Switch the pattern this layer attends with (no retraining needed).
+
+        ``pattern``: one pattern, or a one-layer composition with per-head groups
+        (``dense|dilated:16``); this rank keeps the patterns of its own heads.
+        ``self.pattern`` is the layer's pattern when all its local heads share one, else None.
+        """
+        layer = parse_composition(pattern)
+        if len(layer.layers) != 1:
+            raise PatternError(f"a layer takes one layer pattern, got '{layer}'")
+        heads = layer.layers[0].per_head(self.config.num_attention_heads)
+        first = self.tp_rank * self.heads_local
+        self.head_patterns = heads[first:first + self.heads_local]
+        self.head_runs = head_runs(self.head_patterns)
+        self.pattern = self.head_runs[0][0] if len(self.head_runs) == 1 else None
+
+    def attend(self, query, key, value):
+        """Pattern attention of [s, b, heads_local, d_h] tensors, each head group with its pattern."""
+        if len(self.head_runs) == 1:
+            return self.core_attention(query, key, value, self.head_runs[0][0])
+        return torch.cat([self.core_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], p)
+                          for p, a, b in self.head_runs], dim=2)
 
     def recur(self, k: torch.Tensor, v: torch.Tensor, gate_logits: torch.Tensor, state=None):
         """k~, v~ = gated scan of k, v under one fp32 sigmoid gate; returns (k~, v~, final state)."""
         return backend.shared_gate_scan(k, v, gate_logits, state)
+
+    def rotate(self, query, key, rotary_pos_emb):
+        """RoPE on q and k~ (after the recurrence); ``rotary_pos_emb``: freqs or a (q, k) pair."""
+        if rotary_pos_emb is None:
+            return query, key
+        q_freqs, k_freqs = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
+        return (apply_rotary_pos_emb(query, q_freqs, config=self.config),
+                apply_rotary_pos_emb(key, k_freqs, config=self.config))
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, inference_context=None,
                 rotary_pos_emb: Optional[torch.Tensor] = None, **unused):
@@ -78,19 +108,26 @@ class RATPlusMixer(MegatronModule):
         seq, batch = mixed.shape[:2]
         mixed = mixed.view(seq, batch, self.heads_local, self.parts, self.head_dim)
         out_gate, query, key, value = mixed.unbind(3)[:4]
-        if self.recurrence:
-            key, value, _ = self.recur(key, value, mixed[:, :, :, 4])
-        if rotary_pos_emb is not None:
-            q_freqs, k_freqs = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
-            query = apply_rotary_pos_emb(query, q_freqs, config=self.config)
-            key = apply_rotary_pos_emb(key, k_freqs, config=self.config)
-        attended = self.core_attention(query, key, value, self.pattern)
+        gate_logits = mixed[:, :, :, 4] if self.recurrence else None
+        if self.decode_cache is not None:  # prefill or one decode step (megatron_ratplus.inference)
+            attended = self.decode_cache.mix(self, query, key, value, gate_logits, rotary_pos_emb)
+        else:
+            if self.recurrence:
+                key, value, _ = self.recur(key, value, gate_logits)
+            query, key = self.rotate(query, key, rotary_pos_emb)
+            attended = self.attend(query, key, value)
         gated = torch.sigmoid(out_gate) * attended
         return self.linear_out(gated.reshape(seq, batch, -1))
 
 
-def set_attention_pattern(model: torch.nn.Module, pattern: Union[str, AttentionPattern]) -> None:
-    """Give every RAT+ mixer in ``model`` the same pattern."""
-    for module in model.modules():
-        if isinstance(module, RATPlusMixer):
-            module.set_attention_pattern(pattern)
+def set_attention_pattern(model: torch.nn.Module, pattern: Union[str, AttentionPattern, list]) -> None:
+    """Give the RAT+ mixers of ``model`` a pattern or a per-layer/per-head composition.
+
+    Grammar: megatron_ratplus.patterns. Layers are matched by their global layer number, so a
+    pipeline stage picks its own layers' patterns.
+    """
+    mixers = [m for m in model.modules() if isinstance(m, RATPlusMixer)]
+    if mixers:
+        layers = parse_composition(pattern).per_layer(mixers[0].config.num_layers)
+        for mixer in mixers:
+            mixer.set_attention_pattern(layers[mixer.layer_number - 1])

@@ -35,28 +35,38 @@ def _pool_blocks(keys: torch.Tensor, block: int, pool: str) -> torch.Tensor:
 
 
 def topk_allowed_mask(q: torch.Tensor, k: torch.Tensor, pattern: AttentionPattern,
-                      softmax_scale: Optional[float] = None) -> torch.Tensor:
-    """Boolean [b, h, T, T] mask of the keys each query attends under a top-k pattern."""
-    seq_len = q.shape[2]
+                      softmax_scale: Optional[float] = None,
+                      query_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Boolean [b, h, Tq, Tk] mask of the keys each query attends under a top-k pattern.
+
+    q: [b, h, Tq, d] at positions ``query_pos`` ([b, Tq]; default 0..Tq-1); k: [b, h, Tk, d] at
+    positions 0..Tk-1. Decoding passes one query per sequence and the whole key cache; keys
+    after a query's position never count (they may be unwritten cache slots).
+    """
+    b, h, n_q = q.shape[:3]
+    n_k = k.shape[2]
     dilation = pattern.dilation or 1
-    pos = torch.arange(seq_len, device=q.device)
+    if query_pos is None:
+        query_pos = torch.arange(n_q, device=q.device).expand(b, n_q)
+    t = query_pos.view(b, 1, n_q, 1)
+    pos = torch.arange(n_k, device=q.device)
     is_state = (pos + 1) % dilation == 0
     state_index = torch.where(is_state, (pos + 1) // dilation - 1, torch.full_like(pos, -1))
     key_block = torch.where(is_state, state_index // pattern.block, torch.full_like(pos, -1))
 
     candidates = k[:, :, dilation - 1::dilation]
     pooled = _pool_blocks(candidates, pattern.block, pattern.pool) if candidates.shape[2] else None
-    n_visible = (pos + 1) // dilation  # candidates visible to query t
+    n_visible = (t + 1) // dilation  # candidates visible to each query
     own_block = torch.div(n_visible - 1, pattern.block, rounding_mode="floor")  # -1: none yet
 
-    b, h = q.shape[:2]
     if pooled is None:
-        selected = torch.zeros(b, h, seq_len, 1, dtype=torch.bool, device=q.device)
+        selected = torch.zeros(b, h, n_q, 1, dtype=torch.bool, device=q.device)
     else:
         scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
         scores = torch.einsum("bhtd,bhnd->bhtn", q.float(), pooled.float()) * scale
         n_blocks = scores.shape[-1]
-        earlier = torch.arange(n_blocks, device=q.device).unsqueeze(0) < own_block.unsqueeze(1)
+        block_ids = torch.arange(n_blocks, device=q.device)
+        earlier = block_ids < own_block  # [b, 1, Tq, n_blocks]
         scores = scores.masked_fill(~earlier, float("-inf"))
         selected = torch.zeros_like(scores, dtype=torch.bool)
         kk = min(pattern.topk, n_blocks)
@@ -64,11 +74,10 @@ def topk_allowed_mask(q: torch.Tensor, k: torch.Tensor, pattern: AttentionPatter
             best = scores.topk(kk, dim=-1).indices
             selected.scatter_(-1, best, True)
             selected &= earlier  # fewer than K earlier blocks: drop the -inf picks
-        own = torch.arange(n_blocks, device=q.device).unsqueeze(0) == own_block.unsqueeze(1)
-        selected |= own
-    gather_index = key_block.clamp(min=0).view(1, 1, 1, seq_len).expand(b, h, seq_len, seq_len)
+        selected |= block_ids == own_block
+    gather_index = key_block.clamp(min=0).view(1, 1, 1, n_k).expand(b, h, n_q, n_k)
     by_block = selected.gather(-1, gather_index) & (key_block >= 0)
-    t, j = pos.view(-1, 1), pos.view(1, -1)
+    j = pos.view(1, 1, 1, n_k)
     rule = (t - j <= pattern.window) | (j < pattern.sinks)
     return (by_block | rule) & (j <= t)
 

@@ -1,0 +1,147 @@
+"""Decode caches: the key/value slots a pattern can still attend, plus the running recurrent state.
+
+A sparse pattern (DESIGN §1) only ever attends sinks (j < P), chunk ends ((j + 1) % D == 0) and
+the last W + 1 positions, so a cache for T positions needs P + W + 1 + floor(T/D) slots, laid out
+
+    [ sinks: positions 0..P-1 | ring: the last W + 1 positions | states: chunk ends D-1, 2D-1, ... ]
+
+Every slot carries its position, and the pattern's own rule (patterns.visible) decides which
+slots a query sees; a position held twice (a chunk end inside the window, a sink that is also a
+chunk end) counts only in its sink or state slot. Dense and top-k patterns (and patterns whose
+compact layout would not be smaller) keep the full layout, slot = position. Keys are stored after
+RoPE; the recurrent state (k~, v~ of the last token, before RoPE) is kept in fp32, as the
+training scan accumulates it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron_ratplus.ops.topk import topk_allowed_mask
+from megatron_ratplus.patterns import AttentionPattern, visible
+
+
+class CacheFullError(RuntimeError):
+    """A sequence ran past the positions its decode cache was sized for."""
+
+
+class PatternKV:
+    """Keys and values of one group of heads under one pattern, for a batch of sequences."""
+
+    def __init__(self, pattern: AttentionPattern, batch: int, heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device=None):
+        self.pattern, self.capacity = pattern, capacity
+        slots = pattern.cache_slots(capacity)
+        self.compact = slots < capacity
+        if self.compact:
+            self.n_sink, self.n_ring = pattern.sinks, pattern.window + 1
+        self.keys = torch.zeros(batch, heads, slots, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        if self.compact:  # position held by each ring slot; -1: empty
+            self.ring_pos = torch.full((batch, self.n_ring), -1, dtype=torch.long, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the key/value slots (the ring's position index is bookkeeping, not counted)."""
+        return self.keys.nbytes + self.values.nbytes
+
+    def _state_slot(self, m):
+        return self.n_sink + self.n_ring + m
+
+    def fill(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Prefill from [b, heads, s, d_h] keys/values of right-padded prompts of ``lengths`` tokens.
+
+        Slots past a sequence's length receive padding garbage; they are never visible before the
+        decode step at that position overwrites them.
+        """
+        seq = keys.shape[2]
+        if not self.compact:
+            self.keys[:, :, :seq], self.values[:, :, :seq] = keys, values
+            return
+        n = min(self.n_sink, seq)
+        self.keys[:, :, :n], self.values[:, :, :n] = keys[:, :, :n], values[:, :, :n]
+        last = (lengths - 1).unsqueeze(1)  # ring slot r holds the latest position p <= last, p % (W+1) = r
+        ring = torch.arange(self.n_ring, device=keys.device)
+        pos = last - torch.remainder(last - ring, self.n_ring)
+        index = pos.clamp(min=0)[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
+        ring_slots = slice(self.n_sink, self.n_sink + self.n_ring)
+        self.keys[:, :, ring_slots] = keys.gather(2, index)
+        self.values[:, :, ring_slots] = values.gather(2, index)
+        self.ring_pos = torch.where(pos >= 0, pos, torch.full_like(pos, -1))
+        if self.pattern.dilation:
+            d = self.pattern.dilation
+            m = seq // d
+            states = slice(self._state_slot(0), self._state_slot(m))
+            self.keys[:, :, states] = keys[:, :, d - 1::d][:, :, :m]
+            self.values[:, :, states] = values[:, :, d - 1::d][:, :, :m]
+
+    def append(self, key: torch.Tensor, value: torch.Tensor, t: torch.Tensor) -> None:
+        """Write the [b, heads, d_h] key/value of the token at position t[b] of each sequence."""
+        rows = torch.arange(t.shape[0], device=t.device)
+        if not self.compact:
+            self.keys[rows, :, t], self.values[rows, :, t] = key, value
+            return
+        if int(t.min()) < self.n_sink:
+            sink = t < self.n_sink
+            self.keys[rows[sink], :, t[sink]], self.values[rows[sink], :, t[sink]] = key[sink], value[sink]
+        ring = t % self.n_ring
+        self.keys[rows, :, self.n_sink + ring], self.values[rows, :, self.n_sink + ring] = key, value
+        self.ring_pos[rows, ring] = t
+        end = (t + 1) % self.pattern.dilation == 0 if self.pattern.dilation else None
+        if end is not None and bool(end.any()):
+            slot = self._state_slot((t + 1) // self.pattern.dilation - 1)[end]
+            self.keys[rows[end], :, slot], self.values[rows[end], :, slot] = key[end], value[end]
+
+    def visibility(self, t: torch.Tensor):
+        """(used slots, [b, used] mask of the slots queries at positions t[b] see; top-k selects later).
+
+        Equal for every layer's store of the same pattern (same layout, same positions), so a
+        decode step computes it once per pattern.
+        """
+        if not self.compact:
+            used = int(t.max()) + 1
+            positions = torch.arange(used, device=t.device).expand(t.shape[0], used)
+        else:
+            positions = self._slot_positions(t)
+        return positions.shape[1], (positions >= 0) & visible(self.pattern, t.unsqueeze(1), positions)
+
+    def _slot_positions(self, t: torch.Tensor) -> torch.Tensor:
+        """[b, used] position of each compact slot, -1 where a slot must not count."""
+        batch, p = t.shape[0], self.n_sink
+        n_states = int((t.max() + 1) // self.pattern.dilation) if self.pattern.dilation else 0
+        sinks = torch.arange(p, device=t.device).expand(batch, p)
+        ring = self.ring_pos
+        duplicate = ring < p  # a sink's own slot holds it
+        if self.pattern.dilation:
+            duplicate |= (ring + 1) % self.pattern.dilation == 0  # a state slot holds it
+            states = (torch.arange(n_states, device=t.device) + 1) * self.pattern.dilation - 1
+            states = torch.where(states < p, -1, states).expand(batch, n_states)
+        else:
+            states = ring.new_empty(batch, 0)
+        return torch.cat([sinks, torch.where(duplicate, -1, ring), states], dim=1)
+
+    def attend(self, query: torch.Tensor, t: torch.Tensor, scale: float, visibility=None) -> torch.Tensor:
+        """[b, heads, d_h] queries at positions t[b] -> [b, heads, d_h] attention over the cache.
+
+        ``visibility``: this step's ``self.visibility(t)`` if already computed. This is where
+        megatron_ratplus.ops.decode.decode_attention (or its Triton kernel) can take over for
+        full-layout caches: keys/values [:, :, :t+1] with lengths t + 1.
+        """
+        used, mask = visibility or self.visibility(t)
+        keys, values = self.keys[:, :, :used], self.values[:, :, :used]
+        q = query.unsqueeze(2)
+        if self.pattern.kind == "topk":
+            mask = topk_allowed_mask(q, keys, self.pattern, scale, query_pos=t.unsqueeze(1))
+        else:
+            mask = mask[:, None, None, :]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale).squeeze(2)
+
+
+def cache_bytes(head_patterns, batch: int, head_dim: int, capacity: int, dtype: torch.dtype,
+                recurrence: bool = True) -> int:
+    """Bytes of one layer's decode cache, from the formula: slots x 2 (k, v) x d_h per head, plus state."""
+    element = torch.empty((), dtype=dtype).element_size()
+    slots = sum(p.cache_slots(capacity) for p in head_patterns)
+    state = 2 * len(head_patterns) * head_dim * 4 if recurrence else 0
+    return batch * (2 * slots * head_dim * element + state)

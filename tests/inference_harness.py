@@ -1,0 +1,48 @@
+"""Full-forward and step-decode logits of a small RAT+ model, tensor-parallel over all ranks.
+
+``torchrun --nproc-per-node N tests/inference_harness.py OUT PATTERN WEIGHTS``: WEIGHTS (a file
+with a TP=1 state dict under "weights") is sharded per rank; rank 0 writes {full, decoded}.
+In-process, ``run(1, pattern)`` gives the single-process reference.
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from megatron.core import tensor_parallel
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from parallel_harness import SEQ, load_sharded, small_config  # noqa: E402
+
+from megatron_ratplus import distributed  # noqa: E402
+from megatron_ratplus.inference import DecodeSession  # noqa: E402
+from megatron_ratplus.model import build_model  # noqa: E402
+
+PROMPT = 7
+
+
+def run(tp, pattern, weights=None):
+    torch.manual_seed(42)
+    model = build_model(small_config(pattern, tensor_model_parallel_size=tp)).eval()
+    if weights is not None:
+        load_sharded(model, weights)
+    tokens = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        full = model(tokens, torch.arange(SEQ).expand(2, -1), None)
+        full = tensor_parallel.gather_from_tensor_model_parallel_region(full)
+    with DecodeSession(model, 2, SEQ) as session:
+        decoded = [session.prefill(tokens[:, :PROMPT], torch.tensor([PROMPT, PROMPT]))]
+        decoded += [session.step(tokens[:, i]).unsqueeze(1) for i in range(PROMPT, SEQ)]
+    return full, torch.cat(decoded, dim=1), model.state_dict()
+
+
+if __name__ == "__main__":
+    out, pattern, reference = sys.argv[1:4]
+    distributed.initialize(tensor_parallel=int(os.environ["WORLD_SIZE"]))
+    full, decoded, _ = run(dist.get_world_size(), pattern, torch.load(reference)["weights"])
+    if dist.get_rank() == 0:
+        torch.save({"full": full, "decoded": decoded}, out)
+    distributed.shutdown()
