@@ -34,5 +34,6 @@ setup(
         "ratplus-pretrain=megatron_ratplus.cli.pretrain:main",
         "ratplus-eval=megatron_ratplus.cli.eval:main",
         "ratplus-convert=megatron_ratplus.cli.convert:main",
+        "ratplus-generate=megatron_ratplus.cli.generate:main",
     ]},
 )

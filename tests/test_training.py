@@ -149,10 +149,10 @@ def test_cli_end_to_end_validation_loss_falls(tmp_path):
     assert "done: 40 iterations" in result.stdout
     assert os.listdir(save / "tensorboard")
     table = subprocess.run([sys.executable, "-m", "megatron_ratplus.cli.eval", "--load", str(save),
-                            "--eval-iters", "2", "--patterns", "dense,dilated:4,dilated:16,w=4,p=1"],
+                            "--eval-samples", "16", "--patterns", "dense,dilated:4,dilated:16,w=4,p=1"],
                            env=repo_env(), capture_output=True, text=True, timeout=120)
     assert table.returncode == 0, table.stderr[-2000:]
-    rows = [l.split() for l in table.stdout.splitlines()[1:]]
+    rows = [[c.strip() for c in l.strip("|").split("|")] for l in table.stdout.splitlines()[2:]]
     assert [r[0] for r in rows] == ["dense", "dilated:4", "dilated:16,w=4,p=1"]
     assert abs(float(rows[0][1]) - losses[-1]) < 0.5 and all(float(r[2]) > 1 for r in rows)
 

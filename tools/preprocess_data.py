@@ -56,7 +56,7 @@ def build(paths, output_prefix: str, tokenizer_spec: str = "byte", json_key: str
     docs = tokens = 0
     try:
         for text in tqdm(iter_documents(paths, json_key), desc="documents", unit="doc", file=sys.stderr):
-            ids = tokenizer.tokenize(text) + [tokenizer.eod]
+            ids = tokenizer.encode(text) + [tokenizer.eod]
             builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
             docs += 1
             tokens += len(ids)

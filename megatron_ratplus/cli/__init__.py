@@ -8,7 +8,7 @@ from typing import Callable
 # expected, and megatron_ratplus.optional reports a missing dependency when a feature needs it.
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed.*")
 warnings.filterwarnings("ignore", message="full scope is deprecated")
-warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+warnings.filterwarnings("ignore", category=FutureWarning, module="(torch.distributed|megatron)")
 
 
 def run_cli(prog: str, main: Callable[[], object], user_errors: tuple) -> int:

@@ -34,7 +34,7 @@ def tokenize_documents(docs: List[str], tokenizer) -> np.ndarray:
     dtype = np.uint16 if tokenizer.vocab_size < 2 ** 16 else np.int32
     parts = []
     for doc in docs:
-        parts.append(np.asarray(tokenizer.tokenize(doc), dtype=dtype))
+        parts.append(np.asarray(tokenizer.encode(doc), dtype=dtype))
         parts.append(np.asarray([tokenizer.eod], dtype=dtype))
     return np.concatenate(parts)
 

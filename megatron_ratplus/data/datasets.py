@@ -131,3 +131,14 @@ def build_datasets(data_path: Optional[List[str]], tokenizer, seq_length: int, s
         if check_indexed_dataset(prefix, tokenizer.vocab_size) < seq_length + 1:
             raise DataError(f"{prefix} has fewer tokens than one sample of --seq-length {seq_length} + 1")
     return _gpt_datasets(list(data_path), tokenizer, seq_length, seed, split, num_train, num_valid, cache_dir)
+
+
+def validation_windows(tokenizer, seq_length: int, count: int, data_path: Optional[List[str]] = None,
+                       seed: int = 1234, split: str = "98,2,0") -> torch.Tensor:
+    """The first ``count`` validation samples as [n, seq_length + 1] token windows (inputs + last label)."""
+    _, valid = build_datasets(data_path, tokenizer, seq_length, seed, split, 1, count)
+    n = min(count, len(valid))
+    if n == 0:
+        raise DataError("the validation split holds no complete sample")
+    samples = [valid[i] for i in range(n)]
+    return torch.stack([torch.cat([s["tokens"], s["labels"][-1:]]) for s in samples])

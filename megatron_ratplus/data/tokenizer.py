@@ -1,7 +1,7 @@
 """Tokenizers: byte-level (the default, needs no files) and a local HF `tokenizers` JSON file.
 
 Both expose what megatron-core's GPTDataset reads (``vocab_size``, ``eod``) plus
-``tokenize``/``detokenize`` and a ``spec`` string that a checkpoint stores to rebuild them.
+``encode``/``decode`` and a ``spec`` string that a checkpoint stores to rebuild them.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ class ByteTokenizer:
     eod = 256
     spec = "byte"
 
-    def tokenize(self, text: str) -> List[int]:
+    def encode(self, text: str) -> List[int]:
         return list(text.encode("utf-8"))
 
-    def detokenize(self, ids) -> str:
+    def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
 
@@ -51,10 +51,10 @@ class JsonTokenizer:
         self.eod = eod if eod is not None else self.vocab_size - 1
         self.spec = f"json:{self.path}"
 
-    def tokenize(self, text: str) -> List[int]:
+    def encode(self, text: str) -> List[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def detokenize(self, ids) -> str:
+    def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids if int(i) != self.eod])
 
 
