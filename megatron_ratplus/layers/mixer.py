@@ -15,6 +15,7 @@ tools/convert_checkpoint.py permutes from the authors' [o; q; k; v; g] block lay
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional, Union
 
 import torch
@@ -25,6 +26,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_ratplus.config import RATPlusConfig
 from megatron_ratplus.ops import gated_scan
+from megatron_ratplus.parallel import context_parallel_group, cp_gated_scan, cp_pattern_attention
 from megatron_ratplus.patterns import AttentionPattern, parse_pattern
 
 
@@ -52,6 +54,7 @@ class RATPlusMixer(MegatronModule):
         self.head_dim = config.kv_channels
         self.heads_local = config.num_attention_heads // tp_size
         self.pattern = parse_pattern(getattr(config, "attention_pattern", "dense"))
+        self.cp_group = context_parallel_group(pg_collection)  # None without context parallelism
 
         width = self.head_dim * config.num_attention_heads
         self.linear_in = build_module(
@@ -72,7 +75,8 @@ class RATPlusMixer(MegatronModule):
         """k~, v~ = gated scan of k, v under one fp32 sigmoid gate; returns (k~, v~, final state)."""
         gate = torch.sigmoid(gate_logits.float())
         kv = torch.stack([k, v], dim=2)  # [s, b, 2, heads, d_h]
-        kv, last = gated_scan(kv, gate.unsqueeze(2).expand_as(kv), state)
+        scan = gated_scan if self.cp_group is None else partial(cp_gated_scan, group=self.cp_group)
+        kv, last = scan(kv, gate.unsqueeze(2).expand_as(kv), h0=state)
         return kv[:, :, 0], kv[:, :, 1], last
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, inference_context=None,
@@ -87,7 +91,11 @@ class RATPlusMixer(MegatronModule):
             q_freqs, k_freqs = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
             query = apply_rotary_pos_emb(query, q_freqs, config=self.config)
             key = apply_rotary_pos_emb(key, k_freqs, config=self.config)
-        attended = self.core_attention(query, key, value, self.pattern)
+        if self.cp_group is None:
+            attended = self.core_attention(query, key, value, self.pattern)
+        else:
+            attended = cp_pattern_attention(query, key, value, self.pattern, self.cp_group,
+                                            self.core_attention.softmax_scale)
         gated = torch.sigmoid(out_gate) * attended
         return self.linear_out(gated.reshape(seq, batch, -1))
 
