@@ -4,7 +4,9 @@ megatron-core 0.16 hard-codes CUDA in a few places that are otherwise device-agn
 ``torch.cuda.current_device()`` (RoPE, checkpoint loading), ``torch.cuda.synchronize()``
 (dist_checkpointing, pipeline p2p), ``device="cuda"`` in tensor factories (pipeline schedules),
 ``pin_memory=True`` plus ``Tensor.cuda()`` (RoPE slicing under context parallelism, the tied
-embedding sync across pipeline stages). Without CUDA each of these raises, so this module
+embedding sync across pipeline stages), and ``torch.cuda.get_rng_state()`` (the model-parallel
+RNG tracker that sequence-parallel embeddings fork; it then tracks the CPU generator's state,
+and RAT+ has no dropout to draw from it). Without CUDA each of these raises, so this module
 redirects exactly those calls to the CPU. With CUDA
 present :func:`install` does nothing, so the GPU path is never touched.
 """
@@ -49,6 +51,7 @@ def install() -> bool:
         torch.cuda.current_device = lambda: torch.device("cpu")
         torch.cuda.synchronize = lambda device=None: None
         torch.Tensor.cuda = lambda self, *args, **kwargs: self
+        torch.cuda.get_rng_state = torch.cuda.random.get_rng_state = lambda device="cuda": torch.get_rng_state()
         for name in _FACTORIES:
             setattr(torch, name, _cpu_device(getattr(torch, name)))
         _installed = True

@@ -17,6 +17,17 @@ def test_shim_redirects_cuda_calls_to_cpu():
     assert pinned.device.type == "cpu" and pinned.tolist() == [1, 2]
 
 
+def test_model_parallel_rng_tracker_runs_on_cpu(megatron_single):
+    from megatron.core import tensor_parallel
+
+    cpu_compat.install()
+    tensor_parallel.model_parallel_cuda_manual_seed(5, force_reset_rng=True)
+    before = torch.get_rng_state()
+    with tensor_parallel.get_cuda_rng_tracker().fork():
+        pass
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_megatron_rope_slices_global_positions_under_cp():
     """megatron's CP slicer of RoPE tables (pinned memory + .cuda()) runs and keeps chunks r, 2CP-1-r."""
     from types import SimpleNamespace

@@ -99,7 +99,7 @@ def test_dilated_exchange_is_d_times_smaller():
 
 @pytest.mark.parametrize("args, message", [
     (dict(world_size=4, tp=3), "not a multiple of tensor x pipeline x context"),
-    (dict(world_size=6, tp=2, pp=3), "not a multiple"),
+    (dict(world_size=8, tp=2, pp=3, num_layers=6), "world size 8 is not a multiple"),
     (dict(world_size=2, tp=2, num_heads=3), "heads (3) is not divisible by the tensor-parallel size (2)"),
     (dict(world_size=2, pp=2, num_layers=3), "layers (3) is not divisible by the pipeline stages (2)"),
     (dict(world_size=2, pp=2, vpp=2, num_layers=6), "pipeline stages x virtual stages (2 x 2 = 4)"),
