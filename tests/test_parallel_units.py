@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_ratplus.ops import gated_scan, pattern_attention
-from megatron_ratplus.parallel import global_positions, validate_parallel_config
+from megatron_ratplus.parallel import global_positions, validate_parallel_config, virtual_pipeline_size
 from megatron_ratplus.parallel.cp_attention import attend_slices, pack_public
 from megatron_ratplus.parallel.cp_scan import compose_and_correct, scan_slices
 from megatron_ratplus.parallel.layout import chunk_ids
@@ -106,6 +106,7 @@ def test_dilated_exchange_is_d_times_smaller():
     (dict(world_size=2, vpp=2, num_layers=4), "need a pipeline-parallel size of at least 2"),
     (dict(world_size=4, cp=4, seq_length=12), "sequence length (12) is not divisible by 2 x context-parallel size (8)"),
     (dict(world_size=0), "world size must be a positive integer"),
+    (dict(world_size=2, sequence_parallel=True), "sequence parallelism needs a tensor-parallel size of at least 2"),
 ])
 def test_bad_layouts_are_one_clear_error(args, message):
     with pytest.raises(ValueError) as err:
@@ -115,3 +116,10 @@ def test_bad_layouts_are_one_clear_error(args, message):
 
 def test_good_layout_returns_data_parallel_size():
     assert validate_parallel_config(16, tp=2, pp=2, cp=2, vpp=2, num_layers=8, num_heads=4, seq_length=64) == 2
+
+
+def test_virtual_pipeline_size_from_layers_per_virtual_stage():
+    assert virtual_pipeline_size(8, 2, 2) == 2 and virtual_pipeline_size(8, 2, None) is None
+    for args in ((8, 2, 3), (8, 1, 2), (8, 2, 0)):
+        with pytest.raises(ValueError, match="layers per virtual pipeline stage"):
+            virtual_pipeline_size(*args)
