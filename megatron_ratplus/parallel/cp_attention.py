@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
+from megatron_ratplus.ops.attention import QUERY_BLOCK
 from megatron_ratplus.parallel.layout import chunk_ids, chunk_owner
 from megatron_ratplus.patterns import AttentionPattern
 
@@ -62,24 +63,36 @@ def pack_public(k: torch.Tensor, v: torch.Tensor, pattern: AttentionPattern, ran
 def attend_slices(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, public: torch.Tensor,
                   pattern: AttentionPattern, rank: int, size: int, softmax_scale: float) -> torch.Tensor:
     """Each local slice attends the earlier chunks' public tokens (``public``: every rank's
-    :func:`pack_public`, [CP * 2, ...]) and its own slice."""
+    :func:`pack_public`, [CP * 2, ...]) and its own slice.
+
+    Queries go in blocks of QUERY_BLOCK, each over its compact key set (the keys some query of
+    the block may see), as the single-rank reference does: O(c (c / D + W + P + block)) per slice.
+    """
     chunk_len = q.shape[0] // 2
     outputs = []
     for piece, chunk in enumerate(chunk_ids(rank, size)):
         start = chunk * chunk_len
         own = slice(piece * chunk_len, (piece + 1) * chunk_len)
-        keys, values, positions = [k[own]], [v[own]], [torch.arange(start, start + chunk_len)]
+        keys, values, positions = [], [], []
         for earlier in range(chunk):
             owner, owner_piece = chunk_owner(earlier, size)
             pos = public_offsets(pattern, earlier, chunk_len) + earlier * chunk_len
-            rows = torch.nonzero(may_be_seen(pattern, pos, start)).flatten()
-            keys.append(public[2 * owner + owner_piece, 0, rows.to(k.device)])
-            values.append(public[2 * owner + owner_piece, 1, rows.to(k.device)])
-            positions.append(pos[rows])
-        mask = visible(pattern, positions[0], torch.cat(positions)).to(q.device)
-        qh, kh, vh = (t.permute(1, 2, 0, 3) for t in (q[own], torch.cat(keys), torch.cat(values)))
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=softmax_scale)
-        outputs.append(out.permute(2, 0, 1, 3))
+            rows = torch.nonzero(may_be_seen(pattern, pos, start)).flatten().to(k.device)
+            keys.append(public[2 * owner + owner_piece, 0, rows])
+            values.append(public[2 * owner + owner_piece, 1, rows])
+            positions.append(pos[rows.cpu()])
+        keys, values = torch.cat(keys + [k[own]]), torch.cat(values + [v[own]])
+        positions = torch.cat(positions + [torch.arange(start, start + chunk_len)])
+        for t0 in range(start, start + chunk_len, QUERY_BLOCK):
+            t1 = min(start + chunk_len, t0 + QUERY_BLOCK)
+            near = (positions >= t0) & (positions < t1)
+            cols = torch.nonzero(near | ((positions < t0) & may_be_seen(pattern, positions, t0))).flatten()
+            mask = visible(pattern, torch.arange(t0, t1), positions[cols]).to(q.device)
+            cols = cols.to(k.device)
+            rows = slice(own.start + t0 - start, own.start + t1 - start)
+            qh, kh, vh = (t.permute(1, 2, 0, 3) for t in (q[rows], keys[cols], values[cols]))
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=softmax_scale)
+            outputs.append(out.permute(2, 0, 1, 3))
     return torch.cat(outputs)
 
 
