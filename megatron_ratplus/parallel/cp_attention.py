@@ -60,14 +60,52 @@ def pack_public(k: torch.Tensor, v: torch.Tensor, pattern: AttentionPattern, ran
     return torch.stack([pack(piece, chunk) for piece, chunk in enumerate(chunk_ids(rank, size))])
 
 
+class _BlockedSliceAttention(torch.autograd.Function):
+    """One slice's queries in blocks of QUERY_BLOCK, each over its compact key set.
+
+    As in the single-rank reference (ops/attention.py), autograd through per-block gathers would
+    zero-fill a full-size key gradient per block; each block's small graph is kept instead and
+    its key gradients are index-added into one buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, q, keys, values, positions, start, pattern, scale):
+        q, keys, values = q.detach(), keys.detach(), values.detach()
+        blocks, outputs = [], []
+        with torch.enable_grad():
+            for t0 in range(start, start + q.shape[0], QUERY_BLOCK):
+                t1 = min(start + q.shape[0], t0 + QUERY_BLOCK)
+                near = (positions >= t0) & (positions < t1)
+                cols = torch.nonzero(near | ((positions < t0) & may_be_seen(pattern, positions, t0))).flatten()
+                mask = visible(pattern, torch.arange(t0, t1), positions[cols]).to(q.device)
+                cols = cols.to(keys.device)
+                rows = slice(t0 - start, t1 - start)
+                qb, kb, vb = (t.requires_grad_() for t in (q[rows], keys[cols], values[cols]))
+                out = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (qb, kb, vb)),
+                                                     attn_mask=mask, scale=scale).permute(2, 0, 1, 3)
+                blocks.append((rows, cols, qb, kb, vb, out))
+                outputs.append(out.detach())
+        ctx.blocks, ctx.shapes = blocks, (q.shape, keys.shape)
+        return torch.cat(outputs)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q_shape, k_shape = ctx.shapes
+        grad_q = grad_out.new_zeros(q_shape)
+        grad_k, grad_v = grad_out.new_zeros(k_shape), grad_out.new_zeros(k_shape)
+        for rows, cols, qb, kb, vb, out in ctx.blocks:
+            gq, gk, gv = torch.autograd.grad(out, (qb, kb, vb), grad_out[rows])
+            grad_q[rows] = gq
+            grad_k.index_add_(0, cols, gk)
+            grad_v.index_add_(0, cols, gv)
+        ctx.blocks = None
+        return grad_q, grad_k, grad_v, None, None, None, None
+
+
 def attend_slices(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, public: torch.Tensor,
                   pattern: AttentionPattern, rank: int, size: int, softmax_scale: float) -> torch.Tensor:
     """Each local slice attends the earlier chunks' public tokens (``public``: every rank's
-    :func:`pack_public`, [CP * 2, ...]) and its own slice.
-
-    Queries go in blocks of QUERY_BLOCK, each over its compact key set (the keys some query of
-    the block may see), as the single-rank reference does: O(c (c / D + W + P + block)) per slice.
-    """
+    :func:`pack_public`, [CP * 2, ...]) and its own slice: O(c (c / D + W + P + block)) per slice."""
     chunk_len = q.shape[0] // 2
     outputs = []
     for piece, chunk in enumerate(chunk_ids(rank, size)):
@@ -77,22 +115,13 @@ def attend_slices(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, public: tor
         for earlier in range(chunk):
             owner, owner_piece = chunk_owner(earlier, size)
             pos = public_offsets(pattern, earlier, chunk_len) + earlier * chunk_len
-            rows = torch.nonzero(may_be_seen(pattern, pos, start)).flatten().to(k.device)
-            keys.append(public[2 * owner + owner_piece, 0, rows])
-            values.append(public[2 * owner + owner_piece, 1, rows])
-            positions.append(pos[rows.cpu()])
-        keys, values = torch.cat(keys + [k[own]]), torch.cat(values + [v[own]])
+            rows = torch.nonzero(may_be_seen(pattern, pos, start)).flatten()
+            keys.append(public[2 * owner + owner_piece, 0, rows.to(k.device)])
+            values.append(public[2 * owner + owner_piece, 1, rows.to(k.device)])
+            positions.append(pos[rows])
         positions = torch.cat(positions + [torch.arange(start, start + chunk_len)])
-        for t0 in range(start, start + chunk_len, QUERY_BLOCK):
-            t1 = min(start + chunk_len, t0 + QUERY_BLOCK)
-            near = (positions >= t0) & (positions < t1)
-            cols = torch.nonzero(near | ((positions < t0) & may_be_seen(pattern, positions, t0))).flatten()
-            mask = visible(pattern, torch.arange(t0, t1), positions[cols]).to(q.device)
-            cols = cols.to(k.device)
-            rows = slice(own.start + t0 - start, own.start + t1 - start)
-            qh, kh, vh = (t.permute(1, 2, 0, 3) for t in (q[rows], keys[cols], values[cols]))
-            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=softmax_scale)
-            outputs.append(out.permute(2, 0, 1, 3))
+        outputs.append(_BlockedSliceAttention.apply(q[own], torch.cat(keys + [k[own]]), torch.cat(values + [v[own]]),
+                                                    positions, start, pattern, softmax_scale))
     return torch.cat(outputs)
 
 
