@@ -121,17 +121,6 @@ def layout_config(pattern, sizes):
                   pipeline_dtype=torch.float32)
 
 
-def build_chunks(config):
-    """This rank's model chunks (one per virtual pipeline stage), as megatron's training builds them."""
-    chunks = []
-    for stage in range(config.virtual_pipeline_model_parallel_size or 1):
-        vp = stage if config.virtual_pipeline_model_parallel_size else None
-        chunks.append(build_model(config, pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-                                  post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-                                  vp_stage=vp))
-    return chunks
-
-
 def chunk_state(chunks):
     """Sharded state dict over all chunks (megatron prefixes virtual stages 'model0', 'model1', ...)."""
     if len(chunks) == 1:
@@ -198,8 +187,9 @@ def one_step(chunks, wrapped, batches):
     zero_grads(wrapped)
     loss = torch.tensor(forward_backward(wrapped, batches, LONG_SEQ, 1))
     dist.broadcast(loss, src=dist.get_world_size() - 1)  # the last pipeline stage holds it
-    return {"loss": loss, "grads": gather_by_key(chunks, lambda p: p.grad),
-            "weights": gather_by_key(chunks, lambda p: p.data)}
+    grads = gather_by_key(chunks, lambda p: p.grad)
+    norm = torch.tensor(clip_grad_norm(wrapped, 1e-3))  # clips: the weights below step with clipped grads
+    return {"loss": loss, "grads": grads, "weights": gather_by_key(chunks, lambda p: p.data), "grad_norm": norm}
 
 
 def run_layout(name, pattern, checkpoint):
@@ -211,7 +201,7 @@ def run_layout(name, pattern, checkpoint):
     distributed.initialize(sizes["tp"], sizes["pp"], sizes["cp"], sizes["vpp"])
     config = layout_config(pattern, sizes)
     torch.manual_seed(7 + dist.get_rank())  # weights come from the checkpoint, not this init
-    chunks = build_chunks(config)
+    chunks = build_model_chunks(config)
     source = os.path.join(checkpoint, base[5:]) if base.startswith("load:") else checkpoint
     load_checkpoint(chunks, os.path.join(source, "weights"))
     wrapped = wrap_model(chunks, config)
@@ -233,7 +223,7 @@ def run_layout(name, pattern, checkpoint):
 def sgd_step(chunks):
     for chunk in chunks:
         for param in chunk.parameters():
-            param.data.add_(param.grad, alpha=-1.0)
+            param.data.add_(param.grad, alpha=-100.0)  # grads are clipped to norm 1e-3
 
 
 def run_layouts(out, patterns, names):
@@ -244,7 +234,7 @@ def run_layouts(out, patterns, names):
         ckpt = os.path.join(os.path.dirname(os.path.abspath(out)), f"checkpoints{index}")
         distributed.initialize()
         torch.manual_seed(42)
-        reference = build_chunks(layout_config(pattern, parse_layout("ref")))
+        reference = build_model_chunks(layout_config(pattern, parse_layout("ref")))
         save_checkpoint(reference, os.path.join(ckpt, "weights"))
         for name in names:
             results[(name, pattern)] = run_layout(name, pattern, ckpt)
@@ -256,8 +246,8 @@ def run_layouts(out, patterns, names):
 
 
 if __name__ == "__main__" and sys.argv[1] == "--layouts":
-    from megatron_ratplus.parallel.data_parallel import wrap_model, zero_grads  # noqa: E402
-    from megatron_ratplus.parallel.schedule import forward_backward, make_microbatch  # noqa: E402
+    from megatron_ratplus.parallel.data_parallel import clip_grad_norm, wrap_model, zero_grads  # noqa: E402
+    from megatron_ratplus.parallel.schedule import build_model_chunks, forward_backward, make_microbatch  # noqa: E402
 
     distributed.initialize()
     run_layouts(sys.argv[2], sys.argv[3].split(";"), sys.argv[4:])

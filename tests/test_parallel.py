@@ -49,6 +49,9 @@ def four_ranks_more(tmp_path_factory):
 
 def assert_same_step(got, want, what):
     torch.testing.assert_close(got["loss"], want["loss"], atol=1e-5, rtol=0, msg=f"{what}: loss")
+    full_norm = torch.stack([g.norm() for g in want["grads"].values()]).norm()
+    torch.testing.assert_close(want["grad_norm"], full_norm, atol=1e-6, rtol=1e-5, msg=f"{what}: reference norm")
+    torch.testing.assert_close(got["grad_norm"], want["grad_norm"], atol=1e-6, rtol=1e-4, msg=f"{what}: grad norm")
     assert got["grads"].keys() == want["grads"].keys(), what
     for key, grad in want["grads"].items():
         assert grad.abs().sum() > 0, f"{what}: reference gradient of {key} is zero"

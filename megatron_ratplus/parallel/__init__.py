@@ -2,7 +2,9 @@
 layout, data-parallel wrapping for CPU and GPU, and the up-front layout check.
 
 Tensor, sequence and pipeline parallelism are megatron-core's own (Column/RowParallelLinear,
-the pipeline schedules); the pieces here are what RAT+ or a CPU run adds to them.
+the pipeline schedules); the pieces here are what RAT+ or a CPU run adds to them. The training
+side (``data_parallel.wrap_model``, ``schedule.forward_backward``) builds on the model, so it
+is imported from its submodules, not from here (the mixer imports this package).
 """
 
 from megatron_ratplus.parallel.cp_attention import cp_pattern_attention

@@ -19,9 +19,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.transformer.module import MegatronModule
+from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+from megatron.core.transformer.module import MegatronModule, param_is_not_shared
 
-__all__ = ["wrap_model", "zero_grads", "CPUDataParallel"]
+__all__ = ["wrap_model", "zero_grads", "clip_grad_norm", "CPUDataParallel"]
 
 
 class CPUDataParallel(MegatronModule):
@@ -99,3 +101,20 @@ def zero_grads(wrapped: Sequence[torch.nn.Module]) -> None:
     """Clear gradients before a step (megatron's grad buffers on GPU, ``.grad`` on CPU)."""
     for chunk in wrapped:
         chunk.zero_grad_buffer()
+
+
+def clip_grad_norm(wrapped: Sequence[torch.nn.Module], max_norm: float) -> float:
+    """Clip ``.grad`` by the norm of the whole (unsharded) model's gradient; returns that norm.
+
+    For the CPU path (megatron's optimizer clips on GPU): torch's clip_grad_norm_ would count
+    only this rank's shards, and count replicated norms and the tied output weight twice. Each
+    gradient is counted once (megatron's duplicate/shared tests), summed over the model-parallel
+    group by megatron's get_grad_norm_fp32.
+    """
+    params = [p for chunk in wrapped for p in chunk.parameters() if p.grad is not None]
+    counted = [p.grad for p in params if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)]
+    norm = get_grad_norm_fp32(counted, grad_stats_parallel_group=parallel_state.get_model_parallel_group())
+    if norm > max_norm:
+        for param in params:
+            param.grad.mul_(max_norm / (norm + 1e-6))
+    return norm

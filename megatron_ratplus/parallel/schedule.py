@@ -19,9 +19,21 @@ from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_ratplus.model import build_model
 from megatron_ratplus.parallel.layout import slice_batch_for_cp
 
-__all__ = ["configure_schedules", "forward_backward", "make_microbatch"]
+__all__ = ["build_model_chunks", "configure_schedules", "forward_backward", "make_microbatch"]
+
+
+def build_model_chunks(config, backend: str = "local") -> List[torch.nn.Module]:
+    """This rank's model chunks, one per virtual pipeline stage (one without interleaving), each
+    with the embedding / output layer only where its stage is the first / last."""
+    vpp = config.virtual_pipeline_model_parallel_size
+    stages = [None] if not vpp else range(vpp)
+    return [build_model(config, backend,
+                        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+                        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+                        vp_stage=vp) for vp in stages]
 
 
 def configure_schedules(config, wrapped: Sequence[torch.nn.Module]) -> None:
