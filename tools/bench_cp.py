@@ -9,7 +9,9 @@
     local activations each way. Layer of the 1.5B model: d = 2048, 16 heads, micro-batch 1,
     bf16 activations, fp32 recurrence state.
 (b) Wall time of one RAT+ mixer layer (forward + backward) at T = 16K on CPU, CP1 vs CP2
-    (torchrun under gloo on this machine's cores).
+    (torchrun under gloo on this machine's cores), and the compute of the recurrence + attention
+    alone in one process: the whole sequence vs CP2 rank 0's share (the exchange replaced by
+    stacking both ranks' pieces), which separates per-rank work from process contention.
 
 Usage: python tools/bench_cp.py [--seq-len 16384] [--repeats 3] [--skip-timing]
 """
@@ -91,6 +93,44 @@ def time_mixer(seq_len: int, repeats: int, pattern: str) -> float:
     return min(times)  # best of N: the machine may be shared
 
 
+def time_rank_share(seq_len: int, repeats: int, pattern: str) -> dict:
+    """Best-of-N seconds of scan + attention (forward + backward), whole sequence vs CP2 rank 0's share."""
+    from megatron_ratplus.ops import gated_scan, pattern_attention
+    from megatron_ratplus.parallel.cp_attention import attend_slices, pack_public
+    from megatron_ratplus.parallel.cp_scan import compose_and_correct, scan_slices
+    from megatron_ratplus.patterns import parse_pattern
+
+    pattern, heads, dim = parse_pattern(pattern), 4, 64
+    torch.manual_seed(0)
+    x, g = torch.randn(seq_len, 1, 2, heads, dim), torch.rand(seq_len, 1, 2, heads, dim)
+    q, k, v = (torch.randn(seq_len, 1, heads, dim) for _ in range(3))
+
+    def whole():
+        leaves = [t.clone().requires_grad_() for t in (x, g, q, k, v)]
+        h, _ = gated_scan(leaves[0], leaves[1])
+        (h.sum() + pattern_attention(*leaves[2:], pattern, dim ** -0.5).sum()).backward()
+
+    def share():  # rank 0 of 2 holds chunks 0 and 3: the first and last quarters
+        quarter = seq_len // 4
+        leaves = [torch.cat([t[:quarter], t[-quarter:]]).requires_grad_() for t in (x, g, q, k, v)]
+        states, decays, summary = scan_slices(leaves[0], leaves[1])
+        h, _ = compose_and_correct(states, decays, torch.stack([summary, summary.detach()]), None, 0, 2)
+        public = pack_public(leaves[3], leaves[4], pattern, 0, 2)
+        public = torch.cat([public, public.detach()])  # rank 1's piece: same size, no work here
+        (h.sum() + attend_slices(*leaves[2:], public, pattern, 0, 2, dim ** -0.5).sum()).backward()
+
+    result = {}
+    for name, fn in (("whole sequence", whole), ("cp2 rank share", share)):
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        result[name] = min(times)
+    return result
+
+
 def launch_timing(nproc: int, seq_len: int, repeats: int, pattern: str) -> float:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            os.path.abspath(__file__), "--worker", "--seq-len", str(seq_len), "--repeats", str(repeats),
@@ -119,6 +159,9 @@ def main():
     if not args.skip_timing:
         report["mixer_seconds"] = {f"cp{n} {p}": launch_timing(n, args.seq_len, args.repeats, p)
                                    for p in (args.pattern, "dense") for n in (1, 2)}
+        torch.set_num_threads(1)  # as torchrun's workers
+        report["scan_attention_seconds"] = {p: time_rank_share(args.seq_len, args.repeats, p)
+                                            for p in (args.pattern, "dense")}
     print(json.dumps(report, indent=1))
 
 
