@@ -80,7 +80,9 @@ class _BlockedSliceAttention(torch.autograd.Function):
                 mask = visible(pattern, torch.arange(t0, t1), positions[cols]).to(q.device)
                 cols = cols.to(keys.device)
                 rows = slice(t0 - start, t1 - start)
-                qb, kb, vb = (t.requires_grad_() for t in (q[rows], keys[cols], values[cols]))
+                contiguous = int(cols[-1]) - int(cols[0]) + 1 == len(cols)  # dense: a prefix, no copy
+                span = slice(int(cols[0]), int(cols[-1]) + 1) if contiguous else cols
+                qb, kb, vb = (t.requires_grad_() for t in (q[rows], keys[span], values[span]))
                 out = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (qb, kb, vb)),
                                                      attn_mask=mask, scale=scale).permute(2, 0, 1, 3)
                 blocks.append((rows, cols, qb, kb, vb, out))
