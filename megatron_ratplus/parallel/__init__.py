@@ -9,8 +9,8 @@ is imported from its submodules, not from here (the mixer imports this package).
 
 from megatron_ratplus.parallel.cp_attention import cp_pattern_attention
 from megatron_ratplus.parallel.cp_scan import cp_gated_scan
-from megatron_ratplus.parallel.layout import context_parallel_group, global_positions, slice_batch_for_cp
+from megatron_ratplus.parallel.layout import context_parallel_group, slice_batch_for_cp
 from megatron_ratplus.parallel.validate import validate_parallel_config, virtual_pipeline_size
 
-__all__ = ["cp_gated_scan", "cp_pattern_attention", "context_parallel_group", "global_positions",
+__all__ = ["cp_gated_scan", "cp_pattern_attention", "context_parallel_group",
            "slice_batch_for_cp", "validate_parallel_config", "virtual_pipeline_size"]

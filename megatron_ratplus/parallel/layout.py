@@ -2,7 +2,7 @@
 and CP rank r holds chunks r and 2 CP - 1 - r (early and late tokens, so causal work is even).
 
 Everything that must follow *global* token order under CP (the recurrence composition, which
-keys a query may see) derives it from :func:`chunk_ids` / :func:`global_positions`.
+keys a query may see) derives it from :func:`chunk_ids` / :func:`chunk_owner`.
 """
 
 from __future__ import annotations
@@ -22,13 +22,6 @@ def chunk_ids(rank: int, size: int) -> Tuple[int, int]:
 def chunk_owner(chunk: int, size: int) -> Tuple[int, int]:
     """(CP rank, local slice 0/1) holding global chunk ``chunk``."""
     return (chunk, 0) if chunk < size else (2 * size - 1 - chunk, 1)
-
-
-def global_positions(local_len: int, rank: int, size: int, device=None) -> torch.Tensor:
-    """Global token positions of a rank's ``local_len`` tokens (its two slices back to back)."""
-    chunk = local_len // 2
-    starts = [c * chunk for c in chunk_ids(rank, size)]
-    return torch.cat([torch.arange(s, s + chunk, device=device) for s in starts])
 
 
 def slice_batch_for_cp(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
