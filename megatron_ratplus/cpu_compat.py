@@ -2,8 +2,12 @@
 
 megatron-core 0.16 hard-codes CUDA in a few places that are otherwise device-agnostic:
 ``torch.cuda.current_device()`` (RoPE, checkpoint loading), ``torch.cuda.synchronize()``
-(dist_checkpointing), and ``device="cuda"`` in tensor factories (pipeline schedules). Without
-CUDA each of these raises, so this module redirects exactly those calls to the CPU. With CUDA
+(dist_checkpointing, pipeline p2p), ``device="cuda"`` in tensor factories (pipeline schedules),
+``pin_memory=True`` plus ``Tensor.cuda()`` (RoPE slicing under context parallelism, the tied
+embedding sync across pipeline stages), and ``torch.cuda.get_rng_state()`` (the model-parallel
+RNG tracker that sequence-parallel embeddings fork; it then tracks the CPU generator's state,
+and RAT+ has no dropout to draw from it). Without CUDA each of these raises, so this module
+redirects exactly those calls to the CPU. With CUDA
 present :func:`install` does nothing, so the GPU path is never touched.
 """
 
@@ -31,6 +35,7 @@ def _cpu_device(factory):
     def wrapper(*args, **kwargs):
         if _is_cuda(kwargs.get("device")):
             kwargs["device"] = "cpu"
+        kwargs.pop("pin_memory", None)  # pinning needs an accelerator; meaningless on CPU
         return factory(*args, **kwargs)
 
     wrapper.__wrapped_by_ratplus__ = True
@@ -45,6 +50,8 @@ def install() -> bool:
     if not _installed:
         torch.cuda.current_device = lambda: torch.device("cpu")
         torch.cuda.synchronize = lambda device=None: None
+        torch.Tensor.cuda = lambda self, *args, **kwargs: self
+        torch.cuda.get_rng_state = torch.cuda.random.get_rng_state = lambda device="cuda": torch.get_rng_state()
         for name in _FACTORIES:
             setattr(torch, name, _cpu_device(getattr(torch, name)))
         _installed = True

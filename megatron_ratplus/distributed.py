@@ -12,6 +12,7 @@ import socket
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core import tensor_parallel as tensor_parallel_rng
 
 from megatron_ratplus import cpu_compat
 
@@ -23,8 +24,9 @@ def _free_port() -> int:
 
 
 def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, context_parallel: int = 1,
-               virtual_pipeline: int = None) -> None:
-    """Initialise torch.distributed (if needed) and megatron's model-parallel groups."""
+               virtual_pipeline: int = None, seed: int = 1234) -> None:
+    """Initialise torch.distributed (if needed), megatron's model-parallel groups and its
+    model-parallel RNG tracker (sequence-parallel embeddings fork it)."""
     cpu_compat.install()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -43,6 +45,7 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, context_par
         context_parallel_size=context_parallel,
         virtual_pipeline_model_parallel_size=virtual_pipeline,
     )
+    tensor_parallel_rng.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
 
 
 def shutdown() -> None:

@@ -13,6 +13,31 @@ def test_shim_redirects_cuda_calls_to_cpu():
     assert torch.empty(1, device=torch.cuda.current_device()).device.type == "cpu"
     assert torch.cuda.synchronize() is None
     assert torch.ones(2).device.type == "cpu"  # calls without a device are untouched
+    pinned = torch.tensor([1, 2], device="cpu", pin_memory=True).cuda(non_blocking=True)
+    assert pinned.device.type == "cpu" and pinned.tolist() == [1, 2]
+
+
+def test_model_parallel_rng_tracker_runs_on_cpu(megatron_single):
+    from megatron.core import tensor_parallel
+
+    cpu_compat.install()
+    tensor_parallel.model_parallel_cuda_manual_seed(5, force_reset_rng=True)
+    before = torch.get_rng_state()
+    with tensor_parallel.get_cuda_rng_tracker().fork():
+        pass
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_megatron_rope_slices_global_positions_under_cp():
+    """megatron's CP slicer of RoPE tables (pinned memory + .cuda()) runs and keeps chunks r, 2CP-1-r."""
+    from types import SimpleNamespace
+
+    from megatron.core.models.common.embeddings.rope_utils import get_pos_emb_on_this_cp_rank
+
+    cpu_compat.install()
+    table = torch.arange(16.0).view(16, 1, 1, 1)
+    local = get_pos_emb_on_this_cp_rank(table, 0, SimpleNamespace(size=lambda: 4, rank=lambda: 1))
+    assert local.flatten().tolist() == [2.0, 3.0, 12.0, 13.0]
 
 
 def test_shim_is_inert_when_cuda_is_present(monkeypatch):

@@ -25,6 +25,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_ratplus import backend
 from megatron_ratplus.config import RATPlusConfig
+from megatron_ratplus.parallel import context_parallel_group, cp_gated_scan, cp_pattern_attention
 from megatron_ratplus.patterns import AttentionPattern, PatternError, head_runs, parse_composition
 
 
@@ -52,6 +53,7 @@ class RATPlusMixer(MegatronModule):
         self.head_dim = config.kv_channels
         self.heads_local = config.num_attention_heads // tp_size
         self.tp_rank = tp_group.rank()
+        self.cp_group = context_parallel_group(pg_collection)  # None without context parallelism
         self.decode_cache = None  # set by megatron_ratplus.inference while generating
         self.set_attention_pattern(parse_composition(getattr(config, "attention_pattern", "dense"))
                                    .per_layer(config.num_layers)[layer_number - 1])
@@ -84,15 +86,26 @@ class RATPlusMixer(MegatronModule):
         self.pattern = self.head_runs[0][0] if len(self.head_runs) == 1 else None
 
     def attend(self, query, key, value):
-        """Pattern attention of [s, b, heads_local, d_h] tensors, each head group with its pattern."""
+        """Pattern attention of [s, b, heads_local, d_h] tensors, each head group with its pattern;
+        under context parallelism the ranks exchange only the keys a pattern can see."""
+        def one(q, k, v, pattern):
+            if self.cp_group is None:
+                return self.core_attention(q, k, v, pattern)
+            return cp_pattern_attention(q, k, v, pattern, self.cp_group, self.core_attention.softmax_scale)
+
         if len(self.head_runs) == 1:
-            return self.core_attention(query, key, value, self.head_runs[0][0])
-        return torch.cat([self.core_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], p)
+            return one(query, key, value, self.head_runs[0][0])
+        return torch.cat([one(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], p)
                           for p, a, b in self.head_runs], dim=2)
 
     def recur(self, k: torch.Tensor, v: torch.Tensor, gate_logits: torch.Tensor, state=None):
         """k~, v~ = gated scan of k, v under one fp32 sigmoid gate; returns (k~, v~, final state)."""
-        return backend.shared_gate_scan(k, v, gate_logits, state)
+        if self.cp_group is None:
+            return backend.shared_gate_scan(k, v, gate_logits, state)
+        gate = torch.sigmoid(gate_logits.float())
+        kv = torch.stack([k, v], dim=2)  # [s, b, 2, heads, d_h]
+        kv, last = cp_gated_scan(kv, gate.unsqueeze(2).expand_as(kv), group=self.cp_group, h0=state)
+        return kv[:, :, 0], kv[:, :, 1], last
 
     def rotate(self, query, key, rotary_pos_emb):
         """RoPE on q and k~ (after the recurrence); ``rotary_pos_emb``: freqs or a (q, k) pair."""

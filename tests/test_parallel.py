@@ -1,0 +1,96 @@
+"""Every parallel layout against the single-process run on the same weights and data (gloo, CPU).
+
+One torchrun launch per world size runs all its layouts (tests/parallel_harness.py --layouts):
+imports dominate the cost on this 2-core machine. Layout names: tpN/ppN/cpN/vppN sizes, `sp`
+sequence parallel, `dp2` pure data parallel; the world size fills the rest with data parallel.
+Sequence 96 tokens: CP2 slices are 24 and CP4 slices 12 tokens, neither a multiple of D = 16.
+Tolerance: fp32 everywhere; loss atol 1e-5, gradients atol 1e-6 + rtol 1e-4 (reduction order
+differs between layouts, nothing else may).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PATTERNS = ("dense", "dilated:16,w=8,p=2")
+JOINT = "dilated:64"  # joint training: the sparse half, then dense on the same batch
+TWO = ("tp2", "tp2sp", "pp2", "pp2vpp2", "cp2", "dp2")
+FOUR = ("cp4", "tp2cp2", "pp2cp2")
+FOUR_MORE = ("tp2cp2sp", "dp2cp2")  # combinations of the above, in a second (slow) launch
+
+
+def launch(nproc, out, patterns, layouts):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           os.path.join(HERE, "parallel_harness.py"), "--layouts", str(out), ";".join(patterns), *layouts]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    layouts = ("ref", "ref+joint", "cp2+joint", "tp2+save", "load:tp2") + TWO
+    return launch(2, tmp_path_factory.mktemp("two") / "out.pt", PATTERNS + (JOINT,), layouts)
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    return launch(4, tmp_path_factory.mktemp("four") / "out.pt", PATTERNS, ("ref",) + FOUR)
+
+
+@pytest.fixture(scope="module")
+def four_ranks_more(tmp_path_factory):
+    return launch(4, tmp_path_factory.mktemp("four_more") / "out.pt", PATTERNS, ("ref",) + FOUR_MORE)
+
+
+def assert_same_step(got, want, what):
+    torch.testing.assert_close(got["loss"], want["loss"], atol=1e-5, rtol=0, msg=f"{what}: loss")
+    full_norm = torch.stack([g.norm() for g in want["grads"].values()]).norm()
+    torch.testing.assert_close(want["grad_norm"], full_norm, atol=1e-6, rtol=1e-5, msg=f"{what}: reference norm")
+    torch.testing.assert_close(got["grad_norm"], want["grad_norm"], atol=1e-6, rtol=1e-4, msg=f"{what}: grad norm")
+    assert got["grads"].keys() == want["grads"].keys(), what
+    for key, grad in want["grads"].items():
+        assert grad.abs().sum() > 0, f"{what}: reference gradient of {key} is zero"
+        torch.testing.assert_close(got["grads"][key], grad, atol=1e-6, rtol=1e-4, msg=f"{what}: grad {key}")
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("layout", TWO)
+def test_two_rank_layout_matches_single_process(two_ranks, layout, pattern):
+    got, want = two_ranks[(layout, pattern)], two_ranks[("ref", pattern)]
+    for key, weight in want["weights"].items():  # every layout starts from the same weights
+        torch.testing.assert_close(got["weights"][key], weight, atol=0, rtol=0)
+    assert_same_step(got, want, f"{layout} {pattern}")
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("layout", FOUR)
+def test_four_rank_layout_matches_single_process(four_ranks, layout, pattern):
+    assert_same_step(four_ranks[(layout, pattern)], four_ranks[("ref", pattern)], f"{layout} {pattern}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("layout", FOUR_MORE)
+def test_more_four_rank_layouts_match_single_process(four_ranks_more, layout, pattern):
+    assert_same_step(four_ranks_more[(layout, pattern)], four_ranks_more[("ref", pattern)], f"{layout} {pattern}")
+
+
+def test_joint_training_step_under_cp2_matches_single_process(two_ranks):
+    got, want = two_ranks[("cp2+joint", JOINT)], two_ranks[("ref+joint", JOINT)]
+    assert_same_step(got["sparse"], want["sparse"], "cp2 joint, dilated:64 half")
+    assert_same_step(got["dense"], want["dense"], "cp2 joint, dense half")
+    assert abs(want["sparse"]["loss"] - want["dense"]["loss"]) > 1e-4  # the halves really differ
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_resume_tp2_checkpoint_at_tp1(two_ranks, pattern):
+    saved, resumed, ref = two_ranks[("tp2+save", pattern)], two_ranks[("load:tp2", pattern)], two_ranks[("ref", pattern)]
+    for key, weight in saved["saved"].items():
+        torch.testing.assert_close(resumed["weights"][key], weight, atol=0, rtol=0, msg=key)
+        assert not torch.equal(weight, ref["weights"][key]), f"{key}: the saved step changed nothing"
+    assert abs(resumed["loss"] - ref["loss"]) > 1e-4  # it resumed the updated weights, not the shared ones
