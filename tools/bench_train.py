@@ -21,6 +21,7 @@ from megatron_ratplus.data.corpus import embedded_splits
 from megatron_ratplus.data.datasets import TokenWindows, collate
 from megatron_ratplus.data.tokenizer import ByteTokenizer
 from megatron_ratplus.model import build_model
+from megatron_ratplus.parallel.data_parallel import wrap_model
 from megatron_ratplus.training.arguments import parse_args
 from megatron_ratplus.training.optimizer import build_optimizer
 from megatron_ratplus.training.steps import train_step
@@ -30,16 +31,16 @@ def time_steps(recurrence: bool, patterns, args, batches) -> float:
     """Median seconds of one iteration made of a train_step per pattern."""
     torch.manual_seed(0)
     config = preset(args.preset, recurrence=recurrence, seq_length=args.seq_length, vocab_size=384)
-    model = build_model(config)
+    model = wrap_model([build_model(config)], config)
     opt_args = parse_args(["--micro-batch-size", str(args.micro_batch_size),
                            "--global-batch-size", str(args.global_batch_size)])
     opt_args.lr = 1e-3
-    optimizer = build_optimizer([model], opt_args)
+    optimizer = build_optimizer(model, opt_args)
     times = []
     for i in range(args.repeats + 2):
         start = time.perf_counter()
         for pattern in patterns:
-            train_step([model], optimizer, batches[i % len(batches)], args.seq_length, pattern)
+            train_step(model, optimizer, batches[i % len(batches)], args.seq_length, pattern)
         if i >= 2:  # warm-up
             times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]

@@ -67,7 +67,7 @@ def _loss(loss_mask: torch.Tensor, output: torch.Tensor):
     return local_sum / stats[1].clamp(min=1), {"lm loss": reported}
 
 
-def _forward_step(data_iterator, model):
+def forward_step(data_iterator, model):
     batch = slice_batch_for_cp(next(data_iterator))
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(_loss, batch["loss_mask"])
@@ -82,7 +82,7 @@ def forward_backward(model: Sequence[torch.nn.Module], microbatches: List[Dict],
     configure_schedules(model[0].config, model)
     iterators: Iterable = [iter(microbatches) for _ in model] if len(model) > 1 else iter(microbatches)
     losses = get_forward_backward_func()(
-        forward_step_func=_forward_step, data_iterator=iterators, model=model if len(model) > 1 else model[0],
+        forward_step_func=forward_step, data_iterator=iterators, model=model if len(model) > 1 else model[0],
         num_microbatches=len(microbatches), seq_length=seq_length, micro_batch_size=micro_batch_size,
         forward_only=forward_only)
     if not losses:

@@ -20,13 +20,15 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_ratplus import checkpoint, distributed
-from megatron_ratplus.config import preset
+from megatron_ratplus.config import PRESETS, preset
 from megatron_ratplus.data.datasets import SampleOrder, build_datasets, collate
 from megatron_ratplus.data.tokenizer import build_tokenizer, padded_vocab_size
-from megatron_ratplus.model import build_model
+from megatron_ratplus.parallel import validate_parallel_config, virtual_pipeline_size
+from megatron_ratplus.parallel.data_parallel import wrap_model
+from megatron_ratplus.parallel.schedule import build_model_chunks
 from megatron_ratplus.training.arguments import MODEL_FLAGS, UsageError
 from megatron_ratplus.training.metrics import Metrics
-from megatron_ratplus.training.optimizer import build_optimizer, build_scheduler, wrap_model
+from megatron_ratplus.training.optimizer import build_optimizer, build_scheduler
 from megatron_ratplus.training.steps import evaluate, train_step
 
 DEFAULT_LR, DEFAULT_WARMUP, DEFAULT_ITERS = 3e-3, 0.05, 300
@@ -34,6 +36,19 @@ DEFAULT_LR, DEFAULT_WARMUP, DEFAULT_ITERS = 3e-3, 0.05, 300
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. repeated non-finite losses); the last checkpoint is intact."""
+
+
+def parallel_layout(args: Namespace, num_layers: int, num_heads: int, seq_length: int):
+    """Check the parallel layout before any process group exists; returns the virtual stages per rank."""
+    try:
+        vpp = virtual_pipeline_size(num_layers, args.pipeline_model_parallel_size,
+                                    args.num_layers_per_virtual_pipeline_stage)
+        validate_parallel_config(int(os.environ.get("WORLD_SIZE", "1")), args.tensor_model_parallel_size,
+                                 args.pipeline_model_parallel_size, args.context_parallel_size, vpp, num_layers,
+                                 num_heads, seq_length, sequence_parallel=args.sequence_parallel)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return vpp
 
 
 def model_config(args: Namespace, tokenizer, loaded_meta):
@@ -50,10 +65,12 @@ def model_config(args: Namespace, tokenizer, loaded_meta):
     if loaded_meta and shape.get("vocab_size") != vocab:
         raise UsageError(f"--load {args.load} has vocabulary {shape.get('vocab_size')}, this tokenizer needs {vocab}")
     shape["vocab_size"] = vocab
-    return preset(args.preset, **shape, bf16=args.bf16,
-                  params_dtype=torch.float32,
+    full = {**PRESETS[args.preset], **shape}
+    vpp = parallel_layout(args, full["num_layers"], full["num_attention_heads"], full["seq_length"])
+    return preset(args.preset, **shape, bf16=args.bf16, params_dtype=torch.float32, pipeline_dtype=torch.float32,
                   tensor_model_parallel_size=args.tensor_model_parallel_size,
                   pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+                  virtual_pipeline_model_parallel_size=vpp,
                   context_parallel_size=args.context_parallel_size,
                   sequence_parallel=args.sequence_parallel,
                   attention_pattern=args.adapt_pattern or args.attention_pattern)
@@ -97,9 +114,6 @@ def _check_save_dir(args: Namespace) -> None:
 
 def pretrain(args: Namespace) -> str:
     """Train as ``args`` say; returns the final checkpoint directory."""
-    distributed.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                           args.context_parallel_size)
-    torch.manual_seed(args.seed)
     auto_resume = args.load and os.path.abspath(args.load) == os.path.abspath(args.save)
     if auto_resume and not (os.path.isdir(args.load) and checkpoint.latest_checkpoint(args.load)):
         args.load = None  # --load SAVE --save SAVE on a first run (SLURM requeue style): start fresh
@@ -107,6 +121,9 @@ def pretrain(args: Namespace) -> str:
     _check_save_dir(args)
     tokenizer = build_tokenizer(args.tokenizer_file or (loaded_meta["tokenizer"] if loaded_meta else "byte"))
     config = model_config(args, tokenizer, loaded_meta)
+    distributed.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                           args.context_parallel_size, config.virtual_pipeline_model_parallel_size, seed=args.seed)
+    torch.manual_seed(args.seed)
     args.seq_length = config.seq_length
     train_iters = resolve_schedule(args, loaded_meta)
 
@@ -119,7 +136,7 @@ def pretrain(args: Namespace) -> str:
     valid_micro = valid_batches.microbatches(0, min(eval_samples, len(valid_data)) // (
         args.micro_batch_size * valid_batches.dp_size) * args.micro_batch_size * valid_batches.dp_size)
 
-    model_chunks = wrap_model([build_model(config)], args)
+    model_chunks = wrap_model(build_model_chunks(config), config, args.use_distributed_optimizer)
     optimizer = build_optimizer(model_chunks, args)
     scheduler = build_scheduler(optimizer, args, train_iters)
     start_iter, consumed, skipped = 0, 0, 0

@@ -13,15 +13,13 @@ from __future__ import annotations
 from typing import List
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.optimizer import (
     get_param_id_to_sharded_param_map,
     optim_state_to_sharding_state,
 )
-from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.transformer.module import param_is_not_shared
+
+from megatron_ratplus.parallel.data_parallel import clip_grad_norm, zero_grads
 
 
 def _param_groups(model_chunks, weight_decay: float):
@@ -36,7 +34,8 @@ def _param_groups(model_chunks, weight_decay: float):
 
 
 class TorchOptimizer:
-    """AdamW with megatron-style gradient clipping and data-parallel gradient averaging (CPU path)."""
+    """AdamW with megatron-style gradient clipping (CPU path); gradients arrive already reduced
+    over data/context-parallel ranks (megatron_ratplus.parallel.data_parallel)."""
 
     def __init__(self, model_chunks: List[torch.nn.Module], lr: float, weight_decay: float,
                  betas, eps: float, clip_grad: float):
@@ -50,33 +49,13 @@ class TorchOptimizer:
         return self.optimizer.param_groups
 
     def zero_grad(self) -> None:
-        for param in self.params:
-            param.grad = None
-
-    def _average_data_parallel_grads(self) -> None:
-        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-        if dist.get_world_size(group) == 1:
-            return
-        for param in self.params:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            dist.all_reduce(param.grad, group=group)
-            param.grad.div_(dist.get_world_size(group))
-
-    def grad_norm(self) -> float:
-        """Global L2 norm: tensor-parallel shards summed, duplicates and tied copies counted once."""
-        grads = [p.grad for p in self.params if p.grad is not None and param_is_not_shared(p)
-                 and tensor_parallel.param_is_not_tensor_parallel_duplicate(p)]
-        return float(get_grad_norm_fp32(grads, 2, parallel_state.get_model_parallel_group()))
+        zero_grads(self.model_chunks)
 
     def step(self):
         """Clip, then update; returns (updated, grad_norm). A non-finite norm skips the update."""
-        self._average_data_parallel_grads()
-        norm = self.grad_norm()
+        norm = float(clip_grad_norm(self.model_chunks, self.clip_grad if self.clip_grad > 0 else float("inf")))
         if not torch.isfinite(torch.tensor(norm)):
             return False, norm
-        if self.clip_grad > 0 and norm > self.clip_grad:
-            torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], self.clip_grad / (norm + 1e-6))
         self.optimizer.step()
         return True, norm
 
@@ -107,26 +86,8 @@ class TorchOptimizer:
         self.optimizer.load_state_dict(state)
 
 
-def wrap_model(model_chunks, args):
-    """megatron-core DDP around each chunk on GPU (gradient buffers, overlapped reduction);
-    unchanged on CPU, where TorchOptimizer averages data-parallel gradients itself."""
-    if not torch.cuda.is_available():
-        return model_chunks
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.transformer.module import Float16Module
-
-    if args.bf16:  # bf16 compute; the optimizer keeps fp32 master weights
-        model_chunks = [Float16Module(chunk.config, chunk) for chunk in model_chunks]
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer)
-    wrapped = [DistributedDataParallel(chunk.config, ddp_config, chunk) for chunk in model_chunks]
-    for chunk in wrapped:
-        chunk.config.finalize_model_grads_func = finalize_model_grads
-    return wrapped
-
-
 def build_optimizer(model_chunks, args):
-    """megatron-core's optimizer on GPU (chunks from wrap_model), TorchOptimizer on CPU."""
+    """megatron-core's optimizer on GPU, TorchOptimizer on CPU (chunks from data_parallel.wrap_model)."""
     if torch.cuda.is_available():
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -152,8 +113,7 @@ class MegatronOptimizerAdapter:
         return self.optimizer.param_groups
 
     def zero_grad(self) -> None:
-        for chunk in self.model_chunks:
-            chunk.zero_grad_buffer()
+        zero_grads(self.model_chunks)
         self.optimizer.zero_grad()
 
     def step(self):
