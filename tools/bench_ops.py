@@ -101,8 +101,10 @@ def main():
     parser.add_argument("--seq-len", type=int, default=8192, help="attention sequence length")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
-
+    # memory first: a child's max RSS starts at its parent's RSS (kept across exec), so the
+    # parent must still be small when the measuring processes start
+    memory = {n: peak_memory_mb(n, args.seq_len) for n in
+              ("scan_ref_bwd", "scan_loop_bwd", "attn_dilated_bwd", "attn_dense_bwd")}
     bandwidth = copy_bandwidth()
     elems = 4096 * 1024
     floors = {"fwd": 3 * elems * 4 / bandwidth, "bwd": 9 * elems * 4 / bandwidth}
@@ -119,8 +121,6 @@ def main():
         results[f"attention_{phase}"] = dict(dilated16_ms=sparse * 1e3, dense_sdpa_ms=dense * 1e3)
         rows.append((f"dilated:16 vs dense SDPA {'fwd' if phase == 'fwd' else 'fwd+bwd'} T={args.seq_len}",
                      sparse, dense, f"speed-up {dense / sparse:.1f}x"))
-    memory = {n: peak_memory_mb(n, args.seq_len) for n in
-              ("scan_ref_bwd", "scan_loop_bwd", "attn_dilated_bwd", "attn_dense_bwd")}
     results["peak_extra_memory_MB"] = memory
 
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, {torch.get_num_threads()} threads")
