@@ -280,3 +280,18 @@ def test_joint_training_under_context_parallel_matches_single_process(tmp_path):
         # AdamW normalises each gradient: where a gradient is ~0, rounding noise can flip the
         # update's sign, so single elements may differ by up to 2 steps of the LR (3e-3)
         assert diff.max() <= 2 * 3e-3 and (diff > 1e-5).float().mean() < 1e-3, name
+
+
+def test_eval_bad_inputs_are_one_line(tmp_path, capsys):
+    from megatron_ratplus.cli import eval as eval_cli
+
+    ck = str(tmp_path / "ck")
+    pretrain(MICRO + ["--train-iters", "1", "--save", ck])
+    for argv, needle in ((["--load", str(tmp_path / "nothing")], "checkpoint not found"),
+                         (["--load", ck, "--patterns", "dense,dilated:0"], "dilation D must be"),
+                         (["--load", ck, "--table", str(tmp_path / "t.txt")], "must end in .csv or .json"),
+                         (["--load", ck, "--bogus"], "unrecognized arguments")):
+        capsys.readouterr()
+        assert eval_cli.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("ratplus-eval: error:") and needle in err[0], err

@@ -52,9 +52,7 @@ def evaluate(argv) -> dict:
         raise EvalUsageError("--eval-samples must be >= 1")
     try:
         suite.check_arguments(args)
-    except PatternError:
-        raise
-    except ValueError as err:
+    except ValueError as err:  # bad output paths, budgets or patterns
         raise EvalUsageError(str(err)) from None
     train_args = read_meta(args.load)["args"]
     model, config, tokenizer = load_model(args.load)
