@@ -190,7 +190,7 @@ def pretrain(args: Namespace) -> str:
             suffix = f"_{name}" if name else ""
             scalars[f"train/loss{suffix}"] = r["loss"]
             scalars[f"train/grad_norm{suffix}"] = r["grad_norm"]
-        metrics.log(iteration, scalars, tokens)
+        metrics.log(iteration, scalars)
         metrics.advance()
         if args.eval_interval and iteration % args.eval_interval == 0 and iteration != train_iters:
             validate(iteration)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from typing import Dict, Optional
 
 import torch.distributed as dist
@@ -28,16 +27,11 @@ class Metrics:
 
             self.bar = tqdm(total=total_iters, initial=start_iter, unit="it", file=sys.stderr,
                             dynamic_ncols=True, desc="pretrain")
-        self.start = time.time()
-        self.tokens = 0
-        self.last: Dict[str, float] = {}
 
-    def log(self, iteration: int, scalars: Dict[str, float], tokens: int = 0) -> None:
+    def log(self, iteration: int, scalars: Dict[str, float]) -> None:
         """Record one iteration's scalars (losses, lr, grad norm, tokens/s...)."""
         if not self.enabled:
             return
-        self.tokens += tokens
-        self.last.update(scalars)
         if self.writer is not None:
             for name, value in scalars.items():
                 self.writer.add_scalar(name, value, iteration)
