@@ -105,7 +105,7 @@ class BatchSource:
 
 
 def _check_save_dir(args: Namespace) -> None:
-    existing = checkpoint.latest_checkpoint(args.save) if os.path.isdir(args.save) else None
+    existing = checkpoint.latest_checkpoint(args.save)  # None for a missing directory
     resuming = args.load and not args.adapt_pattern and os.path.abspath(args.load) == os.path.abspath(args.save)
     if existing and not resuming:
         raise UsageError(f"--save {args.save} already holds a checkpoint; refusing to overwrite it "
@@ -115,7 +115,7 @@ def _check_save_dir(args: Namespace) -> None:
 def pretrain(args: Namespace) -> str:
     """Train as ``args`` say; returns the final checkpoint directory."""
     auto_resume = args.load and os.path.abspath(args.load) == os.path.abspath(args.save)
-    if auto_resume and not (os.path.isdir(args.load) and checkpoint.latest_checkpoint(args.load)):
+    if auto_resume and not checkpoint.latest_checkpoint(args.load):
         args.load = None  # --load SAVE --save SAVE on a first run (SLURM requeue style): start fresh
     loaded_meta = checkpoint.read_meta(args.load) if args.load else None
     _check_save_dir(args)
