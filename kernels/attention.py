@@ -28,19 +28,12 @@ import triton.language as tl
 
 from megatron_ratplus.patterns import parse_pattern
 
-LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _rule(tt, jj, D, W, P):
-    """The DESIGN §1 rule on broadcast query positions ``tt`` and key positions ``jj``."""
-    return (jj <= tt) & (((jj + 1) % D == 0) | (tt - jj <= W) | (jj < P))
-
+from ._common import LOG2E, visible_rule
 
 @triton.jit
 def _visible(t, j, D, W, P):
     """[M, N] visibility of key positions j [N] to query positions t [M]."""
-    return _rule(t[:, None], j[None, :], D, W, P)
+    return visible_rule(t[:, None], j[None, :], D, W, P)
 
 
 @triton.jit
@@ -99,7 +92,7 @@ def _dkv_tile(dk, dv, k, v, pos, mask_keys, q_ptr, do_ptr, lse_ptr, delta_ptr, t
     delta = tl.load(delta_ptr + t, mask=t_ok, other=0.0)
     lo = tl.maximum(t0 - W, 0)
     if NEAR:
-        mask = _rule(t[None, :], pos[:, None], D, W, P) & (pos >= lo)[:, None]
+        mask = visible_rule(t[None, :], pos[:, None], D, W, P) & (pos >= lo)[:, None]
     else:
         mask = (pos < lo)[:, None] & (pos[:, None] <= t[None, :])
     mask = mask & mask_keys[:, None] & t_ok[None, :]

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import LOG2E
+from ._common import LOG2E
 
 MIN_SPLIT = 256  # slots per split below which splitting costs more than it gains
 

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from megatron_ratplus.ops.topk import _pool_blocks
 from megatron_ratplus.patterns import AttentionPattern
-from .attention import LOG2E
+from ._common import LOG2E
 
 SELECT_CHUNK = 4096  # queries scored at once: bounds the [chunk, blocks] score matrix
 
