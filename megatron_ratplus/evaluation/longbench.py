@@ -16,6 +16,7 @@ The English tasks' templates, generation budgets and metrics follow LongBench's 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -154,9 +155,10 @@ def bucket_label(length: int, bounds: Sequence[int]) -> str:
 
 def longbench_table(model, tasks: Sequence[str], directory: str, patterns: Sequence, tokenizer=None,
                     limit: Optional[int] = None, buckets: Sequence[int] = (4000, 8000), batch_size: int = 4,
-                    max_length: Optional[int] = None) -> List[dict]:
+                    max_length: Optional[int] = None, max_new_tokens: Optional[int] = None) -> List[dict]:
     """Rows {pattern, task, metric, length, samples, score} per task, pattern and length bucket
-    (``length`` "all" for the whole task)."""
+    (``length`` "all" for the whole task). ``max_new_tokens`` overrides every task's budget
+    (quick runs; the scores are then not LongBench's)."""
     tokenizer = tokenizer or ByteTokenizer()
     max_length = max_length or model.config.seq_length
     specs = [task_spec(t) for t in tasks]
@@ -164,6 +166,8 @@ def longbench_table(model, tasks: Sequence[str], directory: str, patterns: Seque
     model.eval()
     rows = []
     for spec in specs:
+        if max_new_tokens:
+            spec = dataclasses.replace(spec, max_new_tokens=max_new_tokens)
         room = max_length - spec.max_new_tokens
         if room < 2:
             raise ContextLengthError(f"LongBench task {spec.name} generates up to {spec.max_new_tokens} tokens, "
