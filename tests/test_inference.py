@@ -44,6 +44,7 @@ def test_step_decode_equals_full_forward(model, pattern):
     _check_step_decode(model, pattern, _full_logits)
 
 
+@pytest.mark.slow  # the interpreter runs every kernel of prefill and 23 steps
 def test_step_decode_with_the_triton_kernels_equals_the_reference_forward(model, monkeypatch):
     """The same with RATPLUS_KERNELS=triton (the kernels in Triton's interpreter: the scan, the
     pattern attention in prefill, the decode kernel in every step) against the reference forward."""
