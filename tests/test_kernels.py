@@ -224,7 +224,8 @@ def decode_inputs(dtype, slots, full, seed):
 
 @pytest.mark.parametrize("pattern", ["dense", "dilated:4,w=3,p=2", "dilated:7", "local:w=5,p=1", "local:w=0"])
 @pytest.mark.parametrize("full, splits, dtype", [(True, None, torch.float32), (False, None, torch.float32),
-                                                 (True, 3, torch.float32), (False, 4, torch.bfloat16)])
+                                                 (True, 3, torch.float32), (False, 4, torch.bfloat16),
+                                                 (True, 2, torch.bfloat16)])
 def test_decode_matches_reference(pattern, full, splits, dtype):
     slots = 150
     q, k_cache, v_cache, slot_pos, query_pos = decode_inputs(dtype, slots, full, seed=slots + len(pattern))
