@@ -75,11 +75,14 @@ def pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
     return reference_attention(q, k, v, pattern, softmax_scale)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
-                     softmax_scale: Optional[float] = None) -> torch.Tensor:
-    """``megatron_ratplus.ops.decode.decode_attention`` contract, dispatched."""
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_positions: torch.Tensor,
+                     query_positions: torch.Tensor, pattern, softmax_scale: Optional[float] = None) -> torch.Tensor:
+    """``megatron_ratplus.ops.decode.decode_attention`` contract, dispatched (the kernel takes the
+    pattern as D, W, P; without dilation D = 2^31 - 1 exceeds every position + 1, so no slot is a state)."""
+    pattern = parse_pattern(pattern)
     if use_kernels(q.device):
         from ratplus_kernels.decode import decode_attention as kernel
 
-        return kernel(q, k_cache, v_cache, lengths, softmax_scale)
-    return reference_decode(q, k_cache, v_cache, lengths, softmax_scale)
+        return kernel(q, k_cache, v_cache, slot_positions, query_positions, pattern.dilation or 2 ** 31 - 1,
+                      pattern.window, pattern.sinks, softmax_scale)
+    return reference_decode(q, k_cache, v_cache, slot_positions, query_positions, pattern, softmax_scale)

@@ -119,6 +119,7 @@ def correctness(torch, device, dtype, s: Sizes):
     from megatron_ratplus.ops import gated_scan as ref_scan
     from megatron_ratplus.ops import pattern_attention as ref_attention
     from megatron_ratplus.ops.decode import decode_attention as ref_decode
+    from megatron_ratplus.patterns import parse_pattern
     from ratplus_kernels.attention import pattern_attention
     from ratplus_kernels.decode import decode_attention
     from ratplus_kernels.scan import gated_scan, gated_scan_kv
@@ -158,12 +159,16 @@ def correctness(torch, device, dtype, s: Sizes):
         compare(f"attention {pattern} T={seq_len}", lambda q, k, v: pattern_attention(q, k, v, pattern),
                 lambda q, k, v: ref_attention(q, k, v, pattern), qkv)
 
-    batch, capacity = s.decode_check
+    batch, capacity = s.decode_check  # ragged query positions; a quarter of the slots empty or duplicate (-1)
     q = torch.randn(batch, s.heads, s.head_dim, device=device).to(dtype)
     caches = [torch.randn(batch, s.heads, capacity, s.head_dim, device=device).to(dtype) for _ in range(2)]
-    lengths = torch.randint(1, capacity + 1, (batch,), device=device)
-    compare(f"decode S={capacity}", lambda *a: decode_attention(*a, lengths),
-            lambda *a: ref_decode(*a, lengths), [q, *caches])
+    query_pos = torch.randint(capacity, 4 * capacity, (batch,), device=device)
+    slot_pos = torch.stack([torch.randperm(int(t) + 1, device=device)[:capacity] for t in query_pos])
+    slot_pos[torch.rand(batch, capacity, device=device) < 0.25] = -1
+    decode_pattern = parse_pattern("dilated:16,w=64,p=4")
+    numbers = (decode_pattern.dilation, decode_pattern.window, decode_pattern.sinks)
+    compare(f"decode {decode_pattern} S={capacity}", lambda *a: decode_attention(*a, slot_pos, query_pos, *numbers),
+            lambda *a: ref_decode(*a, slot_pos, query_pos, decode_pattern), [q, *caches])
     return errors
 
 
@@ -239,10 +244,17 @@ def decode(torch, device, dtype, s: Sizes, timer: Timer, rows, results):
     context, batch = s.decode_context, s.decode_batch
     q = torch.randn(batch, s.heads, s.head_dim, device=device).to(dtype)
     measured = {}
+    t = context - 1  # the query's position; dense: the full layout, dilated:16: [ring of 1 | chunk ends]
+    query_pos = torch.full((batch,), t, device=device, dtype=torch.int32)
     for name, slots in (("dense", context), ("dilated:16", parse_pattern("dilated:16").cache_slots(context))):
         caches = [torch.randn(batch, s.heads, slots, s.head_dim, device=device).to(dtype) for _ in range(2)]
-        lengths = torch.full((batch,), slots, device=device, dtype=torch.int32)
-        measured[name] = timer(lambda: decode_attention(q, *caches, lengths))
+        if name == "dense":
+            slot_pos, numbers = torch.arange(slots, device=device), (1, 0, 0)
+        else:
+            ring = torch.tensor([-1 if (t + 1) % 16 == 0 else t], device=device)  # a chunk end counts in its state slot
+            slot_pos, numbers = torch.cat([ring, torch.arange(1, slots, device=device) * 16 - 1]), (16, 0, 0)
+        slot_pos = slot_pos.to(torch.int32).expand(batch, slots).contiguous()
+        measured[name] = timer(lambda: decode_attention(q, *caches, slot_pos, query_pos, *numbers))
         rows.append((f"decode b={batch} context={context} {name} ({slots} slots)", f"{measured[name] * 1e3:.1f} us",
                      "our kernel"))
         if name == "dense":

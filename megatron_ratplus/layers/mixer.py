@@ -54,7 +54,6 @@ class RATPlusMixer(MegatronModule):
         self.heads_local = config.num_attention_heads // tp_size
         self.tp_rank = tp_group.rank()
         self.cp_group = context_parallel_group(pg_collection)  # None without context parallelism
-        self.decode_cache = None  # set by megatron_ratplus.inference while generating
         self.set_attention_pattern(parse_composition(getattr(config, "attention_pattern", "dense"))
                                    .per_layer(config.num_layers)[layer_number - 1])
 
@@ -115,6 +114,41 @@ class RATPlusMixer(MegatronModule):
         return (apply_rotary_pos_emb(query, q_freqs, config=self.config),
                 apply_rotary_pos_emb(key, k_freqs, config=self.config))
 
+    def prefill(self, query, key, value, gate_logits, rotary_pos_emb, cache, lengths):
+        """The full-sequence path over right-padded prompts of ``lengths`` tokens ([s, b, heads, d_h]),
+        filling ``cache`` on the side; returns the attention output [s, b, heads, d_h].
+
+        ``rotary_pos_emb``: megatron's RoPE table for the cache's positions (GPTModel builds it
+        for ``inference_context.max_sequence_length``). The scan runs in fp32 so that the state
+        each sequence's decode steps continue from (its last prompt token's k~, v~) is the fp32
+        state the training scan carries.
+        """
+        seq, batch = query.shape[:2]
+        if self.recurrence:
+            k32, v32, _ = self.recur(key.float(), value.float(), gate_logits)
+            rows = torch.arange(batch, device=query.device)
+            cache.state = torch.stack([k32[lengths - 1, rows], v32[lengths - 1, rows]], dim=1)  # [b, 2, heads, d_h]
+            key, value = k32.to(key.dtype), v32.to(value.dtype)
+        positions = torch.arange(seq, device=query.device).unsqueeze(1)  # [s, 1]: the same for every sequence
+        query, key = self.rotate(query, key, _rope_at(rotary_pos_emb, positions))
+        cache.fill(key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3), lengths)
+        return self.attend(query, key, value)
+
+    def decode_step(self, query, key, value, gate_logits, rotary_pos_emb, cache, positions):
+        """One token per sequence: q, k, v, gate logits [b, heads, d_h] at ``positions`` [b] (ragged)
+        -> attention output [b, heads, d_h].
+
+        The scan advances the cache's fp32 state [b, 2, heads, d_h] by one token, q and k~ are
+        rotated at each sequence's own position, and the cache writes k~, v~ to their slots and
+        attends q over the slots the pattern lets it see.
+        """
+        if self.recurrence:
+            k32, v32, cache.state = backend.shared_gate_scan(key.float()[None], value.float()[None], gate_logits[None],
+                                                             cache.state)
+            key, value = k32[0].to(key.dtype), v32[0].to(value.dtype)
+        query, key = self.rotate(query[None], key[None], _rope_at(rotary_pos_emb, positions[None]))
+        return cache.attend(query[0], key[0], value, positions, self.core_attention.softmax_scale)
+
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, inference_context=None,
                 rotary_pos_emb: Optional[torch.Tensor] = None, **unused):
         mixed, _ = self.linear_in(hidden_states)
@@ -122,8 +156,14 @@ class RATPlusMixer(MegatronModule):
         mixed = mixed.view(seq, batch, self.heads_local, self.parts, self.head_dim)
         out_gate, query, key, value = mixed.unbind(3)[:4]
         gate_logits = mixed[:, :, :, 4] if self.recurrence else None
-        if self.decode_cache is not None:  # prefill or one decode step (megatron_ratplus.inference)
-            attended = self.decode_cache.mix(self, query, key, value, gate_logits, rotary_pos_emb)
+        if inference_context is not None:  # generation: this layer's decode cache (docs/DESIGN.md §5)
+            cache = inference_context.key_value_memory_dict[self.layer_number]
+            if inference_context.is_decode_only():
+                attended = self.decode_step(query[0], key[0], value[0], None if gate_logits is None else gate_logits[0],
+                                            rotary_pos_emb, cache, inference_context.sequence_lengths - 1)[None]
+            else:
+                attended = self.prefill(query, key, value, gate_logits, rotary_pos_emb, cache,
+                                        inference_context.sequence_lengths)
         else:
             if self.recurrence:
                 key, value, _ = self.recur(key, value, gate_logits)
@@ -131,6 +171,16 @@ class RATPlusMixer(MegatronModule):
             attended = self.attend(query, key, value)
         gated = torch.sigmoid(out_gate) * attended
         return self.linear_out(gated.reshape(seq, batch, -1))
+
+
+def _rope_at(rotary_pos_emb, positions: torch.Tensor):
+    """Rows of megatron's RoPE table [T, 1, 1, d_h] (or of a (q, k) pair) for a [s, b] grid of
+    positions -> [s, b, 1, d_h], which broadcasts over the heads of [s, b, heads, d_h]."""
+    if rotary_pos_emb is None:
+        return None
+    if isinstance(rotary_pos_emb, tuple):
+        return tuple(_rope_at(freqs, positions) for freqs in rotary_pos_emb)
+    return rotary_pos_emb[positions].squeeze(2)
 
 
 def set_attention_pattern(model: torch.nn.Module, pattern: Union[str, AttentionPattern, list]) -> None:
