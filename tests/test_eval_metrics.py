@@ -4,7 +4,7 @@ import pytest
 
 from megatron_ratplus.evaluation.errors import UnknownMetricError
 from megatron_ratplus.evaluation.metrics import (check_metric, classification_accuracy, count_accuracy,
-                                                 edit_similarity, normalize_answer, qa_f1, retrieval_accuracy,
+                                                 edit_similarity, normalize_answer, paragraph_accuracy, qa_f1,
                                                  rouge_l, score, string_match_all, string_match_part)
 
 
@@ -37,8 +37,8 @@ def test_classification_count_and_retrieval_scores():
     assert classification_accuracy("Numeric value", "Numeric value", all_classes=["Numeric", "Numeric value"]) == 1.0
     assert count_accuracy("I count 7, not 8, surely 7", "7") == pytest.approx(2 / 3)
     assert count_accuracy("none", "7") == 0.0
-    assert retrieval_accuracy("Paragraph 12", "Paragraph 12") == 1.0
-    assert retrieval_accuracy("Paragraph 3 or 12", "Paragraph 12") == 0.5
+    assert paragraph_accuracy("Paragraph 12", "Paragraph 12") == 1.0
+    assert paragraph_accuracy("Paragraph 3 or 12", "Paragraph 12") == 0.5
 
 
 def test_edit_similarity_uses_the_first_code_line():

@@ -71,7 +71,7 @@ def count_accuracy(prediction: str, reference: str, **_) -> float:
     return sum(n == str(reference) for n in numbers) / len(numbers) if numbers else 0.0
 
 
-def retrieval_accuracy(prediction: str, reference: str, **_) -> float:
+def paragraph_accuracy(prediction: str, reference: str, **_) -> float:
     """passage_retrieval: the share of the numbers in the prediction equal to the reference's
     paragraph number ("Paragraph 12")."""
     target = re.findall(r"Paragraph (\d+)", reference)
@@ -105,7 +105,7 @@ def string_match_part(prediction: str, references: Sequence[str], **_) -> float:
 
 PER_REFERENCE: Dict[str, Callable] = {
     "qa_f1": qa_f1, "rouge_l": rouge_l, "classification": classification_accuracy,
-    "count": count_accuracy, "retrieval": retrieval_accuracy, "edit_similarity": edit_similarity,
+    "count": count_accuracy, "retrieval": paragraph_accuracy, "edit_similarity": edit_similarity,
 }
 ALL_REFERENCES: Dict[str, Callable] = {"string_match_all": string_match_all, "string_match_part": string_match_part}
 METRICS = tuple(PER_REFERENCE) + tuple(ALL_REFERENCES)

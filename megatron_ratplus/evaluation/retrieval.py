@@ -35,11 +35,6 @@ WORDS = tuple("".join(s) for s in itertools.product(
     ("ba", "de", "fi", "go", "ku", "la", "me", "ni", "po", "ru", "sa", "te", "vi", "zo"), repeat=3))
 
 
-def byte_encode(text: str) -> List[int]:
-    """Byte-level token ids (the project's default tokenizer: id = byte value)."""
-    return ByteTokenizer().encode(text)
-
-
 @dataclass
 class RetrievalSample:
     task: str

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
-from megatron.core import tensor_parallel
 
 from megatron_ratplus.evaluation.errors import ContextLengthError
 from megatron_ratplus.inference import DecodeSession
@@ -61,7 +60,7 @@ def continuation_logprobs(model, requests: Sequence[Tuple[Sequence[int], Sequenc
     for batch in longest_first([len(s) for s in inputs], batch_size):
         tokens = _right_padded([inputs[i] for i in batch], device)
         positions = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
-        logits = tensor_parallel.gather_from_tensor_model_parallel_region(model(tokens, positions, None))
+        logits = model(tokens, positions, None, runtime_gather_output=True)  # whole vocabulary under TP
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         for row, i in enumerate(batch):
             target = torch.as_tensor(list(requests[i][1]), dtype=torch.long, device=device)

@@ -13,7 +13,7 @@ import sys
 
 from megatron_ratplus.evaluation.perplexity import perplexity_table
 from megatron_ratplus.evaluation.report import format_table, plot_perplexity_vs_dilation, write_table
-from megatron_ratplus.evaluation.retrieval import TASKS, byte_encode, retrieval_table
+from megatron_ratplus.evaluation.retrieval import TASKS, retrieval_table
 from megatron_ratplus.evaluation.search import DEFAULT_CANDIDATES, search_patterns
 from megatron_ratplus.patterns import split_pattern_list
 
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--table", help="write the perplexity table to this .csv or .json file")
     group.add_argument("--plot", help="write perplexity against D (with and without a window) to this .png")
     group.add_argument("--retrieval", nargs="*", choices=TASKS, default=None,
-                       help="run synthetic retrieval (passkey, multikey; default both) per pattern")
+                       help="run RULER-style synthetic tasks per pattern (default all: " + ", ".join(TASKS) + ")")
     group.add_argument("--retrieval-lengths", type=_int_list, default=[256, 512, 1024],
                        help="context lengths for retrieval (default 256,512,1024)")
     group.add_argument("--retrieval-samples", type=int, default=8, help="samples per task and length")
@@ -59,7 +59,7 @@ def check_arguments(args) -> None:
     split_pattern_list(args.search_candidates)
 
 
-def run(model, tokens, args, encode=byte_encode, out=None) -> dict:
+def run(model, tokens, args, tokenizer=None, out=None) -> dict:
     """Everything the flags ask for; returns {"perplexity": rows, "retrieval": rows, "search": result}."""
     out = out or sys.stdout
     check_arguments(args)
@@ -72,7 +72,7 @@ def run(model, tokens, args, encode=byte_encode, out=None) -> dict:
         plot_perplexity_vs_dilation(results["perplexity"], args.plot)
     if args.retrieval is not None:
         results["retrieval"] = retrieval_table(model, patterns, args.retrieval_lengths, args.retrieval or TASKS,
-                                               args.retrieval_samples, encode=encode)
+                                               args.retrieval_samples, tokenizer=tokenizer)
         print(format_table(results["retrieval"]), file=out)
         if args.retrieval_table:
             write_table(results["retrieval"], args.retrieval_table)
