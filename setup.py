@@ -27,13 +27,14 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         "dali": ["nvidia-dali-cuda120>=1.40"],
-        "eval": ["lm-eval>=0.4", "matplotlib>=3.7", "tokenizers>=0.15"],
-        "dev": ["pytest>=8.0", "pytest-timeout>=2.2", "matplotlib>=3.7", "tokenizers>=0.15"],
+        "eval": ["lm-eval>=0.4,<0.5", "matplotlib>=3.7", "tokenizers>=0.15"],
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.2", "matplotlib>=3.7", "tokenizers>=0.15", "lm-eval>=0.4,<0.5"],
     },
     entry_points={"console_scripts": [
         "ratplus-pretrain=megatron_ratplus.cli.pretrain:main",
         "ratplus-eval=megatron_ratplus.cli.eval:main",
         "ratplus-convert=megatron_ratplus.cli.convert:main",
         "ratplus-generate=megatron_ratplus.cli.generate:main",
+        "ratplus-lm-eval=megatron_ratplus.cli.lm_eval_cli:main",
     ]},
 )

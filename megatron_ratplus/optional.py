@@ -1,4 +1,4 @@
-"""Guarded imports of the optional GPU stack (Transformer Engine, apex, DALI).
+"""Guarded imports of the optional GPU stack (Transformer Engine, apex, DALI) and lm-eval.
 
 None of them is needed on CPU. Each check returns the module or None, and :func:`require`
 turns a missing one into a single line that says what is missing and how to get it.
@@ -14,6 +14,7 @@ HOW_TO_GET = {
     "apex": "use an NGC PyTorch container or build NVIDIA apex from source "
             "(github.com/NVIDIA/apex); the PyPI package named 'apex' is unrelated",
     "nvidia.dali": "pip install 'megatron-ratplus[dali]' (needs CUDA 12)",
+    "lm_eval": "pip install 'megatron-ratplus[eval]' (lm-evaluation-harness 0.4)",
 }
 
 

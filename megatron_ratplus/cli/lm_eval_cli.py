@@ -1,0 +1,35 @@
+"""ratplus-lm-eval: lm-evaluation-harness's own command line with the ``ratplus`` model registered.
+
+    ratplus-lm-eval --model ratplus --model_args load=CKPT,pattern=dilated:16,w=256,p=4 \\
+        --tasks piqa,hellaswag --batch_size 16
+    torchrun --nproc-per-node 2 -m megatron_ratplus.cli.lm_eval_cli --model ratplus --model_args load=CKPT ...
+
+lm-eval 0.4 looks models up in its own registry only (no plugin entry points), so plain
+``lm_eval --model ratplus`` cannot find an outside model; this wrapper imports the adapter
+(which registers it) and hands every argument to lm-eval unchanged. Under torchrun the model
+is split tensor-parallel over the ranks; results are written by local rank 0.
+"""
+
+import sys
+
+from megatron_ratplus.cli import run_cli
+from megatron_ratplus.errors import UserError
+from megatron_ratplus.optional import MissingDependency, require
+
+
+def _run(argv) -> None:
+    require("lm_eval", "ratplus-lm-eval")
+    import megatron_ratplus.evaluation.lm_eval_model  # noqa: F401  (registers "ratplus")
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["ratplus-lm-eval"] + list(argv)
+    cli_evaluate()
+
+
+def main(argv=None) -> int:
+    return run_cli("ratplus-lm-eval", lambda: _run(sys.argv[1:] if argv is None else argv),
+                   (UserError, MissingDependency))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
