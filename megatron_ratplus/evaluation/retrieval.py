@@ -83,9 +83,7 @@ def _variable_tracking(rng: random.Random, hops: int = 4):
     names = ["".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)) for _ in range(hops + 1)]
     value = str(rng.randrange(10000, 100000))
     needles = [f"VAR {names[0]} = {value}. "] + [f"VAR {b} = VAR {a}. " for a, b in zip(names, names[1:])]
-    question = (f"\nQuestion: Find all variables that are assigned the value {value} in the text above. Answer: "
-                f"According to the chain of variable assignments in the text above, {hops + 1} variables are "
-                f"assigned the value {value}, they are:")
+    question = f"\nQuestion: Which variables are assigned the value {value}? Answer: They are:"
     return needles, question, names
 
 
