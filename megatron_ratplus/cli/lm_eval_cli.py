@@ -1,7 +1,7 @@
 """ratplus-lm-eval: lm-evaluation-harness's own command line with the ``ratplus`` model registered.
 
     ratplus-lm-eval --model ratplus --model_args load=CKPT,pattern=dilated:16,w=256,p=4 \\
-        --tasks piqa,hellaswag --batch_size 16
+        --tasks piqa,hellaswag --batch_size 16   (lm-eval's own flag; its default is 1)
     torchrun --nproc-per-node 2 -m megatron_ratplus.cli.lm_eval_cli --model ratplus --model_args load=CKPT ...
 
 lm-eval 0.4 looks models up in its own registry only (no plugin entry points), so plain
@@ -12,9 +12,11 @@ is split tensor-parallel over the ranks; results are written by local rank 0.
 
 import sys
 
+from megatron_ratplus.checkpoint import CheckpointError
 from megatron_ratplus.cli import run_cli
 from megatron_ratplus.errors import UserError
 from megatron_ratplus.optional import MissingDependency, require
+from megatron_ratplus.patterns import PatternError
 
 
 def _run(argv) -> None:
@@ -28,7 +30,7 @@ def _run(argv) -> None:
 
 def main(argv=None) -> int:
     return run_cli("ratplus-lm-eval", lambda: _run(sys.argv[1:] if argv is None else argv),
-                   (UserError, MissingDependency))
+                   (UserError, MissingDependency, CheckpointError, PatternError))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from typing import List, Optional
 
+import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -70,8 +71,8 @@ class RatPlusLM(TemplateLM):
         if model is None:
             model, tokenizer = _load(str(load))
         self.model, self.tokenizer = model.eval(), tokenizer
-        if device:
-            self.model.to(device)
+        if device and (torch.device(device).type != "cuda" or torch.cuda.is_available()):
+            self.model.to(device)  # lm-eval's CLI asks for "cuda" by default; without CUDA stay put, as its HF model does
         self.pattern = pattern_from_args(pattern, pattern_options)
         set_attention_pattern(self.model, self.pattern)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # "auto" -> the default
