@@ -22,7 +22,8 @@ def _results(tmp_path, name, shift):
         rows += from_lm_eval(lm, pattern)
         rows += from_ruler([dict(pattern=pattern, task="niah_single", context_length=n, accuracy=a - 0.1 * i)
                             for n, a in ((128, 1.0), (256, 0.8))])
-        rows.append(dict(suite="longbench", task="hotpotqa", metric="qa_f1", pattern=pattern, value=0.2, length="<4000"))
+        rows.append(dict(suite="longbench", task="hotpotqa", metric="qa_f1", pattern=pattern, value=0.2,
+                         length="<4000"))
         rows.append(dict(suite="longbench", task="hotpotqa", metric="qa_f1", pattern=pattern, value=0.2))
     path = tmp_path / f"{name}.json"
     write_results(str(path), name, rows)

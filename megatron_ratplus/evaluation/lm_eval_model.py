@@ -71,8 +71,9 @@ class RatPlusLM(TemplateLM):
         if model is None:
             model, tokenizer = _load(str(load))
         self.model, self.tokenizer = model.eval(), tokenizer
+        # lm-eval's CLI asks for "cuda" by default; without CUDA stay put, as its HF model does
         if device and (torch.device(device).type != "cuda" or torch.cuda.is_available()):
-            self.model.to(device)  # lm-eval's CLI asks for "cuda" by default; without CUDA stay put, as its HF model does
+            self.model.to(device)
         self.pattern = pattern_from_args(pattern, pattern_options)
         set_attention_pattern(self.model, self.pattern)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # "auto" -> the default

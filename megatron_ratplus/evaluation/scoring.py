@@ -10,7 +10,7 @@ pattern generates with its small cache (docs/DESIGN.md §5).
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 
