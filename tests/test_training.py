@@ -13,7 +13,7 @@ import torch
 from conftest import repo_env
 from megatron_ratplus import checkpoint
 from megatron_ratplus.cli import pretrain as pretrain_cli
-from megatron_ratplus.parallel import schedule
+from megatron_ratplus.training import schedule
 from megatron_ratplus.training import loop
 from megatron_ratplus.training import pretrain
 

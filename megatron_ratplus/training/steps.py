@@ -1,6 +1,6 @@
 """One optimizer step and one validation pass at an attention pattern.
 
-megatron_ratplus.parallel.schedule runs the micro-batches through megatron-core's schedules
+megatron_ratplus.training.schedule runs the micro-batches through megatron-core's schedules
 (pipelined when PP > 1, context-parallel slicing, gradients reduced); this module adds what
 RAT+ training needs around it: the step's pattern and non-finite-loss detection that every
 rank agrees on.
@@ -15,7 +15,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_ratplus.layers.mixer import set_attention_pattern
-from megatron_ratplus.parallel import schedule
+from megatron_ratplus.training import schedule
 
 
 def _run(model_chunks, microbatches: List[dict], seq_length: int, forward_only: bool) -> float:
