@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import repo_env
+from conftest import repo_env, torchrun
 from megatron_ratplus import checkpoint
 from megatron_ratplus.cli import pretrain as pretrain_cli
 from megatron_ratplus.training import schedule
@@ -136,6 +136,7 @@ def test_single_nan_step_is_skipped_and_repeated_nans_stop(tmp_path, monkeypatch
     checkpoint.load_model(str(save_dir))  # still loadable
 
 
+@pytest.mark.integration
 def test_cli_end_to_end_validation_loss_falls(tmp_path):
     save = tmp_path / "run"
     cmd = [sys.executable, "-m", "megatron_ratplus.cli.pretrain", "--num-layers", "2", "--hidden-size", "64",
@@ -178,6 +179,7 @@ def write_indexed(prefix, docs, dtype=np.uint16):
     builder.finalize(prefix + ".idx")
 
 
+@pytest.mark.integration
 def test_indexed_data_and_preprocess_tool(tmp_path, recorded_steps):
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": f"document {i} " + "abc " * 40}) for i in range(60)))
@@ -256,6 +258,7 @@ def test_bad_parallel_layouts_fail_before_training(tmp_path, capsys, monkeypatch
     assert not (tmp_path / "ck").exists()
 
 
+@pytest.mark.integration
 def test_joint_training_under_context_parallel_matches_single_process(tmp_path):
     """One joint iteration (dilated:64 step, dense step) at CP=2 through ratplus-pretrain equals CP=1."""
     flags = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "96",
@@ -264,9 +267,8 @@ def test_joint_training_under_context_parallel_matches_single_process(tmp_path):
     runs, summaries = {}, {}
     for cp in (1, 2):
         save = tmp_path / f"cp{cp}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(cp),
-               "-m", "megatron_ratplus.cli.pretrain", *flags, "--context-parallel-size", str(cp), "--save", str(save)]
-        result = subprocess.run(cmd, env=repo_env(), capture_output=True, text=True, timeout=240)
+        result = torchrun(cp, "-m", "megatron_ratplus.cli.pretrain", *flags, "--context-parallel-size", cp,
+                          "--save", save, timeout=240)
         assert result.returncode == 0, result.stderr[-3000:]
         runs[cp] = checkpoint.load_model(str(save))[0].state_dict()
         summary = [l for l in result.stdout.splitlines() if l.startswith("done:")][-1]
