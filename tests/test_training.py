@@ -297,3 +297,22 @@ def test_eval_bad_inputs_are_one_line(tmp_path, capsys):
         assert eval_cli.main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("ratplus-eval: error:") and needle in err[0], err
+
+
+def test_training_config_is_built_once_with_derived_values(tmp_path):
+    import dataclasses
+
+    from megatron_ratplus.training.arguments import parse_flags
+    from megatron_ratplus.training.config import TrainingConfig
+
+    save = str(tmp_path / "ck")
+    config = TrainingConfig.from_flags(parse_flags(MICRO[:-2] + ["--train-tokens", "1000", "--save", save,
+                                                                 "--load", save]))
+    assert config.train_iters == 1000 // (4 * 32) and config.load is None  # --load SAVE on a first run: fresh
+    assert config.lr == pytest.approx(3e-3) and config.lr_warmup_fraction == pytest.approx(0.05)
+    assert config.ffn_hidden_size == 4 * 32 and config.vocab_size == 384  # the byte vocabulary, padded
+    assert config.tensorboard_dir == os.path.join(save, "tensorboard")
+    assert config.step_patterns == (("sparse", "dilated:64"), ("dense", "dense"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lr = 1.0
+    assert json.loads(json.dumps(config.as_record()))["lr"] == config.lr

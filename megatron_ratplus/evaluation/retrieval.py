@@ -15,7 +15,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from megatron_ratplus.data.tokenizer import ByteTokenizer
-from megatron_ratplus.model import set_attention_pattern
+from megatron_ratplus.model import evaluating
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 KEY_NAMES = ("apple", "river", "falcon", "copper", "meadow", "violet", "harbor", "cinder", "quartz", "willow")
@@ -74,12 +74,8 @@ def make_samples(task: str, length: int, count: int, seed: int = 0, encode: Call
 @torch.no_grad()
 def retrieval_accuracy(model, samples: Sequence[RetrievalSample], pattern=None, batch_size: int = 4) -> float:
     """Fraction of samples whose whole answer greedy decoding reproduces."""
-    if pattern is not None:
-        set_attention_pattern(model, pattern)
-    was_training = model.training
-    model.eval()
     solved = 0
-    try:
+    with evaluating(model, pattern):
         for start in range(0, len(samples), batch_size):
             chunk = samples[start:start + batch_size]
             width = max(len(s.context) + len(s.answer) - 1 for s in chunk)
@@ -92,8 +88,6 @@ def retrieval_accuracy(model, samples: Sequence[RetrievalSample], pattern=None, 
                 first = len(s.context) - 1
                 predicted = logits[i, first:first + len(s.answer)].argmax(-1)
                 solved += bool(torch.equal(predicted, torch.tensor(s.answer)))
-    finally:
-        model.train(was_training)
     return solved / len(samples)
 
 

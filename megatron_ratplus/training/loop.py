@@ -4,7 +4,8 @@ Each iteration takes one global batch. With joint training (the default) the sam
 go through a sparse step (--sparse-pattern, dilated:64) and then a dense step, each with its own
 forward, backward, clip and optimizer update; the LR scheduler steps once per iteration.
 Resolution adaptation (--adapt-pattern) loads only the model weights of a pretrained checkpoint
-and trains at that one pattern with a fresh optimizer and schedule.
+and trains at that one pattern with a fresh optimizer and schedule. The loop only reads its
+TrainingConfig (training/config.py), where every default and derived value is settled.
 """
 
 from __future__ import annotations
