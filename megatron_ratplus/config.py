@@ -94,8 +94,7 @@ def preset_settings(name: str, **overrides) -> dict:
     unless it is given too, and what the preset leaves out is RATPlusConfig's default."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset '{name}' (choose from {', '.join(PRESETS)})")
-    defaults = {key: RATPlusConfig.__dataclass_fields__[key].default for key in SHAPE_KEYS
-                if key not in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size")}
+    defaults = {f.name: f.default for f in fields(RATPlusConfig) if f.name in SHAPE_KEYS}
     values = {**defaults, **PRESETS[name], **overrides}
     if "ffn_hidden_size" not in overrides and "hidden_size" in overrides:
         values["ffn_hidden_size"] = 4 * values["hidden_size"]

@@ -45,14 +45,14 @@ def convert(args) -> str:
     tokenizer = build_tokenizer(args.tokenizer_file or "byte")
     if tokenizer.vocab_size > vocab:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the checkpoint only {vocab} "
-                                f"embeddings (pass the model's --tokenizer-file)")
+                        f"embeddings (pass the model's --tokenizer-file)")
     heads = args.num_attention_heads or max(1, hidden // 128)
     padded = padded_vocab_size(vocab)
     weights = to_megatron(state, heads, padded)
     distributed.initialize()
     config = model_config(num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                    ffn_hidden_size=state["backbone.layers.0.hidden_layer.fc1.weight"].shape[0],
-                    seq_length=args.seq_length, vocab_size=padded, recurrence=recurrence)
+                          ffn_hidden_size=state["backbone.layers.0.hidden_layer.fc1.weight"].shape[0],
+                          seq_length=args.seq_length, vocab_size=padded, recurrence=recurrence)
     model = build_model(config)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
