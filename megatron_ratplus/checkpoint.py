@@ -23,11 +23,14 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from megatron_ratplus.config import SHAPE_KEYS
+from megatron_ratplus.errors import UserError
+
 META_FILE = "ratplus.json"
 LATEST = "latest"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint path that cannot be used; the message is one line for the user."""
 
 
@@ -145,13 +148,9 @@ def load(path: str, model_chunks, optimizer=None) -> dict:
     return state
 
 
-MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length",
-              "vocab_size", "recurrence")
-
-
 def model_meta(config) -> dict:
     """The model-shape fields a checkpoint records (enough to rebuild the model)."""
-    return {key: getattr(config, key) for key in MODEL_KEYS}
+    return {key: getattr(config, key) for key in SHAPE_KEYS}
 
 
 def load_model(path: str, pattern=None, **config_overrides):
@@ -163,14 +162,14 @@ def load_model(path: str, pattern=None, **config_overrides):
     from megatron.core import parallel_state
 
     from megatron_ratplus import distributed
-    from megatron_ratplus.config import preset
+    from megatron_ratplus.config import model_config
     from megatron_ratplus.data.tokenizer import build_tokenizer
     from megatron_ratplus.model import build_model, set_attention_pattern
 
     meta = read_meta(path)
     if not parallel_state.model_parallel_is_initialized():
         distributed.initialize()
-    config = preset("tiny", **{**meta["model"], **config_overrides})
+    config = model_config(**{**meta["model"], **config_overrides})
     model = build_model(config)
     load(meta["path"], [model])
     model.eval()

@@ -6,6 +6,7 @@ must already be initialised (see megatron_ratplus.distributed) when build_model 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 from megatron.core.models.gpt import GPTModel
@@ -14,7 +15,7 @@ from megatron_ratplus.config import RATPlusConfig
 from megatron_ratplus.layers.mixer import set_attention_pattern
 from megatron_ratplus.layers.specs import get_ratplus_block_spec
 
-__all__ = ["build_model", "set_attention_pattern", "count_parameters"]
+__all__ = ["build_model", "set_attention_pattern", "evaluating", "count_parameters"]
 
 
 def build_model(config: RATPlusConfig, backend: str = "local", pre_process: bool = True,
@@ -32,6 +33,23 @@ def build_model(config: RATPlusConfig, backend: str = "local", pre_process: bool
         rotary_base=config.rotary_base,
         vp_stage=vp_stage,
     )
+
+
+@contextlib.contextmanager
+def evaluating(model_chunks, pattern=None):
+    """The model (or its pipeline chunks) in eval mode, at ``pattern`` when one is given, inside
+    the block; each chunk's train/eval mode is restored after it (the pattern stays)."""
+    chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    modes = [chunk.training for chunk in chunks]
+    for chunk in chunks:
+        if pattern is not None:
+            set_attention_pattern(chunk, pattern)
+        chunk.eval()
+    try:
+        yield
+    finally:
+        for chunk, mode in zip(chunks, modes):
+            chunk.train(mode)
 
 
 def count_parameters(config: RATPlusConfig) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Optional
 
+from megatron_ratplus.errors import UserError
+
 HOW_TO_GET = {
     "transformer_engine": "pip install 'megatron-ratplus[gpu]' (Transformer Engine needs an NVIDIA GPU and CUDA)",
     "apex": "use an NGC PyTorch container or build NVIDIA apex from source "
@@ -17,7 +19,7 @@ HOW_TO_GET = {
 }
 
 
-class MissingDependency(ImportError):
+class MissingDependency(UserError):
     """An optional GPU dependency is not installed."""
 
 

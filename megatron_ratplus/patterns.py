@@ -44,8 +44,10 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
+from megatron_ratplus.errors import UserError
 
-class PatternError(ValueError):
+
+class PatternError(UserError):
     """A pattern string or value is invalid; the message names the bad part."""
 
 

@@ -6,28 +6,24 @@ ragged (T not a multiple of the tile or of D, D > T, W = 0, P = 0, P > T); the i
 slow, so the longer cases carry @pytest.mark.slow.
 """
 
-import os
+import contextlib
+import logging
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (by ratplus_kernels below)
+import numpy as np
+import pytest
+import torch
+import triton.language as tl
+from triton.runtime import interpreter
 
-import contextlib  # noqa: E402
-import logging  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.runtime import interpreter  # noqa: E402
-
-from megatron_ratplus import backend  # noqa: E402
-from megatron_ratplus.ops import gated_scan as reference_scan  # noqa: E402
-from megatron_ratplus.ops import pattern_attention as reference_attention  # noqa: E402
-from megatron_ratplus.ops.decode import decode_attention as reference_decode  # noqa: E402
-from megatron_ratplus.patterns import parse_pattern  # noqa: E402
-from ratplus_kernels import attention as attention_kernels  # noqa: E402
-from ratplus_kernels.attention import dilated_attention, pattern_attention  # noqa: E402
-from ratplus_kernels.decode import decode_attention  # noqa: E402
-from ratplus_kernels.scan import gated_scan, gated_scan_kv  # noqa: E402
+from megatron_ratplus import backend
+from megatron_ratplus.ops import gated_scan as reference_scan
+from megatron_ratplus.ops import pattern_attention as reference_attention
+from megatron_ratplus.ops.decode import decode_attention as reference_decode
+from megatron_ratplus.patterns import parse_pattern
+from ratplus_kernels import attention as attention_kernels
+from ratplus_kernels.attention import dilated_attention, pattern_attention
+from ratplus_kernels.decode import decode_attention
+from ratplus_kernels.scan import gated_scan, gated_scan_kv
 
 TINY_BLOCKS = ((16, 16, 1), (16, 16, 1))
 

@@ -1,15 +1,11 @@
 """The RAT+ mixer gives the same output and gradients through the kernels as through the reference ops."""
 
-import os
+import pytest
+import torch
+from test_mixer import make_mixer
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (the backend imports the kernels lazily)
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from test_mixer import make_mixer  # noqa: E402
-
-from megatron_ratplus import backend  # noqa: E402
-from ratplus_kernels import attention, scan  # noqa: E402
+from megatron_ratplus import backend
+from ratplus_kernels import attention, scan
 
 pytestmark = pytest.mark.usefixtures("megatron_single")
 

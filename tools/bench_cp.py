@@ -64,7 +64,7 @@ def time_mixer(seq_len: int, repeats: int, pattern: str) -> float:
     from megatron_ratplus import distributed
     from megatron_ratplus.config import preset
     from megatron_ratplus.layers.specs import get_ratplus_layer_local_spec
-    from megatron_ratplus.parallel import slice_batch_for_cp
+    from megatron_ratplus.training.schedule import slice_batch_for_cp
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.transformer.spec_utils import build_module
 

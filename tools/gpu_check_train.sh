@@ -12,5 +12,5 @@ common=(--preset tiny --micro-batch-size 4 --global-batch-size 8 --eval-iters 2 
 python3 -m megatron_ratplus.cli.pretrain "${common[@]}" --train-iters 2
 python3 -m megatron_ratplus.cli.pretrain "${common[@]}" --train-iters 4 --load "$out/ck"
 test "$(cat "$out/ck/latest")" = iter_0000004
-python3 -m megatron_ratplus.cli.eval --load "$out/ck" --eval-iters 2 --patterns dense,dilated:16
+python3 -m megatron_ratplus.cli.eval --load "$out/ck" --eval-samples 2 --patterns dense,dilated:16
 echo "gpu_check_train: OK (2 iterations, checkpoint, resume to 4, eval)"

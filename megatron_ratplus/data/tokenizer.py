@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 from typing import List
 
+from megatron_ratplus.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """Bad data or tokenizer input; the message is one line meant for the user."""
 
 

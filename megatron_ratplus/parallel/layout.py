@@ -7,11 +7,9 @@ keys a query may see) derives it from :func:`chunk_ids` / :func:`chunk_owner`.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Tuple
 
-import torch
 from megatron.core import parallel_state
-from megatron.core.utils import get_batch_on_this_cp_rank
 
 
 def chunk_ids(rank: int, size: int) -> Tuple[int, int]:
@@ -22,14 +20,6 @@ def chunk_ids(rank: int, size: int) -> Tuple[int, int]:
 def chunk_owner(chunk: int, size: int) -> Tuple[int, int]:
     """(CP rank, local slice 0/1) holding global chunk ``chunk``."""
     return (chunk, 0) if chunk < size else (2 * size - 1 - chunk, 1)
-
-
-def slice_batch_for_cp(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """This CP rank's two slices of every [b, s, ...] tensor in ``batch`` (megatron's own slicer).
-
-    ``position_ids`` are sliced too, so they keep the global positions. A no-op without CP.
-    """
-    return get_batch_on_this_cp_rank(dict(batch))
 
 
 def context_parallel_group(pg_collection=None):
