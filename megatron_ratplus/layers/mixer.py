@@ -15,10 +15,11 @@ tools/convert_checkpoint.py permutes from the authors' [o; q; k; v; g] block lay
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional, Union
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -55,6 +56,10 @@ class RATPlusMixer(MegatronModule):
         self.tp_rank = tp_group.rank()
         self.cp_group = context_parallel_group(pg_collection)  # None without context parallelism
         self.decode_cache = None  # set by megatron_ratplus.inference while generating
+        # Selective recomputation (megatron's "core_attn" module): rerun scan + RoPE + attention
+        # in the backward instead of keeping k~, v~ and the attention inputs.
+        self.recompute_core = (config.recompute_granularity == "selective"
+                               and "core_attn" in (config.recompute_modules or ()))
         self.set_attention_pattern(parse_composition(getattr(config, "attention_pattern", "dense"))
                                    .per_layer(config.num_layers)[layer_number - 1])
 
@@ -115,6 +120,13 @@ class RATPlusMixer(MegatronModule):
         return (apply_rotary_pos_emb(query, q_freqs, config=self.config),
                 apply_rotary_pos_emb(key, k_freqs, config=self.config))
 
+    def core(self, query, key, value, gate_logits, rotary_pos_emb=None):
+        """Recurrence, RoPE, pattern attention: [s, b, heads_local, d_h] each -> attended values."""
+        if self.recurrence:
+            key, value, _ = self.recur(key, value, gate_logits)
+        query, key = self.rotate(query, key, rotary_pos_emb)
+        return self.attend(query, key, value)
+
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, inference_context=None,
                 rotary_pos_emb: Optional[torch.Tensor] = None, **unused):
         mixed, _ = self.linear_in(hidden_states)
@@ -124,11 +136,11 @@ class RATPlusMixer(MegatronModule):
         gate_logits = mixed[:, :, :, 4] if self.recurrence else None
         if self.decode_cache is not None:  # prefill or one decode step (megatron_ratplus.inference)
             attended = self.decode_cache.mix(self, query, key, value, gate_logits, rotary_pos_emb)
+        elif self.recompute_core and self.training and torch.is_grad_enabled():
+            core = partial(self.core, rotary_pos_emb=rotary_pos_emb)  # the RoPE table is not an input
+            attended = tensor_parallel.checkpoint(core, False, query, key, value, gate_logits)
         else:
-            if self.recurrence:
-                key, value, _ = self.recur(key, value, gate_logits)
-            query, key = self.rotate(query, key, rotary_pos_emb)
-            attended = self.attend(query, key, value)
+            attended = self.core(query, key, value, gate_logits, rotary_pos_emb)
         gated = torch.sigmoid(out_gate) * attended
         return self.linear_out(gated.reshape(seq, batch, -1))
 
