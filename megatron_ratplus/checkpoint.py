@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_ratplus.config import SHAPE_KEYS
 from megatron_ratplus.errors import UserError
@@ -134,15 +136,23 @@ def load(path: str, model_chunks, optimizer=None) -> dict:
     if optimizer is not None:
         optimizer.init_state()
     template = sharded_training_state(model_chunks, optimizer)
-    try:
-        state = dist_checkpointing.load(template, ckpt)
+    try:  # megatron calls keys this model asks for and the checkpoint lacks "unexpected"
+        state, _, absent = dist_checkpointing.load(template, ckpt, strict=StrictHandling.RETURN_UNEXPECTED)
+    except CheckpointException as err:  # torch's, a BaseException: its last line holds the reason
+        raise CheckpointError(f"cannot load {ckpt}: {str(err).strip().splitlines()[-1].strip()}") from None
     except Exception as err:  # dist_checkpointing reports shape/key mismatches as many error types
         raise CheckpointError(f"cannot load {ckpt}: {str(err).splitlines()[0]}") from None
-    if len(model_chunks) == 1:
-        model_chunks[0].load_state_dict(state.pop("model"))
-    else:
-        for i, chunk in enumerate(model_chunks):
-            chunk.load_state_dict(state.pop(f"model{i}"))
+    # Saved with the other --transformer-impl, a checkpoint may lack only Transformer Engine's
+    # FP8 metadata (``_extra_state``), which then starts fresh (docs/DESIGN.md §7).
+    absent = sorted(key for key in absent if not key.endswith("._extra_state"))
+    if absent:
+        raise CheckpointError(f"cannot load {ckpt}: it has no {absent[0]} ({len(absent)} keys missing)")
+    names = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
+    for name, chunk in zip(names, model_chunks):
+        result = chunk.load_state_dict(state.pop(name), strict=False)
+        wrong = [k for k in result.missing_keys if not k.endswith("._extra_state")] + result.unexpected_keys
+        if wrong:
+            raise CheckpointError(f"cannot load {ckpt}: {wrong[0]} does not match this model")
     if optimizer is not None:
         optimizer.load_state_dict(state.pop("optimizer"))
     return state

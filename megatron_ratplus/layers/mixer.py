@@ -15,10 +15,11 @@ tools/convert_checkpoint.py permutes from the authors' [o; q; k; v; g] block lay
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional, Union
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -54,6 +55,10 @@ class RATPlusMixer(MegatronModule):
         self.heads_local = config.num_attention_heads // tp_size
         self.tp_rank = tp_group.rank()
         self.cp_group = context_parallel_group(pg_collection)  # None without context parallelism
+        # Selective recomputation (megatron's "core_attn" module): rerun scan + RoPE + attention
+        # in the backward instead of keeping k~, v~ and the attention inputs.
+        self.recompute_core = (config.recompute_granularity == "selective"
+                               and "core_attn" in (config.recompute_modules or ()))
         self.set_attention_pattern(parse_composition(getattr(config, "attention_pattern", "dense"))
                                    .per_layer(config.num_layers)[layer_number - 1])
 
@@ -149,6 +154,13 @@ class RATPlusMixer(MegatronModule):
         query, key = self.rotate(query[None], key[None], _rope_at(rotary_pos_emb, positions[None]))
         return cache.attend(query[0], key[0], value, positions, self.core_attention.softmax_scale)
 
+    def core(self, query, key, value, gate_logits, rotary_pos_emb=None):
+        """Recurrence, RoPE, pattern attention: [s, b, heads_local, d_h] each -> attended values."""
+        if self.recurrence:
+            key, value, _ = self.recur(key, value, gate_logits)
+        query, key = self.rotate(query, key, rotary_pos_emb)
+        return self.attend(query, key, value)
+
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, inference_context=None,
                 rotary_pos_emb: Optional[torch.Tensor] = None, **unused):
         mixed, _ = self.linear_in(hidden_states)
@@ -164,11 +176,11 @@ class RATPlusMixer(MegatronModule):
             else:
                 attended = self.prefill(query, key, value, gate_logits, rotary_pos_emb, cache,
                                         inference_context.sequence_lengths)
+        elif self.recompute_core and self.training and torch.is_grad_enabled():
+            core = partial(self.core, rotary_pos_emb=rotary_pos_emb)  # the RoPE table is not an input
+            attended = tensor_parallel.checkpoint(core, False, query, key, value, gate_logits)
         else:
-            if self.recurrence:
-                key, value, _ = self.recur(key, value, gate_logits)
-            query, key = self.rotate(query, key, rotary_pos_emb)
-            attended = self.attend(query, key, value)
+            attended = self.core(query, key, value, gate_logits, rotary_pos_emb)
         gated = torch.sigmoid(out_gate) * attended
         return self.linear_out(gated.reshape(seq, batch, -1))
 

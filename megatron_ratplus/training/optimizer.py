@@ -19,6 +19,7 @@ from megatron.core.dist_checkpointing.optimizer import (
 )
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_ratplus.optional import log_fused_kernels
 from megatron_ratplus.training.data_parallel import clip_grad_norm, zero_grads
 
 
@@ -91,6 +92,8 @@ def build_optimizer(model_chunks, args):
     ``args``: a TrainingConfig)."""
     if torch.cuda.is_available():
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        log_fused_kernels()  # Adam from TE, else apex, else torch: megatron decides, we report it once
 
         config = OptimizerConfig(
             optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,

@@ -11,7 +11,7 @@ give the gradient of the global token mean.
 from __future__ import annotations
 
 from functools import partial
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -25,12 +25,13 @@ from megatron_ratplus.model import build_model
 __all__ = ["build_model_chunks", "configure_schedules", "forward_backward", "slice_batch_for_cp"]
 
 
-def build_model_chunks(config, backend: str = "local") -> List[torch.nn.Module]:
+def build_model_chunks(config, transformer_impl: Optional[str] = None) -> List[torch.nn.Module]:
     """This rank's model chunks, one per virtual pipeline stage (one without interleaving), each
-    with the embedding / output layer only where its stage is the first / last."""
+    with the embedding / output layer only where its stage is the first / last;
+    ``transformer_impl`` as model.build_model takes it (None: TE where usable, else local)."""
     vpp = config.virtual_pipeline_model_parallel_size
     stages = [None] if not vpp else range(vpp)
-    return [build_model(config, backend,
+    return [build_model(config, transformer_impl,
                         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
                         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
                         vp_stage=vp) for vp in stages]
