@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--save", default="checkpoints/ratplus-tiny")
     c.add_argument("--load")
     c.add_argument("--save-interval", type=int, default=0, help="0: only at the end")
+    c.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM or SIGUSR1 finish the iteration, save a checkpoint and exit 0")
+    c.add_argument("--exit-duration-in-mins", type=float, help="save and exit 0 after this much wall time")
+    c.add_argument("--exit-interval", type=int, help="save and exit 0 after an iteration divisible by this")
     c.add_argument("--eval-interval", type=int, default=100)
     c.add_argument("--eval-iters", type=int, default=10)
     c.add_argument("--log-interval", type=int, default=10)
@@ -137,6 +141,9 @@ def validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
     if args.train_iters is not None and args.train_tokens is not None:
         raise UsageError("give --train-iters or --train-tokens, not both")
+    for name in ("exit_duration_in_mins", "exit_interval"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be > 0")
     if args.save_interval < 0 or args.eval_interval < 0:
         raise UsageError("--save-interval and --eval-interval must be >= 0")
     if args.lr_warmup_fraction is not None and not 0 <= args.lr_warmup_fraction < 1:

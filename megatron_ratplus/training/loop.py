@@ -27,6 +27,7 @@ from megatron_ratplus.parallel import validate_parallel_config, virtual_pipeline
 from megatron_ratplus.parallel.data_parallel import wrap_model
 from megatron_ratplus.parallel.schedule import build_model_chunks
 from megatron_ratplus.training.arguments import MODEL_FLAGS, UsageError
+from megatron_ratplus.training.exit import ExitConditions
 from megatron_ratplus.training.metrics import Metrics
 from megatron_ratplus.training.optimizer import build_optimizer, build_scheduler
 from megatron_ratplus.training.steps import evaluate, train_step
@@ -113,7 +114,12 @@ def _check_save_dir(args: Namespace) -> None:
 
 
 def pretrain(args: Namespace) -> str:
-    """Train as ``args`` say; returns the final checkpoint directory."""
+    """Train as ``args`` say; returns the final checkpoint directory (or the one saved on an early exit)."""
+    with ExitConditions.from_args(args) as exits:
+        return _pretrain(args, exits)
+
+
+def _pretrain(args: Namespace, exits: ExitConditions) -> str:
     auto_resume = args.load and os.path.abspath(args.load) == os.path.abspath(args.save)
     if auto_resume and not checkpoint.latest_checkpoint(args.load):
         args.load = None  # --load SAVE --save SAVE on a first run (SLURM requeue style): start fresh
@@ -196,6 +202,12 @@ def pretrain(args: Namespace) -> str:
             validate(iteration)
         if args.save_interval and iteration % args.save_interval == 0 and iteration != train_iters:
             last_ckpt = save(iteration)
+        stop = exits.reason(iteration) if iteration != train_iters else None
+        if stop:
+            if not (args.save_interval and iteration % args.save_interval == 0):
+                last_ckpt = save(iteration)
+            metrics.close(f"stopped after iteration {iteration} ({stop}); checkpoint {last_ckpt}")
+            return last_ckpt
     final_losses = validate(train_iters)
     last_ckpt = last_ckpt if start_iter == train_iters else save(train_iters)
     elapsed = time.time() - start_time
