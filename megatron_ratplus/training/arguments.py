@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--save", default="checkpoints/ratplus-tiny")
     c.add_argument("--load")
     c.add_argument("--save-interval", type=int, default=0, help="0: only at the end")
+    c.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM or SIGUSR1 finish the iteration, save a checkpoint and exit 0")
+    c.add_argument("--exit-duration-in-mins", type=float, help="save and exit 0 after this much wall time")
+    c.add_argument("--exit-interval", type=int, help="save and exit 0 after an iteration divisible by this")
     c.add_argument("--eval-interval", type=int, default=100)
     c.add_argument("--eval-iters", type=int, default=10)
     c.add_argument("--log-interval", type=int, default=10, help="(accepted; not used yet)")

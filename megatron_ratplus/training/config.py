@@ -78,6 +78,10 @@ class TrainingConfig:
     log_interval: int               # accepted for Megatron-LM compatibility; not read yet
     tensorboard_dir: str
     progress_bar: bool
+    # early exit with a checkpoint (preemption, time limits)
+    exit_signal_handler: bool
+    exit_duration_in_mins: Optional[float]
+    exit_interval: Optional[int]
     # parallelism
     tensor_model_parallel_size: int
     pipeline_model_parallel_size: int
@@ -164,6 +168,9 @@ def _check_values(flags: dict) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     if flags["train_iters"] is not None and flags["train_tokens"] is not None:
         raise UserError("give --train-iters or --train-tokens, not both")
+    for name in ("exit_duration_in_mins", "exit_interval"):
+        if flags[name] is not None and flags[name] <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0")
     if flags["save_interval"] < 0 or flags["eval_interval"] < 0:
         raise UserError("--save-interval and --eval-interval must be >= 0")
     if flags["lr_warmup_fraction"] is not None and not 0 <= flags["lr_warmup_fraction"] < 1:

@@ -23,6 +23,7 @@ from megatron_ratplus.data.tokenizer import build_tokenizer
 from megatron_ratplus.errors import UserError
 from megatron_ratplus.training.config import TrainingConfig
 from megatron_ratplus.training.data_parallel import wrap_model
+from megatron_ratplus.training.exit import ExitConditions
 from megatron_ratplus.training.metrics import Metrics
 from megatron_ratplus.training.optimizer import build_optimizer, build_scheduler
 from megatron_ratplus.training.schedule import build_model_chunks
@@ -33,7 +34,12 @@ MAX_SHOWN_LOSS = 50.0
 
 
 def train(config: TrainingConfig) -> str:
-    """Train as ``config`` says; returns the final checkpoint directory."""
+    """Train as ``config`` says; returns the final checkpoint directory (or the one saved on an early exit)."""
+    with ExitConditions.from_config(config) as exits:
+        return _train(config, exits)
+
+
+def _train(config: TrainingConfig, exits: ExitConditions) -> str:
     tokenizer = build_tokenizer(config.tokenizer)
     model_config = config.model_config()
     distributed.initialize(config.tensor_model_parallel_size, config.pipeline_model_parallel_size,
@@ -108,6 +114,12 @@ def train(config: TrainingConfig) -> str:
             validate(iteration)
         if config.save_interval and iteration % config.save_interval == 0 and iteration != train_iters:
             last_ckpt = save(iteration)
+        stop = exits.reason(iteration) if iteration != train_iters else None
+        if stop:
+            if not (config.save_interval and iteration % config.save_interval == 0):
+                last_ckpt = save(iteration)
+            metrics.close(f"stopped after iteration {iteration} ({stop}); checkpoint {last_ckpt}")
+            return last_ckpt
     final_losses = validate(train_iters)
     last_ckpt = last_ckpt if start_iter == train_iters else save(train_iters)
     elapsed = time.time() - start_time
