@@ -84,7 +84,7 @@ def _num_splits(pairs: int, capacity: int, device: torch.device) -> int:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
                      softmax_scale: Optional[float] = None, splits: Optional[int] = None) -> torch.Tensor:
-    """Same contract as ``megatron_ratplus.ops.decode.decode_attention`` (no host sync).
+    """Same contract as the reference ``ops.decode.decode_attention`` (no host sync).
 
     ``splits`` overrides the number of slot splits (tests use it to cover the merge kernel).
     """

@@ -9,7 +9,7 @@
    step latency at context 32K, sparse (D = 16) against dense.
 
 Prints one table and writes JSON (--json PATH, else $OUT/gpu_check.json, else ./gpu_check.json).
-Imports only ratplus_kernels and megatron_ratplus.{ops, patterns}: no megatron-core needed.
+Imports only ratplus_kernels and megatron_ratplus.{backend, ops, patterns}: no megatron-core needed.
 --dry-run runs every section at toy sizes on CPU under Triton's interpreter (a smoke test).
 
 Usage: tools/gpu_check.sh [--json PATH] [--dry-run]
@@ -96,6 +96,14 @@ class Timer:
         return statistics.median(times)
 
 
+def kernel_attention(q, k, v, pattern: str):
+    """The kernels' path for a sparse pattern (the backend's, without its device choice)."""
+    from megatron_ratplus.backend import kernel_attention as kernel
+    from megatron_ratplus.patterns import parse_pattern
+
+    return kernel(q, k, v, parse_pattern(pattern))
+
+
 def rel_error(got, want) -> float:
     return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-6)).item()
 
@@ -119,7 +127,6 @@ def correctness(torch, device, dtype, s: Sizes):
     from megatron_ratplus.ops import gated_scan as ref_scan
     from megatron_ratplus.ops import pattern_attention as ref_attention
     from megatron_ratplus.ops.decode import decode_attention as ref_decode
-    from ratplus_kernels.attention import pattern_attention
     from ratplus_kernels.decode import decode_attention
     from ratplus_kernels.scan import gated_scan, gated_scan_kv
 
@@ -155,7 +162,7 @@ def correctness(torch, device, dtype, s: Sizes):
 
     for pattern, seq_len in s.attn_check + s.topk_check:
         qkv = [torch.randn(seq_len, 1, s.check_heads, s.head_dim, device=device).to(dtype) for _ in range(3)]
-        compare(f"attention {pattern} T={seq_len}", lambda q, k, v: pattern_attention(q, k, v, pattern),
+        compare(f"attention {pattern} T={seq_len}", lambda q, k, v: kernel_attention(q, k, v, pattern),
                 lambda q, k, v: ref_attention(q, k, v, pattern), qkv)
 
     batch, capacity = s.decode_check
@@ -201,8 +208,6 @@ def attention(torch, device, dtype, s: Sizes, timer: Timer, rows, results, seq_l
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from ratplus_kernels.attention import pattern_attention
-
     def flash(q, k, v):
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION] if device.type == "cuda" else [SDPBackend.MATH]):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -211,7 +216,7 @@ def attention(torch, device, dtype, s: Sizes, timer: Timer, rows, results, seq_l
     dense_inputs = [t.requires_grad_() for t in qkv]
     sparse_inputs = [t.detach().permute(2, 0, 1, 3).contiguous().requires_grad_() for t in qkv]
     cases = [("dense flash", flash, dense_inputs)]
-    cases += [(f"dilated:{d}", (lambda d: lambda a, b, c: pattern_attention(a, b, c, f"dilated:{d}"))(d),
+    cases += [(f"dilated:{d}", (lambda d: lambda a, b, c: kernel_attention(a, b, c, f"dilated:{d}"))(d),
                sparse_inputs) for d in s.dilations]
     repeats = s.dense_repeats.get(seq_len)
     base = {}

@@ -1,7 +1,7 @@
 """Reference decode attention: one new query per sequence against its compact sparse KV cache.
 
 A sparse pattern's decode cache holds only the slots the next query may see (sinks, every D-th
-state, the window, the newest state; DESIGN §1), packed to the front of a fixed-capacity buffer.
+state, the window, the newest state; docs/DESIGN.md §5), packed to the front of a fixed-capacity buffer.
 Each sequence of the batch has its own number of filled slots; the rest are ignored. This is the
 plain ground truth for the Triton decode kernel.
 """
