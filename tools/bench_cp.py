@@ -1,4 +1,4 @@
-"""Context-parallel communication volume and CPU wall time (issue 5).
+"""Context-parallel communication volume and CPU wall time (docs/DESIGN.md §4).
 
 (a) Bytes each CP rank sends per layer, forward (the backward reduce-scatter mirrors it):
     the recurrence's state exchange at T = 4K, 16K, 64K (measured on the tensor the code

@@ -260,7 +260,7 @@ def decode(torch, device, dtype, s: Sizes, timer: Timer, rows, results):
 
 
 def targets(results, s: Sizes):
-    """The issue's GPU targets, evaluated on what was measured."""
+    """The GPU targets, evaluated on what was measured."""
     scan = max((results[k]["fraction_of_copy"] for k in ("scan_fwd", "scan_fwd_one_segment") if k in results),
                default=None)
     prefill = results.get("attention T=32768 dilated:16", {}).get("fwd_speedup")

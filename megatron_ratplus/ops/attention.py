@@ -25,10 +25,10 @@ from megatron_ratplus.patterns import AttentionPattern, may_be_seen, parse_patte
 QUERY_BLOCK = 128
 
 
-def _as_index(cols: torch.Tensor):
-    """A slice when the columns are one contiguous run (no copy), else the index tensor itself."""
+def _as_index(cols: torch.Tensor, device):
+    """CPU column indices as a slice when they are one contiguous run (no copy), else on ``device``."""
     first, last = int(cols[0]), int(cols[-1])
-    return slice(first, last + 1) if last - first + 1 == len(cols) else cols
+    return slice(first, last + 1) if last - first + 1 == len(cols) else cols.to(device)
 
 
 class _BlockedAttention(torch.autograd.Function):
@@ -51,7 +51,7 @@ class _BlockedAttention(torch.autograd.Function):
                 far = (key_positions < t0) & may_be_seen(pattern, key_positions, t0)
                 cols = torch.nonzero(near | far).flatten()
                 mask = visible(pattern, torch.arange(t0, t1).unsqueeze(1), key_positions[cols].unsqueeze(0))
-                cols = _as_index(cols.to(k.device))
+                cols = _as_index(cols, k.device)
                 rows = slice(t0 - query_start, t1 - query_start)
                 qb, kb, vb = (t.requires_grad_() for t in (q[rows], k[cols], v[cols]))
                 out = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (qb, kb, vb)),
