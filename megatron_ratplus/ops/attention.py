@@ -4,9 +4,9 @@ FlexAttention has no CPU backward, and a dense T x T mask would cost as much as 
 so sparse patterns are computed block by block over a *compact* key set. For the queries of one
 block [t0, t1) the visible keys are the sinks and dilated states before lo = max(0, t0 - W),
 which every query of the block sees (``patterns.may_be_seen`` at t0), and the near keys
-[lo, t1), masked per query by the rule (``patterns.visible``). Each block is one `scaled_dot_product_attention` call (torch's
-fused CPU kernel, with backward) on about P + t0/D + W + block keys instead of t1: total work
-O(T (T/D + W + P)).
+[lo, t1), masked per query by the rule (``patterns.visible``). Each block is one
+`scaled_dot_product_attention` call (torch's fused CPU kernel, with backward) on about
+P + t0/D + W + block keys instead of t1: total work O(T (T/D + W + P)).
 
 :func:`blocked_attention` takes the keys' positions explicitly, so the same code serves one rank
 (keys 0..T-1) and a context-parallel slice, whose keys are the exchanged public tokens of

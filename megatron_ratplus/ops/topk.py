@@ -92,16 +92,16 @@ def topk_allowed_mask(q: torch.Tensor, k: torch.Tensor, pattern: AttentionPatter
     best = select_blocks(q, k, pattern, softmax_scale, query_pos)
     n_blocks = -(-(n_k // dilation) // pattern.block)
     own = _own_block(pattern, query_pos).view(b, 1, n_q, 1)
-    # column n_blocks collects the -1 picks (fewer than K earlier blocks) and is dropped
+    # column n_blocks collects the -1 picks (fewer than K earlier blocks); no key reads it
     selected = torch.zeros(b, h, n_q, n_blocks + 1, dtype=torch.bool, device=q.device)
     selected.scatter_(-1, torch.where(best >= 0, best, n_blocks), True)
-    selected = selected[..., :n_blocks] | (torch.arange(n_blocks, device=q.device) == own)
+    selected[..., :n_blocks] |= torch.arange(n_blocks, device=q.device) == own
 
     pos = torch.arange(n_k, device=q.device)
     is_state = (pos + 1) % dilation == 0
     key_block = torch.where(is_state, ((pos + 1) // dilation - 1) // pattern.block, -1)
     gather_index = key_block.clamp(min=0).view(1, 1, 1, n_k).expand(b, h, n_q, n_k)
-    by_block = selected.gather(-1, gather_index) & (key_block >= 0) if n_blocks else torch.zeros_like(gather_index, dtype=torch.bool)
+    by_block = selected.gather(-1, gather_index) & (key_block >= 0)
     t = query_pos.view(b, 1, n_q, 1)
     j = pos.view(1, 1, 1, n_k)
     # the dilated states are candidates here, visible only through their block

@@ -2,12 +2,13 @@
 
 A query t sees key j < t iff j < P (sink), (j + 1) % D == 0 (dilated state) or t - j <= W
 (window; docs/DESIGN.md §2, §4). For queries in a later chunk than j, that means j is a sink, a
-dilated state, or in the last W tokens before the query's chunk (``patterns.may_be_seen``). So each rank all-gathers, per slice, only its "public"
-tokens (sinks, every D-th state, the last W tokens: the window halo) of the already-rotated
-K~/V~: about c / D + W + P per slice instead of c. Dense attention (D = 1) makes every token
-public, which is a plain all-gather of K~/V~. Each local slice then attends the earlier chunks'
-public tokens plus its own slice through ``backend.blocked_attention`` (the reference blocked
-attention over explicit key positions), the rule applied on global positions.
+dilated state, or in the last W tokens before the query's chunk (``patterns.may_be_seen``). So
+each rank all-gathers, per slice, only its "public" tokens (sinks, every D-th state, the last W
+tokens: the window halo) of the already-rotated K~/V~: about c / D + W + P per slice instead of
+c. Dense attention (D = 1) makes every token public, which is a plain all-gather of K~/V~. Each
+local slice then attends the earlier chunks' public tokens plus its own slice through
+``backend.blocked_attention`` (the reference blocked attention over explicit key positions),
+the rule applied on global positions.
 
 Top-k patterns choose keys by content and are inference-time only; they are refused under CP.
 """
