@@ -25,11 +25,11 @@ def test_mixer_through_kernels_matches_reference(monkeypatch):
     want = run_mixer(mixer, x)
 
     used = []
-    for module, name in ((scan, "gated_scan_kv"), (attention, "pattern_attention")):
+    for module, name in ((scan, "gated_scan_kv"), (attention, "dilated_attention")):
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: used.append(_n) or _f(*a, **k))
     monkeypatch.setenv(backend.ENV_VAR, "triton")
     got = run_mixer(mixer, x)
-    assert sorted(used) == ["gated_scan_kv", "pattern_attention"]
+    assert sorted(used) == ["dilated_attention", "gated_scan_kv"]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)

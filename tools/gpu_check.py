@@ -111,6 +111,14 @@ class Timer:
         return statistics.median(times)
 
 
+def kernel_attention(q, k, v, pattern: str):
+    """The kernels' path for a sparse pattern (the backend's, without its device choice)."""
+    from megatron_ratplus.backend import kernel_attention as kernel
+    from megatron_ratplus.patterns import parse_pattern
+
+    return kernel(q, k, v, parse_pattern(pattern))
+
+
 def rel_error(got, want) -> float:
     return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-6)).item()
 
@@ -135,7 +143,6 @@ def correctness(torch, device, dtype, s: Sizes):
     from megatron_ratplus.ops import pattern_attention as ref_attention
     from megatron_ratplus.ops.decode import decode_attention as ref_decode
     from megatron_ratplus.patterns import parse_pattern
-    from ratplus_kernels.attention import pattern_attention
     from ratplus_kernels.decode import decode_attention
     from ratplus_kernels.scan import gated_scan, gated_scan_kv
 
@@ -171,7 +178,7 @@ def correctness(torch, device, dtype, s: Sizes):
 
     for pattern, seq_len in s.attn_check + s.topk_check:
         qkv = [torch.randn(seq_len, 1, s.check_heads, s.head_dim, device=device).to(dtype) for _ in range(3)]
-        compare(f"attention {pattern} T={seq_len}", lambda q, k, v: pattern_attention(q, k, v, pattern),
+        compare(f"attention {pattern} T={seq_len}", lambda q, k, v: kernel_attention(q, k, v, pattern),
                 lambda q, k, v: ref_attention(q, k, v, pattern), qkv)
 
     batch, capacity = s.decode_check  # ragged query positions; a quarter of the slots empty or duplicate (-1)
@@ -221,8 +228,6 @@ def attention(torch, device, dtype, s: Sizes, timer: Timer, rows, results, seq_l
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from ratplus_kernels.attention import pattern_attention
-
     def flash(q, k, v):
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION] if device.type == "cuda" else [SDPBackend.MATH]):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -231,7 +236,7 @@ def attention(torch, device, dtype, s: Sizes, timer: Timer, rows, results, seq_l
     dense_inputs = [t.requires_grad_() for t in qkv]
     sparse_inputs = [t.detach().permute(2, 0, 1, 3).contiguous().requires_grad_() for t in qkv]
     cases = [("dense flash", flash, dense_inputs)]
-    cases += [(f"dilated:{d}", (lambda d: lambda a, b, c: pattern_attention(a, b, c, f"dilated:{d}"))(d),
+    cases += [(f"dilated:{d}", (lambda d: lambda a, b, c: kernel_attention(a, b, c, f"dilated:{d}"))(d),
                sparse_inputs) for d in s.dilations]
     repeats = s.dense_repeats.get(seq_len)
     base = {}
@@ -282,7 +287,7 @@ def decode(torch, device, dtype, s: Sizes, timer: Timer, rows, results):
 
 
 def targets(results, s: Sizes):
-    """The issue's GPU targets, evaluated on what was measured."""
+    """The GPU targets, evaluated on what was measured."""
     scan = max((results[k]["fraction_of_copy"] for k in ("scan_fwd", "scan_fwd_one_segment") if k in results),
                default=None)
     prefill = results.get("attention T=32768 dilated:16", {}).get("fwd_speedup")

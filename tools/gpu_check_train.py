@@ -279,21 +279,12 @@ def section_fp8_boundaries(ctx: Context) -> dict:
 
 
 def _cp_blocks():
-    """(scan_slices, compose_and_correct, pack_public, attend_slices) wherever they live now."""
-    found = {}
-    for module in ("megatron_ratplus.layers.context_parallel", "megatron_ratplus.parallel.cp_scan",
-                   "megatron_ratplus.parallel.cp_attention", "megatron_ratplus.parallel"):
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            continue
-        for name in ("scan_slices", "compose_and_correct", "pack_public", "attend_slices"):
-            if name not in found and hasattr(mod, name):
-                found[name] = getattr(mod, name)
-    missing = [n for n in ("scan_slices", "compose_and_correct", "pack_public", "attend_slices") if n not in found]
-    if missing:
-        raise Skip(f"context-parallel building blocks not found: {', '.join(missing)}")
-    return found
+    """(scan_slices, compose_and_correct, pack_public, attend_slices): the CP building blocks."""
+    from megatron_ratplus.layers.context_parallel.attention import attend_slices, pack_public
+    from megatron_ratplus.layers.context_parallel.scan import compose_and_correct, scan_slices
+
+    return dict(scan_slices=scan_slices, compose_and_correct=compose_and_correct, pack_public=pack_public,
+                attend_slices=attend_slices)
 
 
 def section_cp_blocks(ctx: Context) -> dict:

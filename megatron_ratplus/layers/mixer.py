@@ -9,7 +9,8 @@
 W_in's rows are grouped per head ([o q k v g] of head 0, then head 1, ...) so that a
 tensor-parallel rank's contiguous slice of the column-parallel output holds whole heads. That
 makes megatron's default sharding (axis 0) of the weight reshard correctly across TP sizes;
-tools/convert_checkpoint.py permutes from the authors' [o; q; k; v; g] block layout.
+megatron_ratplus/convert.py permutes from the authors' [o; q; k; v; g] block layout
+(docs/DESIGN.md §1).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_ratplus import backend
 from megatron_ratplus.config import RATPlusConfig
-from megatron_ratplus.parallel import context_parallel_group, cp_gated_scan, cp_pattern_attention
+from megatron_ratplus.layers.context_parallel import context_parallel_group, cp_pattern_attention, cp_shared_gate_scan
 from megatron_ratplus.patterns import AttentionPattern, PatternError, head_runs, parse_composition
 
 
@@ -50,7 +51,7 @@ class RATPlusMixer(MegatronModule):
             raise ValueError(f"num_attention_heads ({config.num_attention_heads}) must be divisible "
                              f"by the tensor-parallel size ({tp_size})")
         self.recurrence = getattr(config, "recurrence", True)
-        self.parts = 5 if self.recurrence else 4
+        self.parts = config.mixer_parts
         self.head_dim = config.kv_channels
         self.heads_local = config.num_attention_heads // tp_size
         self.tp_rank = tp_group.rank()
@@ -106,10 +107,7 @@ class RATPlusMixer(MegatronModule):
         """k~, v~ = gated scan of k, v under one fp32 sigmoid gate; returns (k~, v~, final state)."""
         if self.cp_group is None:
             return backend.shared_gate_scan(k, v, gate_logits, state)
-        gate = torch.sigmoid(gate_logits.float())
-        kv = torch.stack([k, v], dim=2)  # [s, b, 2, heads, d_h]
-        kv, last = cp_gated_scan(kv, gate.unsqueeze(2).expand_as(kv), group=self.cp_group, h0=state)
-        return kv[:, :, 0], kv[:, :, 1], last
+        return cp_shared_gate_scan(k, v, gate_logits, self.cp_group, state)
 
     def rotate(self, query, key, rotary_pos_emb):
         """RoPE on q and k~ (after the recurrence); ``rotary_pos_emb``: freqs or a (q, k) pair."""

@@ -1,5 +1,6 @@
-"""Megatron's load-balanced context-parallel layout: the sequence is cut into 2 x CP equal chunks
-and CP rank r holds chunks r and 2 CP - 1 - r (early and late tokens, so causal work is even).
+"""Megatron's load-balanced context-parallel layout (docs/DESIGN.md §4): the sequence is cut into
+2 x CP equal chunks and CP rank r holds chunks r and 2 CP - 1 - r (early and late tokens, so
+causal work is even).
 
 Everything that must follow *global* token order under CP (the recurrence composition, which
 keys a query may see) derives it from :func:`chunk_ids` / :func:`chunk_owner`.
