@@ -40,11 +40,11 @@ class _BlockedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, pattern, scale, query_start, key_positions):
+    def forward(ctx, q, k, v, pattern, scale, query_start, key_positions, keep_graphs):
         q, k, v = q.detach(), k.detach(), v.detach()
         n_q = q.shape[0]
         blocks, outputs = [], []
-        with torch.enable_grad():
+        with torch.set_grad_enabled(keep_graphs):  # no backward to come (evaluation, recomputation's first pass): no graphs
             for t0 in range(query_start, query_start + n_q, QUERY_BLOCK):
                 t1 = min(query_start + n_q, t0 + QUERY_BLOCK)
                 near = (key_positions >= t0) & (key_positions < t1)
@@ -56,7 +56,8 @@ class _BlockedAttention(torch.autograd.Function):
                 qb, kb, vb = (t.requires_grad_() for t in (q[rows], k[cols], v[cols]))
                 out = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (qb, kb, vb)),
                                                      attn_mask=mask.to(q.device), scale=scale).permute(2, 0, 1, 3)
-                blocks.append((rows, cols, qb, kb, vb, out))
+                if keep_graphs:
+                    blocks.append((rows, cols, qb, kb, vb, out))
                 outputs.append(out.detach())
         ctx.blocks, ctx.shapes = blocks, (q.shape, k.shape)
         return torch.cat(outputs)
@@ -76,7 +77,7 @@ class _BlockedAttention(torch.autograd.Function):
                 grad_k.index_add_(0, cols, gk)
                 grad_v.index_add_(0, cols, gv)
         ctx.blocks = None
-        return grad_q, grad_k, grad_v, None, None, None, None
+        return grad_q, grad_k, grad_v, None, None, None, None, None
 
 
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: AttentionPattern,
@@ -90,7 +91,8 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
     """
     if key_positions is None:
         key_positions = torch.arange(k.shape[0])
-    return _BlockedAttention.apply(q, k, v, pattern, softmax_scale, query_start, key_positions)
+    keep_graphs = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return _BlockedAttention.apply(q, k, v, pattern, softmax_scale, query_start, key_positions, keep_graphs)
 
 
 def pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern,
