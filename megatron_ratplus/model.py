@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from megatron.core.models.gpt import GPTModel
 
 from megatron_ratplus.config import RATPlusConfig
@@ -20,7 +22,7 @@ __all__ = ["build_model", "set_attention_pattern", "count_parameters"]
 def build_model(config: RATPlusConfig, backend: str = "local", pre_process: bool = True,
                 post_process: bool = True, vp_stage: Optional[int] = None) -> GPTModel:
     """A GPTModel whose self-attention slots hold RAT+ mixers (tied embeddings, RoPE)."""
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=get_ratplus_block_spec(config, backend, vp_stage),
         vocab_size=config.vocab_size,
@@ -32,6 +34,22 @@ def build_model(config: RATPlusConfig, backend: str = "local", pre_process: bool
         rotary_base=config.rotary_base,
         vp_stage=vp_stage,
     )
+    if post_process and config.real_vocab_size is not None and config.real_vocab_size < config.vocab_size:
+        model.output_layer.register_forward_hook(_mask_padded_vocab(config.real_vocab_size))
+    return model
+
+
+def _mask_padded_vocab(real_vocab_size: int):
+    """Output-layer hook: logits of padded vocabulary ids become -inf, so no loss, evaluation or
+    sampler ever scores or picks them. GPTModel has no hook of its own between the output layer
+    and the loss; the logits are [s, b, vocab / tp] (this rank's columns) or gathered [s, b, vocab]."""
+    def hook(layer, inputs, output):
+        logits, bias = output
+        first = 0 if logits.shape[-1] == layer.output_size else layer.tp_group.rank() * logits.shape[-1]
+        ids = torch.arange(first, first + logits.shape[-1], device=logits.device)
+        return logits.masked_fill(ids >= real_vocab_size, float("-inf")), bias
+
+    return hook
 
 
 def count_parameters(config: RATPlusConfig) -> int:

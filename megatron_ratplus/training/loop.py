@@ -61,10 +61,12 @@ def model_config(args: Namespace, tokenizer, loaded_meta):
         if key in shape and shape[key] != value and key != "seq_length":
             raise UsageError(f"--load {args.load} has {key} {shape[key]}, but this run asks for {value}")
     shape.update(explicit)
-    vocab = padded_vocab_size(tokenizer.vocab_size, args.tensor_model_parallel_size)
-    if loaded_meta and shape.get("vocab_size") != vocab:
-        raise UsageError(f"--load {args.load} has vocabulary {shape.get('vocab_size')}, this tokenizer needs {vocab}")
-    shape["vocab_size"] = vocab
+    tp = args.tensor_model_parallel_size
+    vocab = shape["vocab_size"] if loaded_meta else padded_vocab_size(tokenizer.vocab_size, tp)
+    if vocab < tokenizer.vocab_size or vocab % tp:  # a checkpoint's padding serves every TP size dividing it
+        raise UsageError(f"--load {args.load} has a vocabulary of {vocab}, which does not hold this tokenizer's "
+                         f"{tokenizer.vocab_size} tokens split over {tp} tensor-parallel ranks")
+    shape["vocab_size"], shape["real_vocab_size"] = vocab, tokenizer.vocab_size
     full = {**PRESETS[args.preset], **shape}
     vpp = parallel_layout(args, full["num_layers"], full["num_attention_heads"], full["seq_length"])
     return preset(args.preset, **shape, bf16=args.bf16, params_dtype=torch.float32, pipeline_dtype=torch.float32,
