@@ -11,6 +11,7 @@ in_proj without gate rows). Any other tensor (e.g. the RAT layer's, or biases) i
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -28,21 +29,17 @@ _LAYER_NAMES = {"seq_layer.input_norm.weight": "input_layernorm.weight",
                 "hidden_layer.fc2.weight": "mlp.linear_fc2.weight"}
 
 
-class EasyDict(dict):
-    """Stand-in for ``easydict.EasyDict``, the class the authors' trainer pickles its config as.
+class EasyDict:
+    """Stand-in for ``easydict.EasyDict``, the dict subclass the authors' trainer pickles its config as.
 
-    Registered with torch's weights-only unpickler under that name (see :func:`load_authors`),
-    so their files load without unpickling arbitrary code and without the easydict package.
+    Registered with torch's weights-only unpickler under that name (see :func:`load_authors`), so
+    their files load without unpickling arbitrary code and without the easydict package. That
+    unpickler fills only plain dicts and OrderedDicts (their items, and an OrderedDict's attributes,
+    which EasyDict mirrors), so creating one makes an OrderedDict.
     """
 
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def __setattr__(self, name, value):  # pickle's BUILD step sets the object's attributes
-        self[name] = value
+    def __new__(cls, *args, **kwargs):
+        return OrderedDict(*args, **kwargs)
 
 
 def load_authors(path: str, trust_pickle: bool = False) -> Tuple[Dict[str, torch.Tensor], dict]:
