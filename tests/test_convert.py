@@ -218,17 +218,34 @@ def _valid_loss(path):
         return model(tokens[:, :-1], torch.arange(32).expand(4, 32), None, labels=tokens[:, 1:]).mean().item()
 
 
-def test_training_resumes_across_tp_sizes_and_reshards(tmp_path, megatron_single):
-    """TP2 -> TP1 -> TP2 training resumes, and ratplus-convert reshards TP2 -> TP1 -> TP2 and
-    PP2 -> PP1 keeping every tensor (so the validation loss) unchanged."""
-    run = tmp_path / "run"
-    _pretrain(run, 2, tp=2)  # iterations 1-2 at TP2
+@pytest.fixture(scope="module")
+def tp_trained(tmp_path_factory):
+    """Training at TP2 (iterations 1-2), resumed at TP1 (3), resumed at TP2 again (4); returns the
+    save directory and the TP2 checkpoint of iteration 2."""
+    run = tmp_path_factory.mktemp("tp") / "run"
+    _pretrain(run, 2, tp=2)
     tp2 = checkpoint.latest_checkpoint(str(run))
-    assert checkpoint.read_meta(tp2)["model"]["vocab_size"] == 384  # the byte tokenizer's padding at any TP
-    _pretrain(run, 3, tp=1)  # iteration 3 resumed at TP1 (optimizer and all)
-    _pretrain(run, 4, tp=2)  # iteration 4 resumed at TP2 from the TP1 checkpoint
-    assert checkpoint.read_meta(str(run))["iteration"] == 4
+    _pretrain(run, 3, tp=1)
+    _pretrain(run, 4, tp=2)
+    return run, tp2
 
+
+def test_training_resumes_across_tp_sizes(tp_trained, megatron_single):
+    run, tp2 = tp_trained
+    assert checkpoint.read_meta(tp2)["model"]["vocab_size"] == 384  # the byte tokenizer's padding at any TP
+    assert checkpoint.read_meta(str(run))["iteration"] == 4
+    steps = sorted(d for d in os.listdir(run) if d.startswith("iter_"))
+    assert steps == ["iter_0000002", "iter_0000003", "iter_0000004"]
+    states = [checkpoint.load_model(str(run / d))[0].state_dict() for d in steps]
+    for before, after in zip(states, states[1:]):  # every resumed run trained
+        assert not torch.equal(before["decoder.layers.0.mlp.linear_fc1.weight"],
+                               after["decoder.layers.0.mlp.linear_fc1.weight"])
+
+
+@pytest.mark.slow
+def test_reshard_keeps_tensors_and_validation_loss(tp_trained, tmp_path, megatron_single):
+    """ratplus-convert reshards TP2 -> TP1 -> TP2 and TP1 -> PP2 -> PP1, every tensor unchanged."""
+    _, tp2 = tp_trained
     steps = [("tp1", tp2, 1, 1), ("tp2", "tp1", 2, 1), ("pp2", "tp1", 1, 2), ("pp1", "pp2", 1, 1)]
     for name, source, tp, pp in steps:
         source = source if os.path.isabs(source) else str(tmp_path / source)
@@ -245,6 +262,20 @@ def test_training_resumes_across_tp_sizes_and_reshards(tmp_path, megatron_single
             if isinstance(value, torch.Tensor):
                 assert torch.equal(state[key], value), (name, key)
         assert _valid_loss(tmp_path / name) == loss
+
+
+def test_reshard_refuses_bad_layouts(tmp_path, capsys, megatron_single):
+    src = tmp_path / "authors.pt"
+    torch.save({"task": authors_state()}, src)
+    assert convert_cli.main(["--input", str(src), "--output", str(tmp_path / "ours"), "--num-attention-heads",
+                             str(H), "--seq-length", "64"]) == 0
+    for flags, needle in ((["--target-tensor-parallel-size", "4"], "TP=4"),
+                          (["--target-pipeline-parallel-size", "3"], "PP=3"),
+                          (["--to", "hf", "--target-tensor-parallel-size", "2"], "--from ours --to ours")):
+        assert convert_cli.main(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "o"), *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+        assert not (tmp_path / "o").exists()
 
 
 def test_consolidated_single_file(tmp_path, megatron_single):
