@@ -219,20 +219,21 @@ def _valid_loss(path):
 
 
 @pytest.fixture(scope="module")
-def tp_trained(tmp_path_factory):
-    """Training at TP2 (iterations 1-2), resumed at TP1 (3), resumed at TP2 again (4); returns the
-    save directory and the TP2 checkpoint of iteration 2."""
+def tp_trained(tmp_path_factory, megatron_single):
+    """Training at TP1 (iterations 1-2), resumed at TP2 (3), resumed at TP1 again (4); returns the
+    save directory and the TP2 checkpoint of iteration 3."""
     run = tmp_path_factory.mktemp("tp") / "run"
-    _pretrain(run, 2, tp=2)
+    _pretrain(run, 2, tp=1)
+    _pretrain(run, 3, tp=2)
     tp2 = checkpoint.latest_checkpoint(str(run))
-    _pretrain(run, 3, tp=1)
-    _pretrain(run, 4, tp=2)
+    _pretrain(run, 4, tp=1)
     return run, tp2
 
 
-def test_training_resumes_across_tp_sizes(tp_trained, megatron_single):
+def test_training_resumes_across_tp_sizes(tp_trained):
     run, tp2 = tp_trained
     assert checkpoint.read_meta(tp2)["model"]["vocab_size"] == 384  # the byte tokenizer's padding at any TP
+    assert checkpoint.read_meta(tp2)["args"]["tensor_model_parallel_size"] == 2
     assert checkpoint.read_meta(str(run))["iteration"] == 4
     steps = sorted(d for d in os.listdir(run) if d.startswith("iter_"))
     assert steps == ["iter_0000002", "iter_0000003", "iter_0000004"]
@@ -243,7 +244,7 @@ def test_training_resumes_across_tp_sizes(tp_trained, megatron_single):
 
 
 @pytest.mark.slow
-def test_reshard_keeps_tensors_and_validation_loss(tp_trained, tmp_path, megatron_single):
+def test_reshard_keeps_tensors_and_validation_loss(tp_trained, tmp_path):
     """ratplus-convert reshards TP2 -> TP1 -> TP2 and TP1 -> PP2 -> PP1, every tensor unchanged."""
     _, tp2 = tp_trained
     steps = [("tp1", tp2, 1, 1), ("tp2", "tp1", 2, 1), ("pp2", "tp1", 1, 2), ("pp1", "pp2", 1, 1)]

@@ -214,7 +214,7 @@ class PatternSlots:
     def write(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
         """Store [b, heads, n, d] keys/values at positions [b, n] where ``valid``; the newest tokens
         of each row must be among them (the ring keeps only the last W + 1 positions)."""
-        p, d = self.pattern, self.pattern.dilation
+        d = self.pattern.dilation
         sink = valid & (positions < self.n_sink)
         end = valid & ~sink & ((positions + 1) % d == 0) if d else torch.zeros_like(valid)
         last = torch.where(valid, positions, -1).max(dim=1, keepdim=True).values
@@ -223,7 +223,7 @@ class PatternSlots:
         if bool(end.any()):
             self._grow(base + int(((positions + 1) // d)[end].max()))
         targets = [(sink, positions, positions),
-                   (end, base + (positions + 1) // max(d or 1, 1) - 1, positions),
+                   (end, base + (positions + 1) // (d or 1) - 1, positions),
                    # a sink or chunk end in the ring: evict the older occupant, count it only once
                    (ring, self.n_sink + positions % max(self.n_ring, 1), torch.where(sink | end, -1, positions))]
         for chosen, slot, held in targets:
