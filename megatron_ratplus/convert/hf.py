@@ -50,7 +50,7 @@ def hf_config(config, tokenizer, pattern: str) -> dict:
             **{hf: getattr(config, ours) for ours, hf in _CONFIG_KEYS.items()},
             "attention_pattern": pattern, "rope_theta": float(config.rotary_base),
             "rms_norm_eps": config.layernorm_epsilon, "initializer_range": config.init_method_std,
-            "tie_word_embeddings": True, "eos_token_id": tokenizer.eod, "torch_dtype": "float32"}
+            "tie_word_embeddings": True, "eos_token_id": tokenizer.eod, "dtype": "float32"}
 
 
 def _shards(state: Dict[str, torch.Tensor], max_bytes: int):
