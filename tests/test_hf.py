@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers reads it: everything here is local
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 from transformers import AutoModelForCausalLM  # noqa: E402
 
