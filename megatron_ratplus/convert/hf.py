@@ -121,7 +121,11 @@ def export_hf(state, config, tokenizer, output: str, max_shard_bytes: int = 5 * 
     """Write the HF directory ``output`` from our full state dict; returns ``output``."""
     from megatron_ratplus.patterns import parse_composition
 
-    pattern = str(parse_composition(config.attention_pattern))
+    composition = parse_composition(config.attention_pattern)
+    heads = composition.resolve(config.num_layers, config.num_attention_heads)
+    if any(p.kind == "topk" for layer in heads for p in layer):  # modeling_ratplus.py implements the others
+        raise ConversionError(f"pattern '{composition}': the exported model does not implement top-k patterns")
+    pattern = str(composition)
     with fresh_output(output) as tmp:
         write_safetensors(rename(state, local_to_hf_names(config.num_layers)), tmp, max_shard_bytes)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
