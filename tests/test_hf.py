@@ -93,6 +93,18 @@ def test_hf_logits_equal_ours(exported, pattern):
             assert (dense(tokens).logits[..., :257] - theirs[..., :257]).abs().max() > 1e-3 * scale
 
 
+def test_byte_tokenizer_exports_as_tokenizer_json(exported, tmp_path):
+    from transformers import AutoTokenizer
+
+    root, _ = exported
+    assert convert_cli.main(["--input", str(root / "hf"), "--output", str(tmp_path / "back")]) == 0
+    assert checkpoint.read_meta(str(tmp_path / "back"))["tokenizer"] == "byte"  # ours again, not a file
+    tok = AutoTokenizer.from_pretrained(str(root / "hf"))
+    text = "Grüße, 世界!\n\tok  "
+    assert tok(text).input_ids == list(text.encode()) and tok.eos_token_id == 256
+    assert tok.decode(list(text.encode())) == text
+
+
 def test_attention_only_baseline_exports(tmp_path, megatron_single):
     _write_model(tmp_path / "ours", recurrence=False)
     assert convert_cli.main(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "hf"), "--to", "hf",
@@ -180,6 +192,7 @@ def test_round_trip_ours_hf_ours_and_shards(tmp_path, megatron_single):
     assert convert_cli.main(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "back")]) == 0
     model, back_config, back_tok = checkpoint.load_model(str(tmp_path / "back"))
     assert back_tok.vocab_size == REAL and back_config.real_vocab_size == REAL
+    assert back_tok.encode("w3 w9") == [3, 9]
     back = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     assert back.keys() == state.keys()
     for key, value in state.items():

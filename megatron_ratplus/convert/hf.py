@@ -1,8 +1,8 @@
 """Our checkpoints <-> Hugging Face directories (``transformers`` with ``trust_remote_code=True``).
 
 An exported directory holds config.json, model.safetensors (or shards plus
-model.safetensors.index.json above ``max_shard_bytes``), the tokenizer files when the
-checkpoint has a tokenizer file, and modeling_ratplus.py + configuration_ratplus.py copied from
+model.safetensors.index.json above ``max_shard_bytes``), tokenizer.json + tokenizer_config.json
+(the checkpoint's tokenizer file, or our byte tokenizer written in `tokenizers`' format), and modeling_ratplus.py + configuration_ratplus.py copied from
 megatron_ratplus/hf/ (pure torch: the directory needs no megatron to run). Tensors keep their
 values and layout (W_in per head, the padded embedding rows); only names change.
 """
@@ -21,6 +21,7 @@ from megatron_ratplus.convert import ConversionError, check_tensors, fresh_outpu
 MODELING_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hf")
 CODE_FILES = ("configuration_ratplus.py", "modeling_ratplus.py")
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+BYTE_EOD = "<|endoftext|>"
 _GLOBAL_NAMES = {"embedding.word_embeddings.weight": "model.embed_tokens.weight",
                  "decoder.final_layernorm.weight": "model.norm.weight"}
 _LAYER_NAMES = {"input_layernorm.weight": "input_norm.weight",
@@ -50,7 +51,8 @@ def hf_config(config, tokenizer, pattern: str) -> dict:
             **{hf: getattr(config, ours) for ours, hf in _CONFIG_KEYS.items()},
             "attention_pattern": pattern, "rope_theta": float(config.rotary_base),
             "rms_norm_eps": config.layernorm_epsilon, "initializer_range": config.init_method_std,
-            "tie_word_embeddings": True, "eos_token_id": tokenizer.eod, "dtype": "float32"}
+            "tie_word_embeddings": True, "eos_token_id": tokenizer.eod, "dtype": "float32",
+            "byte_tokenizer": tokenizer.spec == "byte"}  # read back by read_hf
 
 
 def _shards(state: Dict[str, torch.Tensor], max_bytes: int):
@@ -103,13 +105,30 @@ def read_safetensors(directory: str) -> Dict[str, torch.Tensor]:
     return state
 
 
+def _byte_tokenizer(path: str) -> None:
+    """tokenizer.json of our byte tokenizer (id b = byte b, 256 = <|endoftext|>) in `tokenizers`'
+    byte-level format, which spells byte b as GPT-2's printable character for it."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = iter(range(256, 512))
+    vocab = {chr(b if b in printable else next(others)): b for b in range(256)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(BYTE_EOD, special=True)])
+    tok.save(path)
+
+
 def _write_tokenizer(tokenizer, directory: str, max_length: int) -> None:
-    """tokenizer.json and a tokenizer_config.json for PreTrainedTokenizerFast (json tokenizers only:
-    the byte tokenizer has no file; pass a tokenizer to lm_eval / generate yourself)."""
-    if not getattr(tokenizer, "path", None):
-        return
-    shutil.copyfile(tokenizer.path, os.path.join(directory, "tokenizer.json"))
-    eos = tokenizer._tok.id_to_token(tokenizer.eod)
+    """tokenizer.json and a tokenizer_config.json for transformers' PreTrainedTokenizerFast."""
+    path = os.path.join(directory, "tokenizer.json")
+    if getattr(tokenizer, "path", None):
+        shutil.copyfile(tokenizer.path, path)
+        eos = tokenizer._tok.id_to_token(tokenizer.eod)
+    else:
+        _byte_tokenizer(path)
+        eos = BYTE_EOD
     settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length}
     if eos is not None:
         settings["eos_token"] = eos
@@ -137,7 +156,8 @@ def export_hf(state, config, tokenizer, output: str, max_shard_bytes: int = 5 * 
 
 
 def read_hf(directory: str) -> Tuple[Dict[str, torch.Tensor], dict, str]:
-    """(our full state dict, our model shape, tokenizer file or None) from an HF directory we exported."""
+    """(our full state dict, our model shape, tokenizer file or None for the byte tokenizer) from an
+    HF directory we exported."""
     from megatron_ratplus.convert.local import expected_shapes, model_config
 
     if not os.path.isdir(directory):
@@ -165,4 +185,5 @@ def read_hf(directory: str) -> Tuple[Dict[str, torch.Tensor], dict, str]:
     tensors = read_safetensors(directory)
     check_tensors(tensors, {hf_names[k]: s for k, s in expected_shapes(config).items()}, directory)
     tokenizer = os.path.join(directory, "tokenizer.json")
-    return rename(tensors, {v: k for k, v in hf_names.items()}), shape, tokenizer if os.path.isfile(tokenizer) else None
+    tokenizer = tokenizer if os.path.isfile(tokenizer) and not hf.get("byte_tokenizer") else None
+    return rename(tensors, {v: k for k, v in hf_names.items()}), shape, tokenizer
