@@ -117,13 +117,13 @@ def test_authors_easydict_config_loads_without_trust_pickle(tmp_path, monkeypatc
     module.EasyDict = EasyDict
     monkeypatch.setitem(sys.modules, "easydict", module)
     src = tmp_path / "authors.pt"
-    config = EasyDict({"model": {"num_heads": 4, "apply_re": True}, "train": {"lr": 8e-4}})
+    config = EasyDict({"model": {"num_heads": 4, "apply_re": True}, "train": {"lr": 8e-4, "seq_len": 48}})
     torch.save({"task": authors_state(), "config": config}, src)
     monkeypatch.delitem(sys.modules, "easydict")
     out = tmp_path / "converted"
-    assert convert_cli.main(["--input", str(src), "--output", str(out), "--seq-length", "64"]) == 0, \
-        capsys.readouterr().err
-    assert checkpoint.read_meta(str(out))["model"]["num_attention_heads"] == 4  # not the hidden // 128 default
+    assert convert_cli.main(["--input", str(src), "--output", str(out)]) == 0, capsys.readouterr().err
+    shape = checkpoint.read_meta(str(out))["model"]
+    assert (shape["num_attention_heads"], shape["seq_length"]) == (4, 48)  # not hidden // 128, not 4096
 
 
 class NotATensor:

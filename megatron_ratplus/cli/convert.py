@@ -60,7 +60,7 @@ def build_parser():
     a = p.add_argument_group("authors' files")
     a.add_argument("--num-attention-heads", type=int,
                    help="default: the file's config (num_heads), else hidden size / 128 (head size 128)")
-    a.add_argument("--seq-length", type=int, default=4096)
+    a.add_argument("--seq-length", type=int, help="default: the file's config (seq_len), else 4096")
     a.add_argument("--tokenizer-file", help="HF tokenizer.json of the model (default: byte-level)")
     a.add_argument("--pretrain-lr", type=float, default=8e-4, help="recorded so --adapt-pattern uses 0.1x of it")
     a.add_argument("--trust-pickle", action="store_true",
@@ -84,7 +84,8 @@ def detect_format(path: str) -> str:
 
 
 def _from_authors(args):
-    from megatron_ratplus.convert.authors import authors_shape, authors_to_local, config_heads, load_authors
+    from megatron_ratplus.convert.authors import (authors_shape, authors_to_local, config_heads, config_seq_length,
+                                                  load_authors)
     from megatron_ratplus.data.tokenizer import build_tokenizer, padded_vocab_size
 
     state, config = load_authors(args.input, args.trust_pickle)
@@ -97,7 +98,8 @@ def _from_authors(args):
     padded = padded_vocab_size(shape["vocab"])
     weights = authors_to_local(state, shape, heads, padded, args.input)
     model = {"num_layers": shape["num_layers"], "hidden_size": shape["hidden_size"], "num_attention_heads": heads,
-             "ffn_hidden_size": shape["ffn_hidden_size"], "seq_length": args.seq_length, "vocab_size": padded,
+             "ffn_hidden_size": shape["ffn_hidden_size"], "vocab_size": padded,
+             "seq_length": args.seq_length or config_seq_length(config) or 4096,
              "real_vocab_size": tokenizer.vocab_size, "recurrence": shape["recurrence"]}
     source = {"format": "authors", "path": os.path.abspath(args.input), "vocab_size": shape["vocab"]}
     return weights, model, tokenizer.spec, source, None
@@ -144,10 +146,9 @@ def write(args, state, model, tokenizer_spec, source, pattern) -> str:
     from megatron_ratplus.convert.local import model_config, write_local
     from megatron_ratplus.data.tokenizer import build_tokenizer
 
-    if args.target == "ours":
-        return write_local(state, model, tokenizer_spec, args.output, source, args.pretrain_lr,
-                           tokenizer_file=tokenizer_spec[5:] if source["format"] == "hf" and
-                           tokenizer_spec.startswith("json:") else None)
+    if args.target == "ours":  # an HF directory's tokenizer file moves into the new checkpoint
+        carried = tokenizer_spec[len("json:"):] if source["format"] == "hf" and tokenizer_spec != "byte" else None
+        return write_local(state, model, tokenizer_spec, args.output, source, args.pretrain_lr, carried)
     config = model_config({**model, "attention_pattern": pattern})
     if args.target == "hf":
         from megatron_ratplus.convert.hf import export_hf

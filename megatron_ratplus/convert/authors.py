@@ -20,6 +20,7 @@ from megatron_ratplus.convert import ConversionError, check_tensors, rename
 
 _LAYER = re.compile(r"^backbone\.layers\.(\d+)\.")
 _HEAD_KEYS = ("num_heads", "n_heads", "n_head", "num_attention_heads", "nhead")
+_LENGTH_KEYS = ("seq_len", "seq_length", "max_seq_len", "block_size", "context_length")
 # their name -> ours, per layer (in_proj is permuted, not just renamed)
 _LAYER_NAMES = {"seq_layer.input_norm.weight": "input_layernorm.weight",
                 "seq_layer.in_proj.weight": "self_attention.linear_in.weight",
@@ -84,6 +85,11 @@ def _find(config: dict, names) -> Optional[object]:
 def config_heads(config: dict) -> Optional[int]:
     heads = _find(config, _HEAD_KEYS)
     return int(heads) if isinstance(heads, int) and heads > 0 else None
+
+
+def config_seq_length(config: dict) -> Optional[int]:
+    length = _find(config, _LENGTH_KEYS)
+    return int(length) if isinstance(length, int) and length > 0 else None
 
 
 def interleave_heads(weight: torch.Tensor, parts: int, heads: int) -> torch.Tensor:
