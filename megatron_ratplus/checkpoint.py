@@ -7,7 +7,8 @@ Layout of a save directory::
 
 A save writes ``SAVE/.tmp.iter_0000100`` first, renames it into place when every rank is done,
 and only then moves the ``latest`` marker; an existing checkpoint directory is never written
-into. Sharded tensors reshard on load, so a TP=2 checkpoint loads at TP=1 and back.
+into. Sharded tensors reshard on load, so a TP=2 checkpoint loads at TP=1 and back (the padded
+vocabulary does not depend on the TP size, see data.tokenizer.padded_vocab_size).
 """
 
 from __future__ import annotations
@@ -179,10 +180,12 @@ def load_model(path: str, pattern=None, **config_overrides):
     meta = read_meta(path)
     if not parallel_state.model_parallel_is_initialized():
         distributed.initialize()
-    config = model_config(**{**meta["model"], **config_overrides})
+    tokenizer = build_tokenizer(meta["tokenizer"])
+    # checkpoints written before real_vocab_size was recorded: the tokenizer's vocabulary is the real one
+    config = model_config(**{"real_vocab_size": tokenizer.vocab_size, **meta["model"], **config_overrides})
     model = build_model(config)
     load(meta["path"], [model])
     model.eval()
     if pattern is not None:
         set_attention_pattern(model, pattern)
-    return model, config, build_tokenizer(meta["tokenizer"])
+    return model, config, tokenizer

@@ -8,6 +8,7 @@ name and a few overrides describe a model completely.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +25,14 @@ class RATPlusConfig(TransformerConfig):
 
     recurrence: the gated k/v recurrence (False: the attention-only baseline, W_in d -> 4d).
     attention_pattern: the pattern (or composition) the mixers start with (switchable later, see model.py).
+    real_vocab_size: the tokenizer's vocabulary; ids from it up to the padded ``vocab_size`` are
+    padding, whose logits are -inf (never scored or sampled). None: no padding.
     """
 
     recurrence: bool = True
     attention_pattern: str = "dense"
     vocab_size: int = 32000
+    real_vocab_size: Optional[int] = None
     seq_length: int = 4096
     rotary_base: int = 10000
 
@@ -48,7 +52,7 @@ class RATPlusConfig(TransformerConfig):
 
 # The fields that fix a model's shape: what a checkpoint records to rebuild the model.
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length",
-              "vocab_size", "recurrence")
+              "vocab_size", "real_vocab_size", "recurrence")
 
 # Shapes from docs/DESIGN.md §1 (the authors' configs); `tiny` trains on a laptop CPU with the
 # byte-level tokenizer (its vocabulary padded by megatron's rule).

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 from typing import Optional
 
+import torch
+
 from megatron.core.models.gpt import GPTModel
 
 from megatron_ratplus.config import RATPlusConfig
@@ -31,7 +33,7 @@ def build_model(config: RATPlusConfig, transformer_impl: Optional[str] = None, p
         if impl != "transformer_engine":
             raise TransformerImplError("FP8 needs --transformer-impl transformer_engine")
         check_fp8_shapes(config)
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=get_ratplus_block_spec(config, impl, vp_stage),
         vocab_size=config.vocab_size,
@@ -43,6 +45,22 @@ def build_model(config: RATPlusConfig, transformer_impl: Optional[str] = None, p
         rotary_base=config.rotary_base,
         vp_stage=vp_stage,
     )
+    if post_process and config.real_vocab_size is not None and config.real_vocab_size < config.vocab_size:
+        model.output_layer.register_forward_hook(_mask_padded_vocab(config.real_vocab_size))
+    return model
+
+
+def _mask_padded_vocab(real_vocab_size: int):
+    """Output-layer hook: logits of padded vocabulary ids become -inf, so no loss, evaluation or
+    sampler ever scores or picks them. GPTModel has no hook of its own between the output layer
+    and the loss; the logits are [s, b, vocab / tp] (this rank's columns) or gathered [s, b, vocab]."""
+    def hook(layer, inputs, output):
+        logits, bias = output
+        first = 0 if logits.shape[-1] == layer.output_size else layer.tp_group.rank() * logits.shape[-1]
+        ids = torch.arange(first, first + logits.shape[-1], device=logits.device)
+        return logits.masked_fill(ids >= real_vocab_size, float("-inf")), bias
+
+    return hook
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@
 W_in's rows are grouped per head ([o q k v g] of head 0, then head 1, ...) so that a
 tensor-parallel rank's contiguous slice of the column-parallel output holds whole heads. That
 makes megatron's default sharding (axis 0) of the weight reshard correctly across TP sizes;
-megatron_ratplus/convert.py permutes from the authors' [o; q; k; v; g] block layout
+megatron_ratplus.convert.authors permutes from the authors' [o; q; k; v; g] block layout
 (docs/DESIGN.md §1).
 """
 

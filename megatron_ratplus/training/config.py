@@ -29,7 +29,7 @@ DEFAULT_LR, DEFAULT_WARMUP, DEFAULT_ITERS = 3e-3, 0.05, 300
 ADAPTATION_LR_FACTOR = 0.1  # resolution adaptation trains at this fraction of the pretraining LR
 
 # Shape flags the user may give; the vocabulary comes from the tokenizer, the recurrence from --no-recurrence.
-SHAPE_FLAGS = tuple(key for key in SHAPE_KEYS if key not in ("vocab_size", "recurrence"))
+SHAPE_FLAGS = tuple(key for key in SHAPE_KEYS if key not in ("vocab_size", "real_vocab_size", "recurrence"))
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,8 @@ class TrainingConfig:
     num_attention_heads: int
     ffn_hidden_size: int
     seq_length: int
-    vocab_size: int                 # the tokenizer's, padded by megatron's rule for the TP size
+    vocab_size: int                 # the tokenizer's, padded to a multiple of 128 (independent of TP)
+    real_vocab_size: int            # the tokenizer's own; padded ids are never scored or sampled
     recurrence: bool
     # optimisation
     micro_batch_size: int
@@ -205,9 +206,11 @@ def _model_shape(flags: dict, meta: Optional[dict], vocab: int) -> dict:
         if key in shape and shape[key] != value and key != "seq_length":
             raise UserError(f"--load {flags['load']} has {key} {shape[key]}, but this run asks for {value}")
     shape.update(explicit)
-    padded = padded_vocab_size(vocab, flags["tensor_model_parallel_size"])
-    if meta and shape.get("vocab_size") != padded:
-        raise UserError(f"--load {flags['load']} has vocabulary {shape.get('vocab_size')}, this tokenizer needs {padded}")
-    shape["vocab_size"] = padded
+    tp = flags["tensor_model_parallel_size"]
+    padded = shape["vocab_size"] if meta else padded_vocab_size(vocab, tp)
+    if padded < vocab or padded % tp:  # a checkpoint's padding serves every TP size dividing it
+        raise UserError(f"--load {flags['load']} has a vocabulary of {padded}, which does not hold this tokenizer's "
+                        f"{vocab} tokens split over {tp} tensor-parallel ranks")
+    shape["vocab_size"], shape["real_vocab_size"] = padded, vocab
     full = preset_settings(flags["preset"], **shape)
     return {key: full[key] for key in SHAPE_KEYS}
