@@ -76,3 +76,16 @@ def test_te_spec_without_te_is_an_error_not_mocks(megatron_single):
     assert len(get_ratplus_block_spec(preset("tiny"), "local").layer_specs) == 4
     with pytest.raises(UserError, match="unknown --transformer-impl 'fast'"):
         get_ratplus_block_spec(preset("tiny"), "fast")
+
+
+def test_fused_kernel_sources_follow_megatron_and_log_once(monkeypatch, capsys):
+    from megatron.core import optimizer
+
+    monkeypatch.setattr(optional, "_logged", False)
+    found = optional.log_fused_kernels()
+    assert optional.log_fused_kernels() == found
+    assert capsys.readouterr().err.count("fused kernels: adam from ") == 1
+    assert (found["adam"] == "torch") == optimizer.USING_PYTORCH_OPTIMIZER
+    assert found["adam"] in ("transformer_engine", "apex", "torch")
+    if not optional.have("apex") and not optional.have("transformer_engine"):
+        assert found == {"adam": "torch", "multi_tensor_apply": "torch", "gradient_accumulation_fusion": "none"}

@@ -175,3 +175,53 @@ def test_without_the_keys_map_the_fused_norms_are_missing(megatron_single, monke
     with pytest.raises(checkpoint.CheckpointError,
                        match=r"it has no decoder\.layers\.mlp\.linear_fc1\.layer_norm_weight \(2 keys missing\)"):
         checkpoint.load(str(tmp_path), [te_structured_model(config, monkeypatch)])
+
+
+def te_init_parameters(class_name):
+    """(positional names, required keyword-only, all keyword-only) of a megatron TE wrapper's
+    __init__, read from megatron-core's source: without TE the classes themselves are mocks."""
+    import ast
+    import inspect
+
+    from megatron.core.extensions import transformer_engine
+
+    tree = ast.parse(inspect.getsource(transformer_engine))
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    init = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+    kwonly = [a.arg for a in init.args.kwonlyargs]
+    required = {name for name, default in zip(kwonly, init.args.kw_defaults) if default is None}
+    return [a.arg for a in init.args.args[1:]], required, set(kwonly)
+
+
+def test_mixer_and_mlp_call_the_te_linears_with_their_signatures(megatron_single, monkeypatch):
+    """What RATPlusMixer and megatron's MLP pass to W_in / W_out / fc1 / fc2 binds to megatron-core's
+    TELayerNormColumnParallelLinear / TERowParallelLinear constructors."""
+    calls = []
+
+    def recording(cls, name):
+        class Recording(cls):
+            def __init__(self, *args, **kwargs):
+                calls.append((name, args, kwargs))
+                super().__init__(*args, **kwargs)
+        return Recording
+
+    monkeypatch.setattr(specs, "require", lambda *args, **kwargs: None)
+    block = specs.get_ratplus_block_spec(preset("tiny", num_layers=1), "transformer_engine")
+    layer = block.layer_specs[0].submodules
+    mixer, mlp = layer.self_attention.submodules, layer.mlp.submodules
+    assert mixer.linear_in is mlp.linear_fc1 and mixer.linear_out is mlp.linear_fc2  # one spec each
+    mixer.linear_in.module = recording(TEStandInNormLinear, "TELayerNormColumnParallelLinear")
+    mixer.linear_out.module = recording(RowParallelLinear, "TERowParallelLinear")
+    block.layer_norm = TEStandInNorm
+    config = preset("tiny", num_layers=1)
+    GPTModel(config=config, transformer_layer_spec=block, vocab_size=config.vocab_size,
+             max_sequence_length=config.seq_length, position_embedding_type="rope")
+    shapes = [(name, args) for name, args, _ in calls]  # W_in, W_out, fc1, fc2 in build order
+    assert shapes == [("TELayerNormColumnParallelLinear", (128, 640)), ("TERowParallelLinear", (128, 128)),
+                      ("TELayerNormColumnParallelLinear", (128, 512)), ("TERowParallelLinear", (512, 128))]
+    for name, args, kwargs in calls:
+        positional, required, kwonly = te_init_parameters(name)
+        assert len(args) == len(positional) == 2, name
+        assert set(kwargs) <= kwonly, (name, set(kwargs) - kwonly)
+        assert required <= set(kwargs), (name, required - set(kwargs))
+        assert kwargs["is_expert"] is False and kwargs["bias"] is False, name
