@@ -9,7 +9,7 @@ import torch
 from megatron_ratplus import optional
 from megatron_ratplus.cli import run_cli
 from megatron_ratplus.data.dali import KEYS, MicrobatchFeed, dali_batches
-from megatron_ratplus.data.datasets import TokenWindows
+from megatron_ratplus.data.datasets import BatchSource, TokenWindows
 from megatron_ratplus.errors import UserError
 
 
@@ -23,10 +23,8 @@ def test_dali_without_the_package_or_a_gpu_is_one_line_exit_2(capsys):
 
 
 def test_feed_hands_out_the_plain_loaders_microbatches_in_order(megatron_single):
-    from megatron_ratplus.training.loop import BatchSource
-
     tokens = np.random.default_rng(0).integers(0, 300, 2000).astype(np.uint16)
-    source = BatchSource(TokenWindows(tokens, 16), Namespace(micro_batch_size=2), shuffle=True, seed=5)
+    source = BatchSource(TokenWindows(tokens, 16), micro_batch_size=2, dp_rank=0, dp_size=1, seed=5, shuffle=True)
     consumed, global_batch, iterations = 8, 6, 3
     feed = MicrobatchFeed(source, consumed, global_batch, iterations)
     assert feed.per_iteration == 3
