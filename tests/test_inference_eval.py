@@ -104,18 +104,18 @@ def test_eval_suite_runs_what_the_flags_ask(model, tokens, tmp_path):
     import argparse
     import io
 
-    from megatron_ratplus.evaluation import suite
+    from megatron_ratplus.cli import eval as eval_cli
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--patterns")
-    suite.add_arguments(parser)
+    eval_cli.add_arguments(parser)
     args = parser.parse_args(["--patterns", "dense,dilated:4,dilated:4,w=4,p=1", "--table", str(tmp_path / "t.json"),
                               "--plot", str(tmp_path / "p.png"), "--retrieval", "niah_single",
                               "--retrieval-lengths", "256", "--retrieval-samples", "1",
                               "--retrieval-table", str(tmp_path / "r.csv"), "--search-budget", "0.6",
                               "--search-candidates", "dense,dilated:8"])
     out = io.StringIO()
-    results = suite.run(model, tokens, args, out=out)
+    results = eval_cli.run_suite(model, tokens, args, out=out)
     text = out.getvalue()
     assert "dilated:4,w=4,p=1" in text and "chosen composition:" in text
     assert [r["pattern"] for r in json.load(open(tmp_path / "t.json"))] == ["dense", "dilated:4", "dilated:4,w=4,p=1"]
@@ -124,7 +124,7 @@ def test_eval_suite_runs_what_the_flags_ask(model, tokens, tmp_path):
     assert results["search"].cache_bytes <= 0.6 * results["search"].dense_cache_bytes
     bad = parser.parse_args(["--patterns", "dense", "--plot", str(tmp_path / "p.jpg")])
     with pytest.raises(ValueError, match="--plot .* must end in .png"):
-        suite.run(model, tokens, bad)
+        eval_cli.run_suite(model, tokens, bad)
 
 
 def test_reproduce_claim_script_trains_three_recipes_and_writes_results(model, tokens, tmp_path, monkeypatch):

@@ -20,38 +20,58 @@ import argparse
 import os
 import sys
 
-from megatron_ratplus.checkpoint import CheckpointError
 from megatron_ratplus.cli import run_cli
-from megatron_ratplus.data.tokenizer import DataError
-from megatron_ratplus.errors import UserError
-from megatron_ratplus.optional import MissingDependency
-from megatron_ratplus.patterns import PatternError
+from megatron_ratplus.data.datasets import DEFAULT_SEED, DEFAULT_SPLIT
+from megatron_ratplus.errors import ArgumentParser, UserError
+from megatron_ratplus.evaluation.retrieval import TASKS
+from megatron_ratplus.evaluation.search import DEFAULT_CANDIDATES
+from megatron_ratplus.evaluation.suite import RETRIEVAL_LENGTHS
+from megatron_ratplus.patterns import split_pattern_list
 
 
-class EvalUsageError(ValueError):
-    pass
+def _int_list(text: str):
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise EvalUsageError(message)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sparse-inference flags (evaluation/suite.py's arguments)."""
+    group = parser.add_argument_group("sparse inference")
+    group.add_argument("--table", help="write the perplexity table to this .csv or .json file")
+    group.add_argument("--plot", help="write perplexity against D (with and without a window) to this .png")
+    group.add_argument("--retrieval", nargs="*", choices=TASKS, default=None,
+                       help="run RULER-style synthetic tasks per pattern (default all: " + ", ".join(TASKS) + ")")
+    group.add_argument("--retrieval-lengths", type=_int_list, default=list(RETRIEVAL_LENGTHS),
+                       help="context lengths for retrieval (default %s)" % ",".join(map(str, RETRIEVAL_LENGTHS)))
+    group.add_argument("--retrieval-samples", type=int, default=8, help="samples per task and length")
+    group.add_argument("--retrieval-table", help="write the retrieval accuracies to this .csv or .json file")
+    group.add_argument("--search-budget", type=float, default=None,
+                       help="choose per-layer patterns for a KV-cache budget: a fraction of dense (<= 1) or bytes")
+    group.add_argument("--search-candidates", default=",".join(DEFAULT_CANDIDATES),
+                       help="candidate patterns for the search (comma-separated)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="ratplus-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="checkpoint directory (a save dir or one iter_* dir)")
+    p.add_argument("--patterns", default="dense,dilated:4,dilated:16,dilated:64",
+                   help="comma-separated patterns or compositions, e.g. dense,dilated:16,w=256,p=4,local:w=64")
+    p.add_argument("--eval-samples", type=int, default=64, help="validation windows to score")
+    p.add_argument("--data-path", nargs="+", help="indexed dataset prefixes (default: the checkpoint's data)")
+    add_arguments(p)
+    add_benchmark_arguments(p)
+    return p
 
 
 def _names(text: str):
     return [name for name in text.split(",") if name]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from megatron_ratplus.evaluation import suite
-
-    p = _Parser(prog="ratplus-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load", required=True, help="checkpoint directory (a save dir or one iter_* dir)")
-    p.add_argument("--patterns", default="dense,dilated:4,dilated:16,dilated:64",
-                   help="comma-separated patterns or compositions, e.g. dense,dilated:16,w=256,p=4,local:w=64")
-    p.add_argument("--eval-samples", type=int, default=64, help="validation windows to score")
-    p.add_argument("--data-path", nargs="+", help="indexed dataset prefixes (default: the checkpoint's data)")
-    suite.add_arguments(p)
-    bench = p.add_argument_group("benchmarks")
+def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+    """lm-evaluation-harness, LongBench-style and results-file flags."""
+    bench = parser.add_argument_group("benchmarks")
     bench.add_argument("--lm-eval-tasks", type=_names, help="lm-evaluation-harness tasks, e.g. piqa,hellaswag")
     bench.add_argument("--lm-eval-include", help="folder of extra lm-eval task YAMLs (local data files)")
     bench.add_argument("--lm-eval-limit", type=float, help="documents per lm-eval task (a fraction if < 1)")
@@ -59,16 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--longbench", type=_names, help="LongBench tasks (or NAME:METRIC for other local data)")
     bench.add_argument("--longbench-dir", help="folder holding <task>.jsonl in LongBench's format")
     bench.add_argument("--longbench-samples", type=int, help="first N samples per LongBench task")
-    bench.add_argument("--longbench-buckets", type=suite._int_list, default=[4000, 8000],
+    bench.add_argument("--longbench-buckets", type=_int_list, default=[4000, 8000],
                        help="prompt-length bucket bounds in tokens (default 4000,8000)")
     bench.add_argument("--batch-size", type=int, default=8, help="requests per forward pass / decode batch")
     bench.add_argument("--results", help="write every result to this .json file (for ratplus-eval report)")
     bench.add_argument("--name", help="checkpoint name in the results file (default: the --load folder name)")
-    return p
 
 
 def build_report_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ratplus-eval report", description="results files side by side: report.md and PNG plots")
+    p = ArgumentParser(prog="ratplus-eval report", description="results files side by side: report.md and PNG plots")
     p.add_argument("results", nargs="+", help="results .json files written by ratplus-eval --results")
     p.add_argument("--output", required=True, help="folder for report.md and the plots (created)")
     p.add_argument("--metric", action="append", default=[], metavar="TASK=METRIC",
@@ -76,21 +95,49 @@ def build_report_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_benchmark_arguments(args) -> None:
-    if args.longbench and not args.longbench_dir:
-        raise EvalUsageError("--longbench needs --longbench-dir (the folder of LongBench's <task>.jsonl files)")
-    if args.results and os.path.splitext(args.results)[1].lower() != ".json":
-        raise EvalUsageError(f"--results '{args.results}' must end in .json")
-    if args.results and not os.path.isdir(os.path.dirname(os.path.abspath(args.results))):
-        raise EvalUsageError(f"--results '{args.results}': directory does not exist")
-    if args.batch_size < 1:
-        raise EvalUsageError("--batch-size must be >= 1")
+def check_arguments(args) -> None:
+    """Fail before any evaluation runs on a bad output path or setting (UserError, one line)."""
+    for flag, path, exts in (("--table", args.table, (".csv", ".json")), ("--plot", args.plot, (".png",)),
+                             ("--retrieval-table", args.retrieval_table, (".csv", ".json"))):
+        if path is None:
+            continue
+        if os.path.splitext(path)[1].lower() not in exts:
+            raise UserError(f"{flag} '{path}' must end in {' or '.join(exts)}")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise UserError(f"{flag} '{path}': directory does not exist")
+    if args.search_budget is not None and args.search_budget <= 0:
+        raise UserError(f"--search-budget must be > 0, got {args.search_budget}")
+    split_pattern_list(args.patterns)
+    split_pattern_list(args.search_candidates)
+    if getattr(args, "longbench", None) and not args.longbench_dir:
+        raise UserError("--longbench needs --longbench-dir (the folder of LongBench's <task>.jsonl files)")
+    results = getattr(args, "results", None)
+    if results and os.path.splitext(results)[1].lower() != ".json":
+        raise UserError(f"--results '{results}' must end in .json")
+    if results and not os.path.isdir(os.path.dirname(os.path.abspath(results))):
+        raise UserError(f"--results '{results}': directory does not exist")
+    if getattr(args, "batch_size", 1) < 1:
+        raise UserError("--batch-size must be >= 1")
 
 
-def _benchmarks(model, tokenizer, args, patterns, out) -> dict:
+def run_suite(model, tokens, args, tokenizer=None, out=None) -> dict:
+    """Check the sparse-inference flags, then run evaluation/suite.py with their values."""
+    from megatron_ratplus.evaluation import suite
+
+    check_arguments(args)
+    return suite.run(model, tokens, split_pattern_list(args.patterns), table=args.table, plot=args.plot,
+                     retrieval=args.retrieval, retrieval_lengths=args.retrieval_lengths,
+                     retrieval_samples=args.retrieval_samples, retrieval_table_path=args.retrieval_table,
+                     search_budget=args.search_budget, search_candidates=split_pattern_list(args.search_candidates),
+                     tokenizer=tokenizer, out=out)
+
+
+def run_benchmarks(model, tokenizer, args, out=None) -> dict:
     """lm-eval and LongBench-style rows for the flags given (printed as they finish)."""
     from megatron_ratplus.evaluation.report import format_table
 
+    out = out or sys.stdout
+    patterns = split_pattern_list(args.patterns)
     found = {}
     if args.lm_eval_tasks:
         from megatron_ratplus.optional import require
@@ -111,32 +158,31 @@ def _benchmarks(model, tokenizer, args, patterns, out) -> dict:
     return found
 
 
+def write_results_file(args, found: dict) -> None:
+    from megatron_ratplus.evaluation import results as results_file
+
+    rows = (results_file.from_perplexity(found["perplexity"]) + results_file.from_ruler(found.get("retrieval", []))
+            + found.get("lm_eval", []) + results_file.from_longbench(found.get("longbench", [])))
+    results_file.write_results(args.results, args.name or os.path.basename(os.path.normpath(args.load)), rows)
+
+
 def evaluate(argv) -> dict:
     from megatron_ratplus.checkpoint import load_model, read_meta
     from megatron_ratplus.data import validation_windows
-    from megatron_ratplus.evaluation import results as results_file
-    from megatron_ratplus.evaluation import suite
-    from megatron_ratplus.patterns import split_pattern_list
 
     args = build_parser().parse_args(argv)
     if args.eval_samples < 1:
-        raise EvalUsageError("--eval-samples must be >= 1")
-    try:
-        suite.check_arguments(args)
-    except ValueError as err:  # bad output paths, budgets or patterns
-        raise EvalUsageError(str(err)) from None
-    _check_benchmark_arguments(args)
+        raise UserError("--eval-samples must be >= 1")
+    check_arguments(args)
     train_args = read_meta(args.load)["args"]
     model, config, tokenizer = load_model(args.load)
     tokens = validation_windows(tokenizer, config.seq_length, args.eval_samples,
                                 args.data_path or train_args.get("data_path"),
-                                train_args.get("seed", 1234), train_args.get("split", "98,2,0"))
-    found = suite.run(model, tokens, args, tokenizer=tokenizer)
-    found.update(_benchmarks(model, tokenizer, args, split_pattern_list(args.patterns), sys.stdout))
+                                train_args.get("seed", DEFAULT_SEED), train_args.get("split", DEFAULT_SPLIT))
+    found = run_suite(model, tokens, args, tokenizer=tokenizer)
+    found.update(run_benchmarks(model, tokenizer, args))
     if args.results:
-        rows = (results_file.from_perplexity(found["perplexity"]) + results_file.from_ruler(found.get("retrieval", []))
-                + found.get("lm_eval", []) + results_file.from_longbench(found.get("longbench", [])))
-        results_file.write_results(args.results, args.name or os.path.basename(os.path.normpath(args.load)), rows)
+        write_results_file(args, found)
     return found
 
 
@@ -149,7 +195,7 @@ def report(argv) -> list:
     for item in args.metric:
         task, sep, metric = item.partition("=")
         if not sep or not task or not metric:
-            raise EvalUsageError(f"--metric expects TASK=METRIC, got '{item}'")
+            raise UserError(f"--metric expects TASK=METRIC, got '{item}'")
         overrides[task] = metric
     written = write_report([read_results(path) for path in args.results], args.output, overrides)
     for path in written:
@@ -160,9 +206,8 @@ def report(argv) -> list:
 def main(argv=None) -> int:
     argv = list(argv if argv is not None else sys.argv[1:])
     if argv[:1] == ["report"]:
-        return run_cli("ratplus-eval", lambda: report(argv[1:]), (EvalUsageError, UserError))
-    return run_cli("ratplus-eval", lambda: evaluate(argv),
-                   (EvalUsageError, CheckpointError, DataError, PatternError, UserError, MissingDependency))
+        return run_cli("ratplus-eval", lambda: report(argv[1:]))
+    return run_cli("ratplus-eval", lambda: evaluate(argv))
 
 
 if __name__ == "__main__":

@@ -12,11 +12,8 @@ is split tensor-parallel over the ranks; results are written by local rank 0.
 
 import sys
 
-from megatron_ratplus.checkpoint import CheckpointError
 from megatron_ratplus.cli import run_cli
-from megatron_ratplus.errors import UserError
-from megatron_ratplus.optional import MissingDependency, require
-from megatron_ratplus.patterns import PatternError
+from megatron_ratplus.optional import require
 
 
 def _run(argv) -> None:
@@ -29,8 +26,7 @@ def _run(argv) -> None:
 
 
 def main(argv=None) -> int:
-    return run_cli("ratplus-lm-eval", lambda: _run(sys.argv[1:] if argv is None else argv),
-                   (UserError, MissingDependency, CheckpointError, PatternError))
+    return run_cli("ratplus-lm-eval", lambda: _run(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from megatron_ratplus.data.tokenizer import ByteTokenizer
 from megatron_ratplus.evaluation.errors import ContextLengthError, DatasetMissingError, UnknownTaskError
 from megatron_ratplus.evaluation.metrics import check_metric, score
 from megatron_ratplus.evaluation.scoring import greedy_until
-from megatron_ratplus.model import set_attention_pattern
+from megatron_ratplus.model import evaluating
 
 _PASSAGES_QA = ("Answer the question based on the given passages. Only give me the answer and do not output any "
                 "other words.\n\nThe following are given passages.\n{context}\n\nAnswer the question based on the "
@@ -163,7 +163,6 @@ def longbench_table(model, tasks: Sequence[str], directory: str, patterns: Seque
     max_length = max_length or model.config.seq_length
     specs = [task_spec(t) for t in tasks]
     data = {spec.name: load_samples(directory, spec, limit) for spec in specs}  # every file checked first
-    model.eval()
     rows = []
     for spec in specs:
         if max_new_tokens:
@@ -177,9 +176,9 @@ def longbench_table(model, tasks: Sequence[str], directory: str, patterns: Seque
         prompts = [middle_truncate(p, room) for p in full]
         labels = [bucket_label(len(p), buckets) for p in full]
         for pattern in patterns:
-            set_attention_pattern(model, pattern)
-            outputs = greedy_until(model, prompts, tokenizer.decode, spec.max_new_tokens, max_length,
-                                   stop_tokens=[tokenizer.eod], batch_size=batch_size)
+            with evaluating(model, pattern):
+                outputs = greedy_until(model, prompts, tokenizer.decode, spec.max_new_tokens, max_length,
+                                       stop_tokens=[tokenizer.eod], batch_size=batch_size)
             scores = []
             for output, sample in zip(outputs, data[spec.name]):
                 if spec.first_line:

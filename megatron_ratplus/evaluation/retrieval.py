@@ -25,7 +25,7 @@ from megatron_ratplus.data.tokenizer import ByteTokenizer
 from megatron_ratplus.evaluation.errors import ContextLengthError, UnknownTaskError
 from megatron_ratplus.evaluation.metrics import string_match_all
 from megatron_ratplus.evaluation.scoring import greedy_until
-from megatron_ratplus.model import set_attention_pattern
+from megatron_ratplus.model import evaluating
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 KEY_NAMES = ("apple", "river", "falcon", "copper", "meadow", "violet", "harbor", "cinder", "quartz", "willow")
@@ -145,17 +145,11 @@ def make_samples(task: str, length: int, count: int, seed: int = 0, tokenizer=No
 def retrieval_accuracy(model, tokenizer, samples: Sequence[RetrievalSample], pattern=None, batch_size: int = 4,
                        max_length: Optional[int] = None) -> float:
     """Mean string_match_all of the greedy continuations (generated with the sparse decode cache)."""
-    if pattern is not None:
-        set_attention_pattern(model, pattern)
     tokenizer = tokenizer or ByteTokenizer()
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model, pattern):
         outputs = greedy_until(model, [s.context for s in samples], tokenizer.decode,
                                max(s.answer_tokens for s in samples), max_length or model.config.seq_length,
                                stop_tokens=[tokenizer.eod], batch_size=batch_size)
-    finally:
-        model.train(was_training)
     return sum(string_match_all(o, s.references) for o, s in zip(outputs, samples)) / len(samples)
 
 
