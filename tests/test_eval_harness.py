@@ -253,3 +253,19 @@ def test_longbench_runner_truncates_in_the_middle_and_scores_official_metrics(mo
     with pytest.raises(ContextLengthError, match="gov_report generates up to 512 tokens"):
         (tmp_path / "gov_report.jsonl").write_text(json.dumps(samples[0]) + "\n")
         longbench_table(model, ["gov_report"], str(tmp_path), ["dense"], tok)
+
+
+@pytest.mark.integration
+def test_scoring_under_tensor_parallelism_matches_one_process(tmp_path, megatron_single):
+    """All ranks run every request; the gathered logits give rank 0 the single-process numbers."""
+    from conftest import torchrun
+    from harness.eval_scoring import run
+
+    logprobs, texts, weights = run(1, SPARSE)
+    torch.save({"weights": weights}, tmp_path / "tp1.pt")
+    result = torchrun(2, "-m", "harness.eval_scoring", tmp_path / "tp2.pt", SPARSE, tmp_path / "tp1.pt")
+    assert result.returncode == 0, result.stderr[-3000:]
+    tp2 = torch.load(tmp_path / "tp2.pt")
+    for (got, got_greedy), (want, want_greedy) in zip(tp2["logprobs"], logprobs):
+        assert got == pytest.approx(want, abs=1e-4) and got_greedy == want_greedy
+    assert tp2["texts"] == texts and len(texts) == 3
