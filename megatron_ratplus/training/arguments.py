@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     par.add_argument("--num-layers-per-virtual-pipeline-stage", type=int)
     par.add_argument("--context-parallel-size", type=int, default=1)
-    par.add_argument("--sequence-parallel", action="store_true")
+    par.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=False,
+                     help="(--no-sequence-parallel overrides a run config's true)")
     par.add_argument("--use-distributed-optimizer", action="store_true")
     return p
 
