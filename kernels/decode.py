@@ -1,4 +1,10 @@
-"""Decode attention over a compact sparse KV cache (flash-decoding split over cache slots).
+"""Decode attention over a decode cache's slots (flash-decoding split over the slots).
+
+Contract of ``megatron_ratplus.ops.decode.decode_attention`` with the pattern as plain numbers:
+slot s of sequence b holds position slot_positions[b, s] (-1: empty or a duplicate, never
+attended), and the query at query_positions[b] attends it iff ``visible_rule`` admits the pair
+(D, W, P; a pattern without dilation passes a D larger than any position + 1). The same kernel
+serves the compact ``[sinks | ring | chunk ends]`` layout and the full one (position = slot).
 
 One query per (sequence, head) is too little work for one program per pair on a large GPU, so
 the filled slots of each pair are cut into splits: every program reduces its split to a partial
@@ -15,30 +21,31 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E
+from ._common import LOG2E, visible_rule
 
 MIN_SPLIT = 256  # slots per split below which splitting costs more than it gains
 
 
 @triton.jit
-def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, o_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, H, split_len,
-                  q_b, q_h, c_b, c_h, c_s, o_b, o_h, qk_scale,
+def _split_kernel(q_ptr, k_ptr, v_ptr, slot_pos_ptr, query_pos_ptr, o_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+                  H, S, split_len, D, W, P, q_b, q_h, c_b, c_h, c_s, sp_b, o_b, o_h, qk_scale,
                   HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, FINAL: tl.constexpr):
     pid_bh, split = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
     q = tl.load(q_ptr + b * q_b + h * q_h + offs_d, mask=d_ok, other=0.0).to(tl.float32) * qk_scale
-    length = tl.load(len_ptr + b)
+    t = tl.load(query_pos_ptr + b)
     start = split * split_len
-    stop = tl.minimum(start + split_len, length)
+    stop = tl.minimum(start + split_len, S)
     base = b.to(tl.int64) * c_b + h * c_h
     m_i = tl.full([], -1.0e30, tl.float32)
     l_i = tl.full([], 0.0, tl.float32)
     acc = tl.zeros([BLOCK_D], tl.float32)
     for s0 in range(start, stop, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
-        ok = s < stop
+        pos = tl.load(slot_pos_ptr + b * sp_b + s, mask=s < stop, other=-1)
+        ok = (pos >= 0) & visible_rule(t, pos, D, W, P)
         off = base + s.to(tl.int64)[:, None] * c_s + offs_d[None, :]
         tile_mask = ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + off, mask=tile_mask, other=0.0).to(tl.float32)
@@ -82,33 +89,41 @@ def _num_splits(pairs: int, capacity: int, device: torch.device) -> int:
     return max(1, min(-(-target // pairs), -(-capacity // MIN_SPLIT)))
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_positions: torch.Tensor,
+                     query_positions: torch.Tensor, dilation: int, window: int, sinks: int,
                      softmax_scale: Optional[float] = None, splits: Optional[int] = None) -> torch.Tensor:
-    """Same contract as ``megatron_ratplus.ops.decode.decode_attention`` (no host sync).
+    """q [b, h, d], k_cache/v_cache [b, h, S, d], slot_positions [b, S], query_positions [b] -> [b, h, d].
 
-    ``splits`` overrides the number of slot splits (tests use it to cover the merge kernel).
+    (dilation, window, sinks) = (D, W, P) of the pattern. No host sync. ``splits`` overrides the
+    number of slot splits (tests use it to cover the merge kernel).
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape[:2] != q.shape[:2] or k_cache.shape[3] != q.shape[2]:
         raise ValueError(f"decode_attention: expected q [b, h, d] and caches [b, h, S, d], got "
                          f"{tuple(q.shape)} and {tuple(k_cache.shape)}")
     if v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride():
         raise ValueError("decode_attention: v_cache must match k_cache in shape and layout")
+    batch, heads, slots, head_dim = k_cache.shape
+    if slot_positions.shape != (batch, slots) or query_positions.shape != (batch,):
+        raise ValueError(f"decode_attention: expected slot_positions [b, S] = [{batch}, {slots}] and "
+                         f"query_positions [b] = [{batch}], got {tuple(slot_positions.shape)} and "
+                         f"{tuple(query_positions.shape)}")
     if k_cache.stride(3) != 1:
         k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
-    batch, heads, capacity, head_dim = k_cache.shape
     scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
-    lengths = lengths.to(device=q.device, dtype=torch.int32).clamp(0, capacity).contiguous()
+    slot_positions = slot_positions.to(device=q.device, dtype=torch.int32).contiguous()
+    query_positions = query_positions.to(device=q.device, dtype=torch.int32).contiguous()
     q = q if q.stride(2) == 1 else q.contiguous()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    n_splits = splits or _num_splits(batch * heads, capacity, q.device)
-    split_len = -(-capacity // n_splits)
+    n_splits = splits or _num_splits(batch * heads, slots, q.device)
+    split_len = -(-slots // n_splits)
     block_d = max(16, triton.next_power_of_2(head_dim))
     part_m = torch.empty((batch * heads * n_splits,), dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty((batch * heads * n_splits, block_d), dtype=torch.float32, device=q.device)
     _split_kernel[(batch * heads, n_splits)](
-        q, k_cache, v_cache, lengths, out, part_m, part_l, part_acc, heads, split_len,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q, k_cache, v_cache, slot_positions, query_positions, out, part_m, part_l, part_acc,
+        heads, slots, split_len, dilation, window, sinks,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), slot_positions.stride(0),
         out.stride(0), out.stride(1), scale * LOG2E,
         HEAD_D=head_dim, BLOCK_D=block_d, BLOCK_S=64, FINAL=n_splits == 1)
     if n_splits > 1:

@@ -7,7 +7,8 @@ Layout of a save directory::
 
 A save writes ``SAVE/.tmp.iter_0000100`` first, renames it into place when every rank is done,
 and only then moves the ``latest`` marker; an existing checkpoint directory is never written
-into. Sharded tensors reshard on load, so a TP=2 checkpoint loads at TP=1 and back.
+into. Sharded tensors reshard on load, so a TP=2 checkpoint loads at TP=1 and back (the padded
+vocabulary does not depend on the TP size, see data.tokenizer.padded_vocab_size).
 """
 
 from __future__ import annotations
@@ -22,12 +23,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch.distributed.checkpoint.api import CheckpointException
+
+from megatron_ratplus.config import SHAPE_KEYS
+from megatron_ratplus.errors import UserError
 
 META_FILE = "ratplus.json"
 LATEST = "latest"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint path that cannot be used; the message is one line for the user."""
 
 
@@ -131,27 +137,31 @@ def load(path: str, model_chunks, optimizer=None) -> dict:
     if optimizer is not None:
         optimizer.init_state()
     template = sharded_training_state(model_chunks, optimizer)
-    try:
-        state = dist_checkpointing.load(template, ckpt)
+    try:  # megatron calls keys this model asks for and the checkpoint lacks "unexpected"
+        state, _, absent = dist_checkpointing.load(template, ckpt, strict=StrictHandling.RETURN_UNEXPECTED)
+    except CheckpointException as err:  # torch's, a BaseException: its last line holds the reason
+        raise CheckpointError(f"cannot load {ckpt}: {str(err).strip().splitlines()[-1].strip()}") from None
     except Exception as err:  # dist_checkpointing reports shape/key mismatches as many error types
         raise CheckpointError(f"cannot load {ckpt}: {str(err).splitlines()[0]}") from None
-    if len(model_chunks) == 1:
-        model_chunks[0].load_state_dict(state.pop("model"))
-    else:
-        for i, chunk in enumerate(model_chunks):
-            chunk.load_state_dict(state.pop(f"model{i}"))
+    # Saved with the other --transformer-impl, a checkpoint may lack only Transformer Engine's
+    # FP8 metadata (``_extra_state``), which then starts fresh (docs/DESIGN.md §7).
+    absent = sorted(key for key in absent if not key.endswith("._extra_state"))
+    if absent:
+        raise CheckpointError(f"cannot load {ckpt}: it has no {absent[0]} ({len(absent)} keys missing)")
+    names = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
+    for name, chunk in zip(names, model_chunks):
+        result = chunk.load_state_dict(state.pop(name), strict=False)
+        wrong = [k for k in result.missing_keys if not k.endswith("._extra_state")] + result.unexpected_keys
+        if wrong:
+            raise CheckpointError(f"cannot load {ckpt}: {wrong[0]} does not match this model")
     if optimizer is not None:
         optimizer.load_state_dict(state.pop("optimizer"))
     return state
 
 
-MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length",
-              "vocab_size", "recurrence")
-
-
 def model_meta(config) -> dict:
     """The model-shape fields a checkpoint records (enough to rebuild the model)."""
-    return {key: getattr(config, key) for key in MODEL_KEYS}
+    return {key: getattr(config, key) for key in SHAPE_KEYS}
 
 
 def load_model(path: str, pattern=None, **config_overrides):
@@ -163,17 +173,19 @@ def load_model(path: str, pattern=None, **config_overrides):
     from megatron.core import parallel_state
 
     from megatron_ratplus import distributed
-    from megatron_ratplus.config import preset
+    from megatron_ratplus.config import model_config
     from megatron_ratplus.data.tokenizer import build_tokenizer
     from megatron_ratplus.model import build_model, set_attention_pattern
 
     meta = read_meta(path)
     if not parallel_state.model_parallel_is_initialized():
         distributed.initialize()
-    config = preset("tiny", **{**meta["model"], **config_overrides})
+    tokenizer = build_tokenizer(meta["tokenizer"])
+    # checkpoints written before real_vocab_size was recorded: the tokenizer's vocabulary is the real one
+    config = model_config(**{"real_vocab_size": tokenizer.vocab_size, **meta["model"], **config_overrides})
     model = build_model(config)
     load(meta["path"], [model])
     model.eval()
     if pattern is not None:
         set_attention_pattern(model, pattern)
-    return model, config, build_tokenizer(meta["tokenizer"])
+    return model, config, tokenizer

@@ -7,8 +7,7 @@ import pytest
 
 from megatron_ratplus import checkpoint
 from megatron_ratplus.cli import pretrain as pretrain_cli
-from megatron_ratplus.training import loop
-from megatron_ratplus.training.arguments import parse_args
+from megatron_ratplus.training import loop, pretrain
 from megatron_ratplus.training.exit import ExitConditions
 
 FLAGS = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "32",
@@ -61,7 +60,7 @@ def test_without_the_flag_a_signal_is_not_caught(tmp_path, steps):
     try:
         steps["signal_at"] = {1: signal.SIGUSR1}
         with pytest.raises(KeyboardInterrupt):
-            loop.pretrain(parse_args(FLAGS + ["--save", str(tmp_path / "ck")]))
+            pretrain(FLAGS + ["--save", str(tmp_path / "ck")])
     finally:
         signal.signal(signal.SIGUSR1, previous)
 

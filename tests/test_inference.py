@@ -41,11 +41,35 @@ PATTERNS = [
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_step_decode_equals_full_forward(model, pattern):
     """Prefill ragged prompts, then feed the rest token by token: every position's logits match."""
+    _check_step_decode(model, pattern, _full_logits)
+
+
+@pytest.mark.slow  # the interpreter runs every kernel of prefill and 23 steps
+def test_step_decode_with_the_triton_kernels_equals_the_reference_forward(model, monkeypatch):
+    """The same with RATPLUS_KERNELS=triton (the kernels in Triton's interpreter: the scan, the
+    pattern attention in prefill, the decode kernel in every step) against the reference forward."""
+    from ratplus_kernels import decode
+
+    calls = []
+    kernel = decode.decode_attention
+    monkeypatch.setattr(decode, "decode_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    monkeypatch.setenv("RATPLUS_KERNELS", "triton")
+    _check_step_decode(model, "dilated:4,w=3,p=2", lambda model, tokens: _reference_logits(model, tokens, monkeypatch))
+    assert len(calls) == LAYERS * (37 - 14)  # every layer of every step
+
+
+def _reference_logits(model, tokens, monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setenv("RATPLUS_KERNELS", "reference")
+        return _full_logits(model, tokens)
+
+
+def _check_step_decode(model, pattern, full_logits):
     set_attention_pattern(model, pattern)
     gen = torch.Generator().manual_seed(1)
     seq = 37
     tokens = torch.randint(0, VOCAB, (3, seq), generator=gen)
-    full = _full_logits(model, tokens)
+    full = full_logits(model, tokens)
     lengths = torch.tensor([9, 2, 14])
     padded = tokens.clone()
     for b, n in enumerate(lengths):
@@ -104,7 +128,7 @@ def test_cache_contents_and_bytes_equal_the_formula(model):
             ring = store.ring_pos[0].tolist()
             assert sorted(ring) == list(range(t - w, t + 1))  # the window: the last W + 1 positions
             torch.testing.assert_close(store.keys[:, :, p:p + w + 1], k[:, :, ring], **TOL)
-            torch.testing.assert_close(cache.state[:, :, 1], v[:, :, t].float(), **TOL)  # v~ of the last token
+            torch.testing.assert_close(cache.state[:, 1], v[:, :, t].float(), **TOL)  # v~ of the last token
 
 
 def test_dense_and_topk_keep_the_full_cache(model):

@@ -6,27 +6,24 @@ ragged (T not a multiple of the tile or of D, D > T, W = 0, P = 0, P > T); the i
 slow, so the longer cases carry @pytest.mark.slow.
 """
 
-import os
+import contextlib
+import logging
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (by ratplus_kernels below)
+import numpy as np
+import pytest
+import torch
+import triton.language as tl
+from triton.runtime import interpreter
 
-import contextlib  # noqa: E402
-import logging  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.runtime import interpreter  # noqa: E402
-
-from megatron_ratplus import backend  # noqa: E402
-from megatron_ratplus.ops import gated_scan as reference_scan  # noqa: E402
-from megatron_ratplus.ops import pattern_attention as reference_attention  # noqa: E402
-from megatron_ratplus.ops.decode import decode_attention as reference_decode  # noqa: E402
-from ratplus_kernels import attention as attention_kernels  # noqa: E402
-from ratplus_kernels.attention import dilated_attention, pattern_attention  # noqa: E402
-from ratplus_kernels.decode import decode_attention  # noqa: E402
-from ratplus_kernels.scan import gated_scan, gated_scan_kv  # noqa: E402
+from megatron_ratplus import backend
+from megatron_ratplus.ops import gated_scan as reference_scan
+from megatron_ratplus.ops import pattern_attention as reference_attention
+from megatron_ratplus.ops.decode import decode_attention as reference_decode
+from megatron_ratplus.patterns import parse_pattern
+from ratplus_kernels import attention as attention_kernels
+from ratplus_kernels.attention import dilated_attention as dilated_kernel
+from ratplus_kernels.decode import decode_attention
+from ratplus_kernels.scan import gated_scan, gated_scan_kv
 
 TINY_BLOCKS = ((16, 16, 1), (16, 16, 1))
 
@@ -144,6 +141,12 @@ def test_scan_rejects_bad_shapes():
 
 # ---- fused pattern attention --------------------------------------------------------------
 
+def dilated_attention(q, k, v, pattern, softmax_scale=None, blocks=None):
+    """The kernel under a pattern string (the kernel itself takes D, W, P)."""
+    pattern = parse_pattern(pattern)
+    return dilated_kernel(q, k, v, pattern.dilation, pattern.window, pattern.sinks, softmax_scale, blocks)
+
+
 def attention_inputs(seq_len, head_dim=16, dtype=torch.float32, batch=2, heads=2, seed=0):
     torch.manual_seed(seed)
     return tuple(torch.randn(seq_len, batch, heads, head_dim).to(dtype) for _ in range(3))
@@ -197,29 +200,60 @@ TOPK_CASES = [
 @pytest.mark.parametrize("seq_len, pattern", TOPK_CASES)
 def test_topk_attention_matches_reference(seq_len, pattern):
     inputs = attention_inputs(seq_len, batch=1, heads=1 if seq_len < 25 else 2, seed=seq_len)
-    check_with_grads(lambda q, k, v: pattern_attention(q, k, v, pattern),
+    check_with_grads(lambda q, k, v: backend.kernel_attention(q, k, v, parse_pattern(pattern)),
                      lambda q, k, v: reference_attention(q, k, v, pattern), inputs, 1e-5)
 
 
 # ---- decode -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("splits, dtype", [(None, torch.float32), (3, torch.float32), (4, torch.bfloat16)])
-def test_decode_matches_reference(splits, dtype):
-    torch.manual_seed(5)
-    q = torch.randn(3, 2, 24).to(dtype)
-    k_cache, v_cache = (torch.randn(3, 2, 150, 24).to(dtype) for _ in range(2))
-    lengths = torch.tensor([150, 0, 77])
-    k_cache[2, :, 77:] = float("inf")  # slots past the length must be ignored
+def decode_inputs(dtype, slots, full, seed):
+    """Random q and caches [3, 2, slots, 24], per-slot positions (ragged queries, empty and
+    duplicate slots marked -1) and query positions. ``full``: slot = position."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(3, 2, 24, generator=gen).to(dtype)
+    k_cache, v_cache = (torch.randn(3, 2, slots, 24, generator=gen).to(dtype) for _ in range(2))
+    query_pos = torch.tensor([slots - 1, 0, slots // 2]) if full else torch.tensor([400, 5, 97])
+    if full:
+        slot_pos = torch.arange(slots).expand(3, slots).clone()
+    else:  # distinct positions <= the query's, shuffled as a ring would hold them; a quarter -1
+        slot_pos = torch.stack([torch.randperm(int(t) + 1, generator=gen)[:slots] for t in query_pos.clamp(min=slots)])
+        slot_pos = torch.where(slot_pos <= query_pos.unsqueeze(1), slot_pos, -1)
+        slot_pos[torch.rand(3, slots, generator=gen) < 0.25] = -1
+    never = (slot_pos < 0) | (slot_pos > query_pos.unsqueeze(1))  # empty, duplicate or future: never attended
+    k_cache.masked_fill_(never[:, None, :, None], float("inf"))
+    return q, k_cache, v_cache, slot_pos, query_pos
+
+
+@pytest.mark.parametrize("pattern", ["dense", "dilated:4,w=3,p=2", "dilated:7", "local:w=5,p=1", "local:w=0"])
+@pytest.mark.parametrize("full, splits, dtype", [(True, None, torch.float32), (False, None, torch.float32),
+                                                 (True, 3, torch.float32), (False, 4, torch.bfloat16),
+                                                 (True, 2, torch.bfloat16)])
+def test_decode_matches_reference(pattern, full, splits, dtype):
+    slots = 150
+    q, k_cache, v_cache, slot_pos, query_pos = decode_inputs(dtype, slots, full, seed=slots + len(pattern))
+    p = parse_pattern(pattern)
     with poisoned():
-        out = decode_attention(q, k_cache, v_cache, lengths, splits=splits)
-    want = reference_decode(q, k_cache, v_cache, lengths)
-    assert out.dtype == dtype and torch.equal(want[1], torch.zeros_like(want[1]))
+        out = decode_attention(q, k_cache, v_cache, slot_pos, query_pos, p.dilation or 2 ** 31 - 1, p.window,
+                               p.sinks, splits=splits)
+    want = reference_decode(q, k_cache, v_cache, slot_pos, query_pos, p)
+    assert out.dtype == dtype and torch.isfinite(want).all()
     assert_close_rel(out, want, TOL[dtype])
 
 
-def test_decode_reference_rejects_lengths_past_capacity():
-    with pytest.raises(ValueError, match="capacity"):
-        reference_decode(torch.randn(1, 1, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4), torch.tensor([4]))
+def test_decode_with_no_visible_slot_gives_zeros():
+    q, k_cache, v_cache, slot_pos, query_pos = decode_inputs(torch.float32, 40, False, seed=3)
+    slot_pos[1] = -1
+    with poisoned():
+        out = decode_attention(q, k_cache, v_cache, slot_pos, query_pos, 4, 1, 0, splits=2)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert_close_rel(out, reference_decode(q, k_cache, v_cache, slot_pos, query_pos, parse_pattern("dilated:4,w=1")),
+                     TOL[torch.float32])
+
+
+def test_decode_reference_rejects_misshaped_positions():
+    with pytest.raises(ValueError, match="slot_positions"):
+        reference_decode(torch.randn(1, 1, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4),
+                         torch.arange(4).unsqueeze(0), torch.tensor([3]), parse_pattern("dense"))
 
 
 # ---- dispatch -----------------------------------------------------------------------------
@@ -259,14 +293,14 @@ def test_dispatch_logs_choice_once(monkeypatch, caplog):
 
 def test_forced_triton_routes_attention_and_scan_to_kernels(monkeypatch):
     calls = []
-    kernel = attention_kernels.pattern_attention
-    monkeypatch.setattr(attention_kernels, "pattern_attention", lambda *a: calls.append(a[3]) or kernel(*a))
+    kernel = attention_kernels.dilated_attention
+    monkeypatch.setattr(attention_kernels, "dilated_attention", lambda *a: calls.append(a[3:6]) or kernel(*a))
     q, k, v = attention_inputs(19, batch=1, heads=1, seed=3)
     monkeypatch.setenv(backend.ENV_VAR, "triton")
     out = backend.pattern_attention(q, k, v, "dilated:4,w=2")
     dense = backend.pattern_attention(q, k, v, "dense")  # dense stays on SDPA
     monkeypatch.setenv(backend.ENV_VAR, "reference")
-    assert [str(p) for p in calls] == ["dilated:4,w=2"]
+    assert calls == [(4, 2, 0)]  # dilated:4,w=2 as the kernel's D, W, P
     torch.testing.assert_close(out, reference_attention(q, k, v, "dilated:4,w=2"))
     torch.testing.assert_close(dense, reference_attention(q, k, v, "dense"))
 

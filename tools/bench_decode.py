@@ -1,7 +1,10 @@
-"""Benchmark sparse-cache decoding on CPU (issue 4): tokens/s and cache bytes, dense vs dilated.
+"""Benchmark sparse-cache decoding on CPU: tokens/s and cache bytes, dense vs dilated.
 
 For each pattern: prefill ``--context`` random tokens, then decode ``--new-tokens`` steps and
-time them (median of per-step times). Cache bytes are read from the live cache tensors and
+time them (median of per-step times). Each step is ``GPTModel.forward`` with the
+``DecodeSession`` as megatron's inference context; every mixer runs ``decode_step`` and its
+layer's cache attends through ``backend.decode_attention`` (the reference op on CPU, the Triton
+decode kernel on CUDA; docs/DESIGN.md §5). Cache bytes are read from the live cache tensors and
 compared with the formula (P + W + 1 + floor(T/D) slots per head, plus the recurrent state).
 
 Usage: python tools/bench_decode.py [--context 8192] [--new-tokens 32] [--batch 1] [--hidden 256]
@@ -24,7 +27,7 @@ from megatron_ratplus import distributed  # noqa: E402
 from megatron_ratplus.config import preset  # noqa: E402
 from megatron_ratplus.inference import DecodeSession  # noqa: E402
 from megatron_ratplus.model import build_model, count_parameters, set_attention_pattern  # noqa: E402
-from megatron_ratplus.patterns import parse_pattern  # noqa: E402
+from megatron_ratplus.patterns import parse_pattern, split_pattern_list  # noqa: E402
 
 
 def bench(model, pattern: str, context: int, new_tokens: int, batch: int, vocab: int):
@@ -65,7 +68,7 @@ def main():
           f"{args.hidden // args.heads}), vocab {config.vocab_size}, {count_parameters(config) / 1e6:.2f}M params, "
           f"fp32; batch {args.batch}; context {args.context}; {torch.get_num_threads()} threads")
     results = [bench(model, p, args.context, args.new_tokens, args.batch, config.vocab_size)
-               for p in args.patterns.split(",")]
+               for p in split_pattern_list(args.patterns)]
     dense = next((r for r in results if parse_pattern(r["pattern"]).is_dense), results[0])
     capacity = args.context + args.new_tokens
     print("| pattern | prefill s | decode ms/step | tokens/s | speed-up vs dense | cache bytes | "

@@ -10,7 +10,8 @@ one), ``loss_mask`` and ``position_ids``. Two sources produce it:
   of the check (a scan of every token id) runs once per version of the files.
 
 ``SampleOrder`` maps the count of consumed samples to a dataset index, so the data position is
-one integer in the checkpoint and resuming reproduces the exact batches.
+one integer in the checkpoint and resuming reproduces the exact batches; ``BatchSource`` cuts
+a global batch into one data-parallel rank's micro-batches (``collate``d) by that count.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ import torch
 
 from megatron_ratplus.data.corpus import embedded_splits
 from megatron_ratplus.data.tokenizer import DataError
+
+# The data of a run that names none: the shuffling seed (also the run's seed) and megatron's
+# train/validation/test split of indexed data.
+DEFAULT_SEED, DEFAULT_SPLIT = 1234, "98,2,0"
 
 
 class TokenWindows(torch.utils.data.Dataset):
@@ -69,6 +74,21 @@ class SampleOrder:
 
 def collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
     return {key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask", "position_ids")}
+
+
+class BatchSource:
+    """This data-parallel rank's micro-batches of a global batch, from the consumed-sample count alone."""
+
+    def __init__(self, dataset, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int, shuffle: bool):
+        self.dataset, self.order = dataset, SampleOrder(len(dataset), seed, shuffle)
+        self.micro, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+
+    def microbatches(self, consumed: int, global_batch: int) -> List[Dict[str, torch.Tensor]]:
+        out = []
+        for m in range(global_batch // (self.micro * self.dp_size)):
+            start = consumed + (m * self.dp_size + self.dp_rank) * self.micro
+            out.append(collate([self.dataset[self.order(start + i)] for i in range(self.micro)]))
+        return out
 
 
 CHECK_SUFFIX = ".ratplus-check.json"
@@ -252,7 +272,7 @@ def build_datasets(data_path: Optional[List[str]], tokenizer, seq_length: int, s
 
 
 def validation_windows(tokenizer, seq_length: int, count: int, data_path: Optional[List[str]] = None,
-                       seed: int = 1234, split: str = "98,2,0") -> torch.Tensor:
+                       seed: int = DEFAULT_SEED, split: str = DEFAULT_SPLIT) -> torch.Tensor:
     """The first ``count`` validation samples as [n, seq_length + 1] token windows (inputs + last label)."""
     _, valid = build_datasets(data_path, tokenizer, seq_length, seed, split, 1, count)
     n = min(count, len(valid))

@@ -101,6 +101,13 @@ def build_tokenizer(spec: str = "byte"):
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel: int = 1, multiple: int = 128) -> int:
-    """Megatron's padding: a multiple of 128 x TP so the vocabulary splits evenly across ranks."""
-    step = multiple * tensor_parallel
-    return -(-vocab_size // step) * step
+    """Megatron's ``--make-vocab-size-divisible-by`` padding, but independent of the TP size.
+
+    Megatron pads to a multiple of 128 x TP, so a TP=2 checkpoint would have another vocabulary
+    than a TP=1 one and not load across sizes; a multiple of 128 already splits evenly for every
+    power-of-two TP size. Only a TP size that does not divide it grows it further.
+    """
+    size = -(-vocab_size // multiple) * multiple
+    while size % tensor_parallel:
+        size += multiple
+    return size

@@ -7,9 +7,9 @@ Python API::
     out.tokens  # new tokens per prompt
 """
 
-from megatron_ratplus.inference.cache import CacheFullError, PatternKV, cache_bytes
+from megatron_ratplus.inference.cache import CacheFullError, LayerCache, PatternKV, cache_bytes
 from megatron_ratplus.inference.generate import Generation, GenerationError, SamplingConfig, generate, sample
-from megatron_ratplus.inference.session import DecodeSession, LayerCache
+from megatron_ratplus.inference.session import DecodeSession
 
 __all__ = ["CacheFullError", "DecodeSession", "Generation", "GenerationError", "LayerCache", "PatternKV",
            "SamplingConfig", "cache_bytes", "generate", "sample"]

@@ -1,25 +1,33 @@
 """Decode caches: the key/value slots a pattern can still attend, plus the running recurrent state.
 
-A sparse pattern (DESIGN §1) only ever attends sinks (j < P), chunk ends ((j + 1) % D == 0) and
-the last W + 1 positions, so a cache for T positions needs P + W + 1 + floor(T/D) slots, laid out
+The cache owns the slots, the mixer owns the maths (docs/DESIGN.md §5): ``RATPlusMixer`` runs
+the recurrence and RoPE and hands its rotated k~, v~ and q to ``LayerCache``, which writes them
+to their slots and attends.
+
+A sparse pattern (docs/DESIGN.md §2) only ever attends sinks (j < P), chunk ends
+((j + 1) % D == 0) and the last W + 1 positions, so a cache for T positions needs P + W + 1 + floor(T/D) slots, laid out
 
     [ sinks: positions 0..P-1 | ring: the last W + 1 positions | states: chunk ends D-1, 2D-1, ... ]
 
-Every slot carries its position, and the pattern's own rule (patterns.visible) decides which
-slots a query sees; a position held twice (a chunk end inside the window, a sink that is also a
-chunk end) counts only in its sink or state slot. Dense and top-k patterns (and patterns whose
-compact layout would not be smaller) keep the full layout, slot = position. Keys are stored after
+Every slot carries its position (``PatternKV.slot_positions``), and the pattern's own rule decides
+which slots a query sees, inside the decode attention op (``backend.decode_attention``: the Triton
+kernel on CUDA); a position held twice (a chunk end inside the window, a sink that is also a chunk
+end) counts only in its sink or state slot (-1 elsewhere). Dense and top-k patterns (and patterns
+whose compact layout would not be smaller) keep the full layout, slot = position. Keys are stored after
 RoPE; the recurrent state (k~, v~ of the last token, before RoPE) is kept in fp32, as the
 training scan accumulates it.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
+from megatron_ratplus import backend
 from megatron_ratplus.ops.topk import topk_allowed_mask
-from megatron_ratplus.patterns import AttentionPattern, visible
+from megatron_ratplus.patterns import AttentionPattern
 
 
 class CacheFullError(RuntimeError):
@@ -93,21 +101,14 @@ class PatternKV:
             slot = self._state_slot((t + 1) // self.pattern.dilation - 1)[end]
             self.keys[rows[end], :, slot], self.values[rows[end], :, slot] = key[end], value[end]
 
-    def visibility(self, t: torch.Tensor):
-        """(used slots, [b, used] mask of the slots queries at positions t[b] see; top-k selects later).
+    def slot_positions(self, t: torch.Tensor) -> torch.Tensor:
+        """[b, used] position held by each slot a query at t[b] may need; -1 where a slot must not count.
 
         Equal for every layer's store of the same pattern (same layout, same positions), so a
-        decode step computes it once per pattern.
+        decode step computes it once per pattern (``LayerCache``'s ``shared`` memo).
         """
-        if not self.compact:
-            used = int(t.max()) + 1
-            positions = torch.arange(used, device=t.device).expand(t.shape[0], used)
-        else:
-            positions = self._slot_positions(t)
-        return positions.shape[1], (positions >= 0) & visible(self.pattern, t.unsqueeze(1), positions)
-
-    def _slot_positions(self, t: torch.Tensor) -> torch.Tensor:
-        """[b, used] position of each compact slot, -1 where a slot must not count."""
+        if not self.compact:  # slot = position; slots past t[b] are ruled out by j <= t
+            return torch.arange(int(t.max()) + 1, device=t.device).expand(t.shape[0], -1)
         batch, p = t.shape[0], self.n_sink
         n_states = int((t.max() + 1) // self.pattern.dilation) if self.pattern.dilation else 0
         sinks = torch.arange(p, device=t.device).expand(batch, p)
@@ -121,21 +122,59 @@ class PatternKV:
             states = ring.new_empty(batch, 0)
         return torch.cat([sinks, torch.where(duplicate, -1, ring), states], dim=1)
 
-    def attend(self, query: torch.Tensor, t: torch.Tensor, scale: float, visibility=None) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, t: torch.Tensor, scale: float,
+               slot_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[b, heads, d_h] queries at positions t[b] -> [b, heads, d_h] attention over the cache.
 
-        ``visibility``: this step's ``self.visibility(t)`` if already computed. This is where
-        megatron_ratplus.ops.decode.decode_attention (or its Triton kernel) can take over for
-        full-layout caches: keys/values [:, :, :t+1] with lengths t + 1.
+        ``slot_positions``: this step's ``self.slot_positions(t)`` if already computed.
         """
-        used, mask = visibility or self.visibility(t)
+        positions = self.slot_positions(t) if slot_positions is None else slot_positions
+        used = positions.shape[1]
         keys, values = self.keys[:, :, :used], self.values[:, :, :used]
+        if self.pattern.kind != "topk":
+            return backend.decode_attention(query, keys, values, positions, t, self.pattern, scale)
+        # top-k keeps the full layout and picks its blocks per query from the scores; it stays on
+        # the reference mask path (the decode kernel applies the positional rule only)
         q = query.unsqueeze(2)
-        if self.pattern.kind == "topk":
-            mask = topk_allowed_mask(q, keys, self.pattern, scale, query_pos=t.unsqueeze(1))
-        else:
-            mask = mask[:, None, None, :]
+        mask = topk_allowed_mask(q, keys, self.pattern, scale, query_pos=t.unsqueeze(1))
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale).squeeze(2)
+
+
+class LayerCache:
+    """One mixer's decode cache: a PatternKV per head run [a, b) and the fp32 recurrent state.
+
+    ``state`` [b, 2, heads, d_h] holds k~, v~ of each sequence's last token before RoPE (the
+    layout of ``backend.shared_gate_scan``). ``shared``: a dict the session clears every step,
+    where the layers of a model share each pattern's slot positions.
+    """
+
+    def __init__(self, head_runs, batch: int, head_dim: int, capacity: int, dtype: torch.dtype,
+                 recurrence: bool, device=None, shared: Optional[dict] = None):
+        self.stores = [(a, b, PatternKV(p, batch, b - a, head_dim, capacity, dtype, device)) for p, a, b in head_runs]
+        heads = head_runs[-1][2]
+        self.state = torch.zeros(batch, 2, heads, head_dim, device=device) if recurrence else None
+        self.shared = {} if shared is None else shared
+
+    @property
+    def nbytes(self) -> int:
+        state = self.state.nbytes if self.state is not None else 0
+        return state + sum(store.nbytes for _, _, store in self.stores)
+
+    def fill(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Prefill from rotated k~ and v~ [b, heads, s, d_h] of prompts of ``lengths`` tokens."""
+        for a, b, store in self.stores:
+            store.fill(keys[:, a:b], values[:, a:b], lengths)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, t: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        """Write this token's [b, heads, d_h] k~, v~ at positions t[b], then attend its q."""
+        outputs = []
+        for a, b, store in self.stores:
+            store.append(key[:, a:b], value[:, a:b], t)
+            if store.pattern not in self.shared:  # after the first layer's write, which all layers repeat
+                self.shared[store.pattern] = store.slot_positions(t)
+            outputs.append(store.attend(query[:, a:b], t, scale, self.shared[store.pattern]))
+        return torch.cat(outputs, dim=1)
 
 
 def cache_bytes(head_patterns, batch: int, head_dim: int, capacity: int, dtype: torch.dtype,

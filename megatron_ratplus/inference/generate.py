@@ -12,11 +12,12 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from megatron_ratplus.errors import UserError
 from megatron_ratplus.inference.session import DecodeSession
 from megatron_ratplus.model import set_attention_pattern
 
 
-class GenerationError(ValueError):
+class GenerationError(UserError):
     """Bad generation input (empty or too long prompt, token outside the vocabulary, bad setting)."""
 
 
@@ -88,7 +89,8 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: Optional[Samplin
     """
     sampling = sampling or SamplingConfig()
     config = model.config
-    _check_prompts(prompts, config.vocab_size, max_length or config.seq_length, sampling.max_new_tokens)
+    _check_prompts(prompts, config.real_vocab_size or config.vocab_size, max_length or config.seq_length,
+                   sampling.max_new_tokens)
     if pattern is not None:
         set_attention_pattern(model, pattern)
     was_training = model.training

@@ -35,8 +35,8 @@ class ExitConditions:
         self._previous = {}
 
     @classmethod
-    def from_args(cls, args) -> "ExitConditions":
-        return cls(args.exit_signal_handler, args.exit_duration_in_mins, args.exit_interval)
+    def from_config(cls, config) -> "ExitConditions":
+        return cls(config.exit_signal_handler, config.exit_duration_in_mins, config.exit_interval)
 
     def _on_signal(self, signum, frame) -> None:
         if self.received is not None:  # a second signal: the run may be stuck, stop at once

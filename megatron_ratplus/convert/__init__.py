@@ -1,0 +1,72 @@
+"""Checkpoint conversion: every format maps onto our full (unsharded) state dict and back.
+
+    authors.py   the RAT+ authors' torch files (current and older layouts) <-> ours
+    hf.py        a Hugging Face directory (safetensors + a self-contained modeling file) <-> ours
+    te_names.py  local-spec <-> Transformer Engine-spec state-dict key names
+    reshard.py   our checkpoint at another TP/PP layout, or as one consolidated file
+    local.py     our checkpoints read into / written from full state dicts
+
+Every converter checks the tensors it is given against the tensors it expects (unused,
+missing and misshaped ones are each one error naming them) and writes its output into a
+temporary directory that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from typing import Dict, Iterator, Mapping, Tuple
+
+import torch
+
+from megatron_ratplus.errors import UserError
+
+
+class ConversionError(UserError):
+    """A source that cannot be converted (not a checkpoint, wrong tensors, bad output path)."""
+
+
+def _names(keys, limit: int = 3) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_tensors(state: Mapping[str, torch.Tensor], expected: Mapping[str, Tuple[int, ...]], source: str) -> None:
+    """Unused, missing or misshaped tensors of ``state`` (against name -> shape) are a ConversionError."""
+    unused = set(state) - set(expected)
+    if unused:
+        raise ConversionError(f"{source}: unused tensors {_names(unused)} (not part of a RAT+ model of this shape)")
+    missing = set(expected) - set(state)
+    if missing:
+        raise ConversionError(f"{source}: missing tensors {_names(missing)}")
+    bad = {k for k in expected if tuple(state[k].shape) != tuple(expected[k])}
+    if bad:
+        first = sorted(bad)[0]
+        raise ConversionError(f"{source}: misshaped tensors {_names(bad)}; {first} is {tuple(state[first].shape)}, "
+                              f"expected {tuple(expected[first])}")
+
+
+def rename(state: Mapping[str, torch.Tensor], names: Dict[str, str]) -> Dict[str, torch.Tensor]:
+    """``state`` under new names (``names``: old -> new, covering every key)."""
+    return {names[k]: v for k, v in state.items()}
+
+
+@contextlib.contextmanager
+def fresh_output(path: str) -> Iterator[str]:
+    """A temporary directory next to ``path``, renamed to ``path`` when the block succeeds.
+
+    ``path`` must not exist: conversions never write into or over existing files.
+    """
+    if os.path.lexists(path):
+        raise ConversionError(f"output {path} already exists; refusing to write into or over it")
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

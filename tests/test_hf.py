@@ -1,0 +1,270 @@
+"""Hugging Face export: the exported directory loads offline in transformers, computes our logits
+for any pattern, generates with its sparse cache as full-forward greedy decoding does, never
+scores or samples padded vocabulary ids, and converts back to identical tensors."""
+
+import ast
+import json
+import os
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers reads it: everything here is local
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from megatron_ratplus import checkpoint  # noqa: E402
+from megatron_ratplus.cli import convert as convert_cli  # noqa: E402
+from megatron_ratplus.config import preset  # noqa: E402
+from megatron_ratplus.convert.hf import read_safetensors  # noqa: E402
+from megatron_ratplus.convert.local import write_local  # noqa: E402
+from megatron_ratplus.hf import modeling_ratplus  # noqa: E402
+from megatron_ratplus.inference import SamplingConfig, generate  # noqa: E402
+from megatron_ratplus.model import build_model  # noqa: E402
+from megatron_ratplus.patterns import parse_composition  # noqa: E402
+
+LAYERS, HEADS, HIDDEN, SEQ, REAL = 3, 4, 32, 96, 300
+NEW = 24  # generated tokens: past several dilation periods, windows and sinks
+SPARSE = "dilated:4,w=3,p=2"
+COMPOSITION = "dense;dilated:5,p=1;(local:w=2,p=1|dilated:3,w=1)"
+
+
+def _tokenizer_file(path):
+    """A 300-token word-level tokenizer.json (the 300-token model of the padding checks)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(REAL - 1)}
+    vocab["</s>"] = REAL - 1
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return str(path)
+
+
+def _write_model(directory, recurrence=True, tokenizer_spec="byte", real=257, junk_padding=False):
+    """Our checkpoint of a randomly initialised model (norm weights randomised too)."""
+    torch.manual_seed(0)
+    config = preset("tiny", num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, seq_length=SEQ,
+                    vocab_size=384, real_vocab_size=real, recurrence=recurrence)
+    model = build_model(config)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    for key in state:
+        if "norm" in key:
+            state[key] = 0.5 + torch.rand_like(state[key])
+    emb = state["embedding.word_embeddings.weight"]
+    emb.mul_(20.0)  # sharper distributions: greedy choices are not near-ties
+    if junk_padding:  # padded rows as large as possible: they would win every draw if not masked
+        emb[real:] = 5.0 * emb[real:].sign() * emb.abs().max()
+    write_local(state, checkpoint.model_meta(config), tokenizer_spec, str(directory), {"format": "test"})
+    return state
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, megatron_single):
+    root = tmp_path_factory.mktemp("hf")
+    state = _write_model(root / "ours")
+    assert convert_cli.main(["--input", str(root / "ours"), "--output", str(root / "hf"), "--to", "hf"]) == 0
+    return root, state
+
+
+def _ours_logits(path, pattern, tokens):
+    model, config, _ = checkpoint.load_model(str(path), pattern=pattern)
+    with torch.no_grad():
+        return model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None), model
+
+
+@pytest.mark.parametrize("pattern", ["dense", SPARSE, COMPOSITION])
+def test_hf_logits_equal_ours(exported, pattern):
+    root, _ = exported
+    tokens = torch.randint(0, 257, (2, 70), generator=torch.Generator().manual_seed(1))
+    ours, _ = _ours_logits(root / "ours", pattern, tokens)
+    hf = AutoModelForCausalLM.from_pretrained(str(root / "hf"), trust_remote_code=True, attention_pattern=pattern)
+    assert hf.config.attention_pattern == pattern
+    with torch.no_grad():
+        theirs = hf(tokens).logits
+    scale = ours[..., :257].abs().max()
+    torch.testing.assert_close(theirs[..., :257], ours[..., :257], rtol=1e-5, atol=1e-5 * scale)
+    assert torch.isneginf(ours[..., 257:]).all() and torch.isneginf(theirs[..., 257:]).all()
+    if pattern != "dense":  # the pattern really changes the logits
+        dense = AutoModelForCausalLM.from_pretrained(str(root / "hf"), trust_remote_code=True)
+        with torch.no_grad():
+            assert (dense(tokens).logits[..., :257] - theirs[..., :257]).abs().max() > 1e-3 * scale
+
+
+def test_byte_tokenizer_exports_as_tokenizer_json(exported, tmp_path):
+    from transformers import AutoTokenizer
+
+    root, _ = exported
+    assert convert_cli.main(["--input", str(root / "hf"), "--output", str(tmp_path / "back")]) == 0
+    assert checkpoint.read_meta(str(tmp_path / "back"))["tokenizer"] == "byte"  # ours again, not a file
+    tok = AutoTokenizer.from_pretrained(str(root / "hf"))
+    text = "Grüße, 世界!\n\tok  "
+    assert tok(text).input_ids == list(text.encode()) and tok.eos_token_id == 256
+    assert tok.decode(list(text.encode())) == text
+
+
+def test_attention_only_baseline_exports(tmp_path, megatron_single):
+    _write_model(tmp_path / "ours", recurrence=False)
+    assert convert_cli.main(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "hf"), "--to", "hf",
+                             "--attention-pattern", SPARSE]) == 0
+    tokens = torch.randint(0, 257, (1, 50), generator=torch.Generator().manual_seed(2))
+    ours, _ = _ours_logits(tmp_path / "ours", SPARSE, tokens)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
+    assert hf.config.attention_pattern == SPARSE and not hf.config.recurrence
+    with torch.no_grad():
+        theirs = hf(tokens).logits
+    torch.testing.assert_close(theirs[..., :257], ours[..., :257], rtol=1e-5, atol=1e-5 * ours[..., :257].abs().max())
+
+
+def _greedy_full_forward(hf, prompt, new):
+    seq = prompt.clone()
+    with torch.no_grad():
+        for _ in range(new):
+            logits = hf(seq, use_cache=False).logits[:, -1]
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+    return seq
+
+
+@pytest.mark.parametrize("pattern", [SPARSE, COMPOSITION])
+def test_generate_with_sparse_cache_equals_full_forward_greedy(exported, pattern):
+    root, _ = exported
+    hf = AutoModelForCausalLM.from_pretrained(str(root / "hf"), trust_remote_code=True, attention_pattern=pattern)
+    prompt = torch.randint(0, 257, (1, 9), generator=torch.Generator().manual_seed(3))
+    cached = hf.generate(prompt, max_new_tokens=NEW, do_sample=False)
+    assert torch.equal(cached, _greedy_full_forward(hf, prompt, NEW))
+    # ... and our own decoder gives the same tokens
+    model, _, _ = checkpoint.load_model(str(root / "ours"))
+    ours = generate(model, [prompt[0].tolist()], SamplingConfig(max_new_tokens=NEW), pattern=pattern)
+    assert ours.tokens[0] == cached[0, 9:].tolist()
+
+
+def test_decode_cache_holds_the_formula_slots(exported):
+    """P + W + 1 + floor(T/D) key/value slots per sparse head group, T per dense one."""
+    root, _ = exported
+    hf = AutoModelForCausalLM.from_pretrained(str(root / "hf"), trust_remote_code=True, attention_pattern=COMPOSITION)
+    tokens = torch.randint(0, 257, (1, 60), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = hf(tokens[:, :20], use_cache=True)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        for t in range(20, 60):
+            logits = hf(tokens[:, t:t + 1], cache=cache, use_cache=True).logits
+        full = hf(tokens, use_cache=False).logits
+    torch.testing.assert_close(logits[:, -1], full[:, -1], rtol=1e-5, atol=1e-5 * full.abs().max())
+    per_layer = [[p for p in parse_composition(COMPOSITION).resolve(LAYERS, HEADS)[i]] for i in range(LAYERS)]
+    for i, heads in enumerate(per_layer):
+        groups = modeling_ratplus.head_groups(tuple(heads))
+        assert cache.slots(i) == [p.cache_slots(60) if not p.is_dense else 60 for p, _, _ in groups]
+    assert cache.slots(1) == [1 + 0 + 1 + 60 // 5]  # dilated:5,p=1
+
+
+def test_left_padded_batch_generates_like_single_prompts(exported):
+    root, _ = exported
+    hf = AutoModelForCausalLM.from_pretrained(str(root / "hf"), trust_remote_code=True, attention_pattern=SPARSE)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 257, (n,), generator=gen) for n in (11, 6)]
+    batch = torch.zeros(2, 11, dtype=torch.long)
+    mask = torch.zeros(2, 11, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        batch[i, 11 - len(p):], mask[i, 11 - len(p):] = p, 1
+    both = hf.generate(batch, attention_mask=mask, max_new_tokens=15, do_sample=False, pad_token_id=0)
+    for i, p in enumerate(prompts):
+        alone = hf.generate(p.unsqueeze(0), max_new_tokens=15, do_sample=False)
+        assert both[i, 11:].tolist() == alone[0, len(p):].tolist()
+
+
+def test_round_trip_ours_hf_ours_and_shards(tmp_path, megatron_single):
+    tokenizer = _tokenizer_file(tmp_path / "tokenizer.json")
+    state = _write_model(tmp_path / "ours", tokenizer_spec=f"json:{tokenizer}", real=REAL)
+    assert convert_cli.main(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "hf"), "--to", "hf",
+                             "--max-shard-size", "40KB"]) == 0
+    files = sorted(os.listdir(tmp_path / "hf"))
+    shards = [f for f in files if f.startswith("model-")]
+    assert len(shards) > 1 and "model.safetensors.index.json" in files and "tokenizer.json" in files
+    with open(tmp_path / "hf" / "config.json") as f:
+        config = json.load(f)
+    assert (config["vocab_size"], config["real_vocab_size"], config["eos_token_id"]) == (384, REAL, REAL - 1)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert tok("w5 w7").input_ids == [5, 7] and tok.eos_token_id == REAL - 1
+    assert convert_cli.main(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "back")]) == 0
+    model, back_config, back_tok = checkpoint.load_model(str(tmp_path / "back"))
+    assert back_tok.vocab_size == REAL and back_config.real_vocab_size == REAL
+    assert back_tok.encode("w3 w9") == [3, 9]
+    back = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    assert back.keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(back[key], value), key
+    assert len(read_safetensors(str(tmp_path / "hf"))) == len(state)
+
+
+def test_padded_ids_are_never_sampled_or_scored(tmp_path, megatron_single):
+    """A 300-token model padded to 384 whose padded rows would dominate every draw if unmasked."""
+    tokenizer = _tokenizer_file(tmp_path / "tokenizer.json")
+    _write_model(tmp_path / "ours", tokenizer_spec=f"json:{tokenizer}", real=REAL, junk_padding=True)
+    assert convert_cli.main(["--input", str(tmp_path / "ours"), "--output", str(tmp_path / "hf"), "--to", "hf"]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
+    torch.manual_seed(6)
+    prompt = torch.randint(0, REAL, (10, 4))
+    sampled = hf.generate(prompt, max_new_tokens=95, do_sample=True, temperature=2.0, top_k=0)[:, 4:]
+    assert sampled.numel() >= 950 and int(sampled.max()) < REAL
+    model, _, _ = checkpoint.load_model(str(tmp_path / "ours"))
+    ours = generate(model, prompt.tolist(), SamplingConfig(max_new_tokens=10, temperature=2.0, seed=7))
+    assert max(max(t) for t in ours.tokens) < REAL and sum(map(len, ours.tokens)) > 0
+    # scoring: the loss is the cross entropy over the real vocabulary only
+    tokens = torch.randint(0, REAL, (2, 33), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        logits = model(tokens[:, :-1], torch.arange(32).expand(2, 32), None)
+        loss = model(tokens[:, :-1], torch.arange(32).expand(2, 32), None, labels=tokens[:, 1:]).mean()
+        hf_loss = hf(tokens, labels=tokens).loss
+    real_only = torch.nn.functional.cross_entropy(logits[..., :REAL].flatten(0, 1), tokens[:, 1:].flatten())
+    torch.testing.assert_close(loss, real_only, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hf_loss, real_only, rtol=1e-5, atol=1e-6)
+
+
+def test_modeling_files_are_self_contained():
+    for name in ("modeling_ratplus.py", "configuration_ratplus.py"):
+        with open(os.path.join(os.path.dirname(modeling_ratplus.__file__), name)) as f:
+            tree = ast.parse(f.read())
+        roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
+        assert roots <= {"torch", "transformers", "re", "dataclasses", "typing", "__future__"}, (name, roots)
+
+
+@pytest.mark.parametrize("text", ["dense", "dilated:16,w=256,p=4", "local:w=3,p=1", "dense;dilated:4;dense;dilated:4",
+                                  "cycle(dense;dilated:8,w=2)", "2*dense;2*dilated:4", "dense|dilated:4,p=1",
+                                  "1*local:w=3|3*dilated:6,p=1;3*dilated:2", "2*(dense|dilated:3);2*dilated:5"])
+def test_modeling_parser_agrees_with_ours(text):
+    ours = parse_composition(text).resolve(4, 4)
+    theirs = modeling_ratplus.resolve_patterns(text, 4, 4)
+    assert [[(p.dilation, p.window, p.sinks) for p in layer] for layer in ours] == \
+           [[(p.dilation, p.window, p.sinks) for p in layer] for layer in theirs]
+
+
+def test_hf_import_bad_inputs(tmp_path, capsys, exported):
+    root, _ = exported
+    (tmp_path / "empty").mkdir()
+    cases = [(["--from", "hf", "--input", str(tmp_path / "empty")], "no config.json")]
+    broken = tmp_path / "broken"
+    os.makedirs(broken)
+    with open(root / "hf" / "config.json") as f:
+        config = json.load(f)
+    with open(broken / "config.json", "w") as f:
+        json.dump(config, f)
+    from safetensors.torch import save_file
+
+    tensors = read_safetensors(str(root / "hf"))
+    tensors.pop("model.norm.weight")
+    save_file(tensors, str(broken / "model.safetensors"))
+    cases.append((["--input", str(broken)], "missing tensors model.norm.weight"))
+    cases.append((["--input", str(root / "ours"), "--to", "hf", "--attention-pattern", "dilated:0"], "dilation"))
+    cases.append((["--input", str(root / "ours"), "--to", "hf", "--max-shard-size", "lots"], "invalid size"))
+    cases.append((["--input", str(root / "ours"), "--to", "hf", "--attention-pattern", "topk:k=2"], "top-k"))
+    for flags, needle in cases:
+        out = tmp_path / "out"
+        assert convert_cli.main([*flags, "--output", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("ratplus-convert: error:") and needle in err[0], err
+        assert not out.exists()
