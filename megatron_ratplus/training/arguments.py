@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("data")
     d.add_argument("--data-path", nargs="+", help="indexed dataset prefixes (.bin/.idx); default: embedded corpus")
     d.add_argument("--split", default=DEFAULT_SPLIT)
-    d.add_argument("--tokenizer-file", help="HF tokenizers JSON file (default: byte-level)")
+    d.add_argument("--tokenizer-file", help="tokenizer.json (HF) or tokenizer.model (SentencePiece); default: byte-level")
     d.add_argument("--data-cache-path")
 
     c = p.add_argument_group("checkpoints and logging")
