@@ -4,7 +4,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from megatron_ratplus.data import datasets
 from megatron_ratplus.data.datasets import CHECK_SUFFIX, build_datasets, check_indexed_dataset, parse_blend
