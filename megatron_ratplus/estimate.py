@@ -20,6 +20,9 @@ Memory per GPU for a TP/PP/CP/DP layout and micro-batch (docs/DESIGN.md §7, §8
   entry of the rank's shard) while the bf16 logits (2 B) still exist.
 - a fixed allowance (CUDA context, NCCL buffers, allocator fragmentation), ``overhead_gb``.
 
+With PP > 1 the first stage's activations and the last stage's logits are added on one GPU: an
+upper bound. Interleaved (virtual) pipeline stages and partial recomputation are not modelled.
+
 FLOPs come from :mod:`megatron_ratplus.flops`; time from a stated MFU and peak throughput.
 """
 

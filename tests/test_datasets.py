@@ -4,7 +4,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from megatron_ratplus.data import datasets
 from megatron_ratplus.data.datasets import CHECK_SUFFIX, build_datasets, check_indexed_dataset, parse_blend
@@ -119,3 +118,9 @@ def test_scan_in_chunks_matches_numpy(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "_SCAN_CHUNK", 37)
     flat = np.concatenate(docs)
     assert datasets._token_range(prefix, np.int32) == (flat.min(), flat.max())
+
+
+def test_split_without_documents_is_refused(tmp_path):
+    prefix = write_dataset(str(tmp_path / "few"), [list(range(100))] * 4)
+    with pytest.raises(DataError, match="leaves the validation split of .* without a document"):
+        build_datasets([prefix], ByteTokenizer(), 8, 1, "90,10,0", 4, 1)

@@ -99,3 +99,16 @@ def test_conditions_without_a_run():
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
     assert ExitConditions(interval=4).reason(8) == "--exit-interval 4 reached"
     assert ExitConditions(interval=4).reason(6) is None
+
+
+def test_a_second_signal_is_not_deferred():
+    caught = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: caught.append("outer"))
+    try:
+        with ExitConditions(signal_handler=True) as exits:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert exits.received == "SIGUSR1" and not caught
+            os.kill(os.getpid(), signal.SIGUSR1)  # goes to the handler installed before the run
+            assert caught == ["outer"]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

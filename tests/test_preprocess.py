@@ -201,3 +201,20 @@ def test_zstd_with_several_frames(tmp_path):
     path.write_bytes(b"".join(frames))
     preprocess.build([str(path)], str(tmp_path / "o"))
     assert read_docs(str(tmp_path / "o")) == byte_docs(DOCS[:20])
+
+
+def test_training_reads_a_sentencepiece_dataset(tmp_path):
+    """The SentencePiece model trains through --tokenizer-file, and the checkpoint records its spec."""
+    from megatron_ratplus import checkpoint
+    from megatron_ratplus.training import pretrain
+
+    model = make_sentencepiece(tmp_path)
+    path = write_jsonl(str(tmp_path / "c.jsonl"), DOCS[:300])
+    preprocess.build([path], str(tmp_path / "sp_data"), f"sentencepiece:{model}")
+    last = pretrain(["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "16",
+                     "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "1", "--eval-iters", "1",
+                     "--eval-interval", "0", "--no-progress-bar", "--data-path", str(tmp_path / "sp_data"),
+                     "--split", "90,10,0", "--tokenizer-file", model, "--save", str(tmp_path / "ck")])
+    meta = checkpoint.read_meta(last)
+    assert meta["tokenizer"] == f"sentencepiece:{os.path.abspath(model)}"
+    assert meta["model"]["vocab_size"] >= 60

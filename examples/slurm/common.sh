@@ -83,8 +83,8 @@ run_training() {
   pid=$!
   trap 'signalled=1; kill -USR1 "$pid" 2>/dev/null' USR1
   trap 'kill -TERM "$pid" 2>/dev/null' TERM
-  while true; do  # a trapped signal interrupts wait; keep waiting while the launch runs
-    wait "$pid"; status=$?
+  while true; do  # a trapped signal interrupts wait (status > 128); keep waiting while the launch runs
+    wait "$pid" && status=0 || status=$?  # (written so that set -e does not end the script here)
     kill -0 "$pid" 2>/dev/null || break
   done
   trap - USR1 TERM

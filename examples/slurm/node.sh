@@ -9,7 +9,7 @@ forward() { pkill "-$1" -P "$launcher" 2>/dev/null || true; }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 while true; do
-  wait "$launcher"; status=$?
+  wait "$launcher" && status=0 || status=$?
   kill -0 "$launcher" 2>/dev/null || break
 done
 exit "$status"

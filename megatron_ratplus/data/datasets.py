@@ -216,6 +216,21 @@ def check_split(split: str) -> str:
     return split
 
 
+def check_split_documents(prefix: str, split: str) -> None:
+    """Train and validation must each get a document of ``prefix``: GPTDataset loops forever on an
+    empty split. Document ranges are rounded as megatron's builder rounds them."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    shares = [float(p) for p in re.split(r"[,/]", split.strip())]
+    shares += [0.0] * (3 - len(shares))
+    bounds = np.cumsum([0.0] + [x / sum(shares) for x in shares])
+    n_docs = len(IndexedDataset(prefix, mmap=True).document_indices) - 1
+    for name, lo, hi in (("train", bounds[0], bounds[1]), ("validation", bounds[1], bounds[2])):
+        if int(round(hi * n_docs)) - int(round(lo * n_docs)) < 1:
+            raise DataError(f"--split {split} leaves the {name} split of {prefix} without a document "
+                            f"({n_docs} documents): give more data or a larger {name} share")
+
+
 class _TokenizerForMegatron:
     """The attributes GPTDataset reads from a tokenizer."""
 
@@ -252,6 +267,7 @@ def build_datasets(data_path: Optional[List[str]], tokenizer, seq_length: int, s
     for prefix in prefixes:
         if check_indexed_dataset(prefix, tokenizer.vocab_size) < seq_length + 1:
             raise DataError(f"{prefix} has fewer tokens than one sample of --seq-length {seq_length} + 1")
+        check_split_documents(prefix, split)
     return _gpt_datasets(prefixes, weights, tokenizer, seq_length, seed, split, num_train, num_valid, cache_dir)
 
 

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("data")
     d.add_argument("--data-path", nargs="+", help="indexed dataset prefixes (.bin/.idx); default: embedded corpus")
     d.add_argument("--split", default=DEFAULT_SPLIT)
-    d.add_argument("--tokenizer-file", help="HF tokenizers JSON file (default: byte-level)")
+    d.add_argument("--tokenizer-file", help="tokenizer.json (HF) or tokenizer.model (SentencePiece); default: byte-level")
     d.add_argument("--data-cache-path")
 
     c = p.add_argument_group("checkpoints and logging")
@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     par.add_argument("--num-layers-per-virtual-pipeline-stage", type=int)
     par.add_argument("--context-parallel-size", type=int, default=1)
-    par.add_argument("--sequence-parallel", action="store_true")
+    par.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=False,
+                     help="(--no-sequence-parallel overrides a run config's true)")
     par.add_argument("--use-distributed-optimizer", action="store_true")
     return p
 
