@@ -11,15 +11,13 @@ estimate does not need, such as data paths, are ignored), plus the cluster: --gp
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-import yaml
 
 from megatron_ratplus.config import PRESETS, preset
 from megatron_ratplus.errors import UserError
 from megatron_ratplus.estimate import Layout, iterations_for_tokens, report
 from megatron_ratplus.patterns import PatternError, split_pattern_list
+from megatron_ratplus.training.arguments import yaml_defaults
 
 PROG = "estimate.py"
 
@@ -61,25 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _config_defaults(parser, path: str) -> dict:
-    if not os.path.isfile(path):
-        raise UserError(f"config file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(values, dict):
-        raise UserError(f"config file {path} must hold a mapping of flag names to values")
-    known = {a.dest for a in parser._actions}
-    return {k.replace("-", "_"): v for k, v in values.items() if k.replace("-", "_") in known}
-
-
 def run(argv=None) -> int:
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
     if first.config:
-        parser.set_defaults(**_config_defaults(parser, first.config))
+        parser.set_defaults(**yaml_defaults(parser, first.config, strict=False))
     args = parser.parse_args(argv)
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size
     if args.gpus < 1 or args.gpus % model_parallel:

@@ -90,7 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
+def yaml_defaults(parser: argparse.ArgumentParser, path: str, strict: bool = True) -> dict:
+    """Flag values from a YAML file of ``parser``'s flag names (``-`` or ``_``), by destination.
+
+    ``strict``: an unknown key is an error; otherwise keys ``parser`` does not know are skipped
+    (tools/estimate.py reads the run configs, which also hold training-only keys).
+    """
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path}")
     try:
@@ -100,13 +105,14 @@ def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
         raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must hold a mapping of flag names to values")
-    known = {a.dest: a for a in parser._actions}
+    known = {a.dest for a in parser._actions} - {"help", "config"}
     out = {}
     for key, value in values.items():
         dest = str(key).replace("-", "_")
-        if dest not in known or dest in ("help", "config"):
+        if dest in known:
+            out[dest] = value
+        elif strict:
             raise UserError(f"unknown config key '{key}' in {path}")
-        out[dest] = value
     return out
 
 
@@ -115,7 +121,7 @@ def parse_flags(argv: Optional[List[str]] = None) -> Dict[str, object]:
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
     if first.config:
-        parser.set_defaults(**_yaml_defaults(parser, first.config))
+        parser.set_defaults(**yaml_defaults(parser, first.config))
     flags = vars(parser.parse_args(argv))
     flags.pop("config")
     return flags
