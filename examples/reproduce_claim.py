@@ -41,7 +41,7 @@ def eval_patterns(seq_length: int):
 
 
 def train(name: str, flags, args) -> str:
-    from megatron_ratplus.training import pretrain  # the trainer (issue 3)
+    from megatron_ratplus.training import pretrain
 
     save = os.path.join(args.workdir, name.split(")")[0].strip("("))
     argv = ["--preset", args.preset, "--seq-length", str(args.seq_length), "--train-iters",

@@ -1,4 +1,4 @@
-"""The RAT+ mixer against a hand-written, loop-based reference of DESIGN §1."""
+"""The RAT+ mixer against a hand-written, loop-based reference of docs/DESIGN.md §1."""
 
 import math
 
@@ -33,7 +33,7 @@ def rope(x, base=10000.0):
 
 
 def reference_mixer(x, w_in, w_out, heads, recurrence, pattern, use_rope):
-    """DESIGN §1 written out with loops, float64, per-head interleaved W_in rows."""
+    """docs/DESIGN.md §1 written out with loops, float64, per-head interleaved W_in rows."""
     s, b, d = x.shape
     dh, parts = d // heads, 5 if recurrence else 4
     mixed = (x.double() @ w_in.double().T).view(s, b, heads, parts, dh)

@@ -1,4 +1,4 @@
-"""Benchmark the reference ops on CPU (issue: foundation).
+"""Benchmark the reference ops on CPU.
 
 (a) gated_scan forward/backward at T=4096, b=1, d=1024 vs a per-step Python loop and vs the
     memory-traffic floor (bytes moved / copy bandwidth measured in the same run);
