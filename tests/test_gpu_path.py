@@ -224,7 +224,7 @@ def _throughput_run(tmp_path, monkeypatch, capsys, log_interval, iters=4):
     flags = MICRO + ["--train-iters", str(iters), "--log-interval", str(log_interval), "--save", str(tmp_path / "ck")]
     capsys.readouterr()
     pretrain(flags)
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("iteration ") and "/" in line]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("iteration ") and " | " in line]
     return flags, logged, lines
 
 
