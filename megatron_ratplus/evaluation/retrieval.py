@@ -15,6 +15,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from megatron_ratplus.data.tokenizer import ByteTokenizer
+from megatron_ratplus import distributed
 from megatron_ratplus.model import evaluating
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -83,7 +84,8 @@ def retrieval_accuracy(model, samples: Sequence[RetrievalSample], pattern=None, 
             for i, s in enumerate(chunk):  # right padding: causal, so it never reaches the answer
                 seq = s.context + s.answer[:-1]
                 tokens[i, :len(seq)] = torch.tensor(seq)
-            logits = model(tokens, torch.arange(width).expand_as(tokens), None)
+            tokens = tokens.to(distributed.device())
+            logits = model(tokens, torch.arange(width, device=tokens.device).expand_as(tokens), None).cpu()
             for i, s in enumerate(chunk):
                 first = len(s.context) - 1
                 predicted = logits[i, first:first + len(s.answer)].argmax(-1)
