@@ -89,8 +89,11 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def sharded_training_state(model_chunks, optimizer) -> dict:
-    """The sharded tensors of a training state (model chunks and optimizer), megatron's key layout."""
+def sharded_training_state(model_chunks, optimizer, is_loading: bool = False) -> dict:
+    """The sharded tensors of a training state (model chunks and optimizer), megatron's key layout.
+
+    ``is_loading``: the template of a load; megatron's distributed optimizer then asks for its
+    Adam moments too (before its first step it has none to describe), as Megatron-LM does."""
     if len(model_chunks) == 1:
         model_state = {"model": model_chunks[0].sharded_state_dict()}
     else:
@@ -100,7 +103,7 @@ def sharded_training_state(model_chunks, optimizer) -> dict:
         flat_model.update(chunk_state)
     state = dict(model_state)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(flat_model)
+        state["optimizer"] = optimizer.sharded_state_dict(flat_model, is_loading=is_loading)
     return state
 
 
@@ -136,7 +139,7 @@ def load(path: str, model_chunks, optimizer=None) -> dict:
     ckpt = read_meta(path)["path"]
     if optimizer is not None:
         optimizer.init_state()
-    template = sharded_training_state(model_chunks, optimizer)
+    template = sharded_training_state(model_chunks, optimizer, is_loading=True)
     try:  # megatron calls keys this model asks for and the checkpoint lacks "unexpected"
         state, _, absent = dist_checkpointing.load(template, ckpt, strict=StrictHandling.RETURN_UNEXPECTED)
     except CheckpointException as err:  # torch's, a BaseException: its last line holds the reason
@@ -150,6 +153,8 @@ def load(path: str, model_chunks, optimizer=None) -> dict:
         raise CheckpointError(f"cannot load {ckpt}: it has no {absent[0]} ({len(absent)} keys missing)")
     names = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
     for name, chunk in zip(names, model_chunks):
+        while hasattr(chunk, "module"):  # DDP / Float16Module wrappers: the latter's load_state_dict returns None
+            chunk = chunk.module
         result = chunk.load_state_dict(state.pop(name), strict=False)
         wrong = [k for k in result.missing_keys if not k.endswith("._extra_state")] + result.unexpected_keys
         if wrong:

@@ -48,6 +48,23 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, context_par
     tensor_parallel_rng.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
 
 
+def device() -> torch.device:
+    """Where this rank's tensors live: its CUDA device (the one ``initialize`` selected), else the
+    CPU. Every tensor a collective sees must be here: NCCL reduces CUDA tensors only, gloo CPU ones."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def to_device(batch: dict) -> dict:
+    """``batch``'s tensors on :func:`device` (copied from pinned memory without blocking on CUDA)."""
+    target = device()
+    if target.type != "cuda":
+        return {key: value.to(target) for key, value in batch.items()}
+    return {key: (value.pin_memory() if value.device.type == "cpu" else value).to(target, non_blocking=True)
+            for key, value in batch.items()}
+
+
 def shutdown() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_ratplus import distributed
 from megatron_ratplus.model import evaluating
 from megatron_ratplus.patterns import parse_composition
 
@@ -20,9 +21,9 @@ def mean_loss(model, tokens: torch.Tensor, pattern=None, batch_size: int = 8) ->
     total, count = 0.0, 0
     with evaluating(model, pattern):
         for start in range(0, tokens.shape[0], batch_size):
-            chunk = tokens[start:start + batch_size]
+            chunk = tokens[start:start + batch_size].to(distributed.device())
             inputs, labels = chunk[:, :-1], chunk[:, 1:]
-            positions = torch.arange(inputs.shape[1]).expand_as(inputs)
+            positions = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
             losses = model(inputs, positions, None, labels=labels)  # [b, s], vocab-parallel under TP
             total += losses.double().sum().item()
             count += losses.numel()

@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--exit-interval", type=int, help="save and exit 0 after an iteration divisible by this")
     c.add_argument("--eval-interval", type=int, default=100)
     c.add_argument("--eval-iters", type=int, default=10)
-    c.add_argument("--log-interval", type=int, default=10, help="(accepted; not used yet)")
+    c.add_argument("--log-interval", type=int, default=10,
+                   help="console line and TensorBoard throughput/memory scalars every this many iterations")
     c.add_argument("--tensorboard-dir", help="default: SAVE/tensorboard")
     c.add_argument("--no-progress-bar", dest="progress_bar", action="store_false")
 
@@ -87,7 +88,30 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=False,
                      help="(--no-sequence-parallel overrides a run config's true)")
     par.add_argument("--use-distributed-optimizer", action="store_true")
+    _add_gpu_flags(p)
     return p
+
+
+def _add_gpu_flags(p: argparse.ArgumentParser) -> None:
+    """Megatron-LM's GPU flags; training/config.py refuses the ones a CPU or a missing TE cannot honour."""
+    g = p.add_argument_group("GPU (Megatron-LM names; not yet run on a GPU)")
+    g.add_argument("--transformer-impl", choices=["transformer_engine", "local"],
+                   help="default: transformer_engine when TE imports and CUDA is visible, else local")
+    g.add_argument("--fp8-format", choices=["e4m3", "hybrid"], help="FP8 in the four GEMMs of a layer (needs TE)")
+    g.add_argument("--fp8-recipe", default="delayed", choices=["delayed", "tensorwise", "mxfp8"])
+    g.add_argument("--fp8-margin", type=int, default=0)
+    g.add_argument("--fp8-amax-history-len", type=int, default=1024)
+    g.add_argument("--fp8-amax-compute-algo", default="max", choices=["max", "most_recent"])
+    g.add_argument("--fp8-param-gather", action="store_true", help="keep parameters in FP8 (all-gather in FP8)")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"])
+    g.add_argument("--recompute-method", choices=["uniform", "block"], help="with --recompute-granularity full")
+    g.add_argument("--recompute-num-layers", type=int, help="with --recompute-granularity full")
+    g.add_argument("--overlap-grad-reduce", action="store_true")
+    g.add_argument("--overlap-param-gather", action="store_true", help="needs --use-distributed-optimizer")
+    g.add_argument("--dataloader-type", default="single", choices=["single", "dali"])
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the run's parameter, FLOP and memory estimate and exit (2 if it does not fit)")
+    g.add_argument("--gpu-memory-gb", type=float, default=80.0, help="GPU memory --dry-run plans for")
 
 
 def yaml_defaults(parser: argparse.ArgumentParser, path: str, strict: bool = True) -> dict:

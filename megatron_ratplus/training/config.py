@@ -21,8 +21,12 @@ import torch
 from megatron_ratplus import checkpoint
 from megatron_ratplus.config import SHAPE_KEYS, RATPlusConfig, model_config, preset_settings
 from megatron_ratplus.data.tokenizer import build_tokenizer, padded_vocab_size
+from megatron_ratplus.data.dali import require_dali
 from megatron_ratplus.errors import UserError
+from megatron_ratplus.layers.specs import resolve_transformer_impl
+from megatron_ratplus.optional import require
 from megatron_ratplus.patterns import PatternError, parse_pattern
+from megatron_ratplus.precision import check_fp8_shapes
 from megatron_ratplus.training.parallel_layout import validate_parallel_config, virtual_pipeline_size
 
 DEFAULT_LR, DEFAULT_WARMUP, DEFAULT_ITERS = 3e-3, 0.05, 300
@@ -76,7 +80,7 @@ class TrainingConfig:
     save_interval: int
     eval_interval: int
     eval_iters: int
-    log_interval: int               # accepted for Megatron-LM compatibility; not read yet
+    log_interval: int               # console line and throughput/memory scalars every this many iterations
     tensorboard_dir: str
     progress_bar: bool
     # early exit with a checkpoint (preemption, time limits)
@@ -91,12 +95,29 @@ class TrainingConfig:
     context_parallel_size: int
     sequence_parallel: bool
     use_distributed_optimizer: bool
+    # GPU features (Megatron-LM's flags; checked by _check_gpu_flags)
+    transformer_impl: str           # resolved: transformer_engine or local
+    fp8_format: Optional[str]
+    fp8_recipe: str
+    fp8_margin: int
+    fp8_amax_history_len: int
+    fp8_amax_compute_algo: str
+    fp8_param_gather: bool
+    recompute_granularity: Optional[str]
+    recompute_method: Optional[str]
+    recompute_num_layers: Optional[int]
+    overlap_grad_reduce: bool
+    overlap_param_gather: bool
+    dataloader_type: str
+    dry_run: bool
+    gpu_memory_gb: float
 
     @classmethod
     def from_flags(cls, flags: Mapping[str, object]) -> "TrainingConfig":
         """Check the flag values (training/arguments.py's names) and resolve everything derived."""
         flags = dict(flags)
         _check_values(flags)
+        flags["transformer_impl"] = _check_gpu_flags(flags)
         load = flags["load"]
         if load and _same_dir(load, flags["save"]) and not checkpoint.latest_checkpoint(load):
             load = None  # --load SAVE --save SAVE on a first run (SLURM requeue style): start fresh
@@ -127,7 +148,10 @@ class TrainingConfig:
                   "tokenizer": tokenizer, "load": load,
                   "tensorboard_dir": flags["tensorboard_dir"] or os.path.join(flags["save"], "tensorboard"),
                   "virtual_pipeline_model_parallel_size": vpp}
-        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+        config = cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+        if config.fp8_format:
+            check_fp8_shapes(config.model_config(), config.micro_batch_size)
+        return config
 
     @property
     def step_patterns(self) -> Tuple[Tuple[str, str], ...]:
@@ -138,10 +162,21 @@ class TrainingConfig:
         return (("", self.attention_pattern),)
 
     def model_config(self) -> RATPlusConfig:
-        """The model: this shape, this parallel layout, fp32 master weights (bf16 compute with --bf16)."""
-        return model_config(**{key: getattr(self, key) for key in SHAPE_KEYS},
+        """The model: this shape, this parallel layout, its precision (with --bf16, bf16 parameters
+        and pipeline activations as Megatron-LM's; the optimizer keeps fp32 main copies), FP8 and
+        recomputation as megatron's TransformerConfig takes them."""
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        fp8 = {}
+        if self.fp8_format:
+            fp8 = dict(fp8=self.fp8_format, fp8_recipe=self.fp8_recipe, fp8_margin=self.fp8_margin,
+                       fp8_amax_history_len=self.fp8_amax_history_len,
+                       fp8_amax_compute_algo=self.fp8_amax_compute_algo, fp8_param=self.fp8_param_gather)
+        return model_config(**{key: getattr(self, key) for key in SHAPE_KEYS}, **fp8,
                             attention_pattern=self.attention_pattern, bf16=self.bf16,
-                            params_dtype=torch.float32, pipeline_dtype=torch.float32,
+                            params_dtype=dtype, pipeline_dtype=dtype,
+                            recompute_granularity=self.recompute_granularity,
+                            recompute_method=self.recompute_method,
+                            recompute_num_layers=self.recompute_num_layers,
                             tensor_model_parallel_size=self.tensor_model_parallel_size,
                             pipeline_model_parallel_size=self.pipeline_model_parallel_size,
                             virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
@@ -184,8 +219,6 @@ def _check_values(flags: dict) -> None:
                 parse_pattern(flags[name])
             except PatternError as err:
                 raise UserError(f"--{name.replace('_', '-')}: {err}") from None
-    if flags["bf16"] and not torch.cuda.is_available():
-        raise UserError("--bf16 needs a GPU (megatron's mixed-precision path); drop it on CPU")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     model_parallel = (flags["tensor_model_parallel_size"] * flags["pipeline_model_parallel_size"]
                       * flags["context_parallel_size"])
@@ -193,6 +226,47 @@ def _check_values(flags: dict) -> None:
     if flags["global_batch_size"] % dp_rank_batch:
         raise UserError(f"--global-batch-size {flags['global_batch_size']} is not divisible by "
                         f"--micro-batch-size x data-parallel size ({dp_rank_batch})")
+
+
+def _check_gpu_flags(flags: dict) -> str:
+    """Refuse GPU flags that conflict, or that this machine or its packages cannot honour (one
+    line each, before any process group starts); returns the --transformer-impl to build.
+    --dry-run plans a GPU run from anywhere: it checks consistency, not this machine."""
+    impl = flags["transformer_impl"]
+    if flags["fp8_format"]:
+        if impl == "local":
+            raise UserError("--fp8-format needs --transformer-impl transformer_engine (FP8 runs in TE's GEMMs)")
+        if not flags["bf16"]:
+            raise UserError("--fp8-format needs --bf16 (the tensors outside the FP8 GEMMs are bf16)")
+    elif flags["fp8_param_gather"]:
+        raise UserError("--fp8-param-gather needs --fp8-format")
+    granularity, method, layers = (flags["recompute_granularity"], flags["recompute_method"],
+                                   flags["recompute_num_layers"])
+    if granularity == "full" and (method is None or layers is None):
+        raise UserError("--recompute-granularity full needs --recompute-method uniform|block and --recompute-num-layers")
+    if granularity != "full" and (method is not None or layers is not None):
+        raise UserError("--recompute-method and --recompute-num-layers apply only with --recompute-granularity full")
+    if layers is not None and layers < 1:
+        raise UserError("--recompute-num-layers must be >= 1")
+    if flags["overlap_param_gather"] and not flags["use_distributed_optimizer"]:
+        raise UserError("--overlap-param-gather needs --use-distributed-optimizer")
+    if flags["gpu_memory_gb"] <= 0:
+        raise UserError("--gpu-memory-gb must be > 0")
+    if flags["dry_run"]:
+        return impl or ("transformer_engine" if flags["fp8_format"] else "local")
+    if flags["fp8_format"]:
+        require("transformer_engine", "--fp8-format", cuda=True)
+    impl = resolve_transformer_impl(impl)
+    if flags["fp8_format"] and impl != "transformer_engine":
+        raise UserError("--fp8-format needs --transformer-impl transformer_engine (FP8 runs in TE's GEMMs)")
+    if flags["dataloader_type"] == "dali":
+        require_dali()
+    if not torch.cuda.is_available():
+        for name in ("use_distributed_optimizer", "overlap_grad_reduce", "overlap_param_gather"):
+            if flags[name]:
+                raise UserError(f"--{name.replace('_', '-')} needs GPUs (megatron's DDP and optimizer "
+                                f"are CUDA-only); drop it on CPU")
+    return impl
 
 
 def _model_shape(flags: dict, meta: Optional[dict], vocab: int) -> dict:

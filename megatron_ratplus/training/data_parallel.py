@@ -13,7 +13,7 @@ first and last pipeline stages.
 from __future__ import annotations
 
 import contextlib
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -21,9 +21,9 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-from megatron.core.transformer.module import MegatronModule, param_is_not_shared
+from megatron.core.transformer.module import Float16Module, MegatronModule, param_is_not_shared
 
-__all__ = ["wrap_model", "zero_grads", "clip_grad_norm", "CPUDataParallel"]
+__all__ = ["wrap_model", "zero_grads", "clip_grad_norm", "params_gathered", "CPUDataParallel"]
 
 
 class CPUDataParallel(MegatronModule):
@@ -47,11 +47,12 @@ class CPUDataParallel(MegatronModule):
         return contextlib.nullcontext()
 
     def finish_grad_sync(self, force_all_reduce: bool = False):
-        """Average gradients over data x context parallel ranks (one flat all-reduce)."""
+        """Average gradients over data x context parallel ranks (one flat all-reduce, in fp32 as
+        megatron's ``grad_reduce_in_fp32`` does for bf16 parameters)."""
         grads = [p.grad for p in self.module.parameters() if p.requires_grad and p.grad is not None]
         if not grads or self.group.size() == 1:
             return
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
         dist.all_reduce(flat, group=self.group)
         flat /= self.group.size()
         offset = 0
@@ -78,23 +79,45 @@ class CPUDataParallel(MegatronModule):
 
 
 def wrap_model(model: Union[torch.nn.Module, Sequence[torch.nn.Module]], config,
-               use_distributed_optimizer: bool = False, overlap_grad_reduce: bool = False) -> List[torch.nn.Module]:
-    """Wrap each model chunk (one per virtual pipeline stage) for data parallelism.
+               use_distributed_optimizer: bool = False, overlap_grad_reduce: bool = False,
+               overlap_param_gather: bool = False) -> List[torch.nn.Module]:
+    """Wrap each model chunk (one per virtual pipeline stage) for mixed precision and data
+    parallelism, in Megatron-LM's order: megatron's Float16Module when ``config.bf16`` (bf16
+    parameters and compute, fp32 logits out of the last stage), then the data-parallel wrapper.
 
-    GPU: megatron DDP (pass the same ``use_distributed_optimizer`` to megatron's OptimizerConfig).
-    CPU: :class:`CPUDataParallel`; the distributed optimizer's sharding has no CPU implementation in
-    megatron-core, so on CPU optimizer state stays replicated (same math, more memory).
+    GPU: megatron DDP, gradients accumulated and reduced in fp32 (pass the same
+    ``use_distributed_optimizer`` to megatron's OptimizerConfig). CPU: :class:`CPUDataParallel`
+    (training/config.py refuses the distributed optimizer and the overlap flags there).
     """
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    if config.bf16:
+        chunks = [Float16Module(config, chunk) for chunk in chunks]
     if torch.cuda.is_available():
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
-            use_distributed_optimizer=use_distributed_optimizer)
+            overlap_param_gather=overlap_param_gather, use_distributed_optimizer=use_distributed_optimizer,
+            fp8_param_gather=bool(config.fp8_param))
         wrapped = [DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
                    for i, chunk in enumerate(chunks)]
     else:
         wrapped = [CPUDataParallel(config, chunk) for chunk in chunks]
     return wrapped
+
+
+@contextlib.contextmanager
+def params_gathered(wrapped: Sequence[torch.nn.Module], overlap_param_gather: bool):
+    """With --overlap-param-gather, megatron's DDP gathers updated parameters in forward pre-hooks;
+    outside training steps (evaluation, checkpointing) Megatron-LM turns the hooks off, which
+    finishes the pending all-gathers, and back on after."""
+    if overlap_param_gather:
+        for chunk in wrapped:
+            chunk.disable_forward_pre_hook()
+    try:
+        yield
+    finally:
+        if overlap_param_gather:
+            for chunk in wrapped:
+                chunk.enable_forward_pre_hook()
 
 
 def zero_grads(wrapped: Sequence[torch.nn.Module]) -> None:
@@ -103,18 +126,20 @@ def zero_grads(wrapped: Sequence[torch.nn.Module]) -> None:
         chunk.zero_grad_buffer()
 
 
-def clip_grad_norm(wrapped: Sequence[torch.nn.Module], max_norm: float) -> float:
+def clip_grad_norm(wrapped: Sequence[torch.nn.Module], max_norm: float,
+                   grads: Optional[List[torch.Tensor]] = None) -> float:
     """Clip ``.grad`` by the norm of the whole (unsharded) model's gradient; returns that norm.
 
     For the CPU path (megatron's optimizer clips on GPU): torch's clip_grad_norm_ would count
     only this rank's shards, and count replicated norms and the tied output weight twice. Each
     gradient is counted once (megatron's duplicate/shared tests), summed over the model-parallel
-    group by megatron's get_grad_norm_fp32.
+    group by megatron's get_grad_norm_fp32. ``grads``: the gradients to scale when they are not
+    the parameters' own (the optimizer's fp32 copies of bf16 gradients); the norm is the same.
     """
     params = [p for chunk in wrapped for p in chunk.parameters() if p.grad is not None]
     counted = [p.grad for p in params if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)]
     norm = get_grad_norm_fp32(counted, grad_stats_parallel_group=parallel_state.get_model_parallel_group())
     if norm > max_norm:
-        for param in params:
-            param.grad.mul_(max_norm / (norm + 1e-6))
+        for grad in grads if grads is not None else [p.grad for p in params]:
+            grad.mul_(max_norm / (norm + 1e-6))
     return norm

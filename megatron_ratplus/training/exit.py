@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_ratplus import distributed
+
 EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -65,9 +67,7 @@ class ExitConditions:
             bool(self.interval) and iteration % self.interval == 0,
         ], dtype=torch.int32)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            # The CPU (gloo) and GPU (NCCL) groups both reduce a tensor on the default device.
-            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            flags = flags.to(device)
+            flags = flags.to(distributed.device())  # NCCL reduces CUDA tensors, gloo CPU ones
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         signalled, out_of_time, at_interval = flags.tolist()
         if signalled:

@@ -22,12 +22,13 @@ from megatron_ratplus.data.datasets import BatchSource, build_datasets
 from megatron_ratplus.data.tokenizer import build_tokenizer
 from megatron_ratplus.errors import UserError
 from megatron_ratplus.training.config import TrainingConfig
-from megatron_ratplus.training.data_parallel import wrap_model
+from megatron_ratplus.training.data_parallel import params_gathered, wrap_model
 from megatron_ratplus.training.exit import ExitConditions
 from megatron_ratplus.training.metrics import Metrics
 from megatron_ratplus.training.optimizer import build_optimizer, build_scheduler
 from megatron_ratplus.training.schedule import build_model_chunks
 from megatron_ratplus.training.steps import evaluate, train_step
+from megatron_ratplus.training.throughput import Throughput, console_line
 
 # Perplexity is printed as exp(loss); above this loss it overflows to a meaningless number.
 MAX_SHOWN_LOSS = 50.0
@@ -57,7 +58,8 @@ def _train(config: TrainingConfig, exits: ExitConditions) -> str:
     valid_batches = BatchSource(valid_data, config.micro_batch_size, dp_rank, dp_size, config.seed, shuffle=False)
     valid_micro = valid_batches.microbatches(0, min(eval_samples, len(valid_data)) // rank_batch * rank_batch)
 
-    model_chunks = wrap_model(build_model_chunks(model_config), model_config, config.use_distributed_optimizer)
+    model_chunks = wrap_model(build_model_chunks(model_config, config.transformer_impl), model_config,
+                              config.use_distributed_optimizer, config.overlap_grad_reduce, config.overlap_param_gather)
     optimizer = build_optimizer(model_chunks, config)
     scheduler = build_scheduler(optimizer, config)
     start_iter, consumed, skipped = 0, 0, 0
@@ -71,16 +73,24 @@ def _train(config: TrainingConfig, exits: ExitConditions) -> str:
 
     steps = config.step_patterns
     metrics = Metrics(config.tensorboard_dir, train_iters, start_iter, config.progress_bar)
+    throughput = Throughput(model_config, [p for _, p in steps], global_batch * seq_length, seq_length,
+                            dist.get_world_size())
+    if config.dataloader_type == "dali":  # micro-batches prefetched onto the GPU (data/dali.py)
+        from megatron_ratplus.data.dali import dali_batches
+
+        dali = dali_batches(train_batches, consumed, global_batch, train_iters - start_iter)
     meta = {"model": checkpoint.model_meta(model_config), "tokenizer": tokenizer.spec, "args": config.as_record()}
 
     def save(iteration: int) -> str:
         common = {"scheduler": scheduler.state_dict(), "iteration": iteration, "consumed_samples": consumed,
                   "rng": checkpoint.rng_state(), "nan_skipped": skipped}
-        return checkpoint.save(config.save, iteration, model_chunks, optimizer, common, meta)
+        with params_gathered(model_chunks, config.overlap_param_gather):
+            return checkpoint.save(config.save, iteration, model_chunks, optimizer, common, meta)
 
     def validate(iteration: int) -> dict:
-        losses = {f"valid/loss{'_' + name if name else ''}": evaluate(model_chunks, valid_micro, seq_length, p)
-                  for name, p in steps}
+        with params_gathered(model_chunks, config.overlap_param_gather):
+            losses = {f"valid/loss{'_' + name if name else ''}": evaluate(model_chunks, valid_micro, seq_length, p)
+                      for name, p in steps}
         metrics.log(iteration, losses)
         shown = ", ".join(f"{k} {v:.4f} (ppl {math.exp(min(v, MAX_SHOWN_LOSS)):.2f})" for k, v in losses.items())
         metrics.message(f"iteration {iteration}: {shown}")
@@ -90,10 +100,11 @@ def _train(config: TrainingConfig, exits: ExitConditions) -> str:
     if start_iter == 0 and config.eval_interval:
         validate(0)
     for iteration in range(start_iter + 1, train_iters + 1):
-        tick = time.time()
-        micro = train_batches.microbatches(consumed, global_batch)
+        throughput.begin()
+        micro = next(dali) if config.dataloader_type == "dali" else train_batches.microbatches(consumed, global_batch)
         results = [train_step(model_chunks, optimizer, micro, seq_length, p) for _, p in steps]
         scheduler.step(increment=1)
+        throughput.end()
         consumed += global_batch
         bad = sum(not r["updated"] for r in results)
         skipped += bad
@@ -101,13 +112,14 @@ def _train(config: TrainingConfig, exits: ExitConditions) -> str:
         if in_a_row >= config.max_nan_steps:  # the run cannot go on at these settings: the user's to change
             raise UserError(f"{in_a_row} iterations in a row had a non-finite loss or gradient; stopping "
                             f"(last checkpoint: {last_ckpt or 'none'})")
-        scalars = {"train/lr": optimizer.param_groups[0]["lr"],
-                   "train/tokens_per_s": global_batch * seq_length / (time.time() - tick),
-                   "train/nan_skipped": skipped}
+        scalars = {"train/lr": optimizer.param_groups[0]["lr"], "train/nan_skipped": skipped}
         for (name, _), r in zip(steps, results):
             suffix = f"_{name}" if name else ""
             scalars[f"train/loss{suffix}"] = r["loss"]
             scalars[f"train/grad_norm{suffix}"] = r["grad_norm"]
+        if iteration % config.log_interval == 0 or iteration == train_iters:
+            scalars.update(throughput.report())
+            metrics.message(console_line(iteration, train_iters, scalars))
         metrics.log(iteration, scalars)
         metrics.advance()
         if config.eval_interval and iteration % config.eval_interval == 0 and iteration != train_iters:

@@ -36,14 +36,27 @@ def _param_groups(model_chunks, weight_decay: float):
 
 class TorchOptimizer:
     """AdamW with megatron-style gradient clipping (CPU path); gradients arrive already reduced
-    over data/context-parallel ranks (training/data_parallel.py)."""
+    over data/context-parallel ranks (training/data_parallel.py).
+
+    bf16 parameters (--bf16: megatron's Float16Module) get fp32 main copies, which AdamW updates
+    and which are copied back into the bf16 parameters after each step, as megatron's
+    Float16OptimizerWithFloat16Params does on GPU (it hard-codes CUDA, hence this). The main
+    copies are saved with the optimizer state ("fp32_param"), so a resumed run continues from
+    the same fp32 weights.
+    """
 
     def __init__(self, model_chunks: List[torch.nn.Module], lr: float, weight_decay: float,
                  betas, eps: float, clip_grad: float):
         self.model_chunks = model_chunks
-        self.optimizer = torch.optim.AdamW(_param_groups(model_chunks, weight_decay), lr=lr, betas=betas, eps=eps)
+        groups = _param_groups(model_chunks, weight_decay)
+        self.model_params = [p for group in groups for p in group["params"]]
+        main = {id(p): p if p.dtype == torch.float32 else p.detach().float().requires_grad_()
+                for p in self.model_params}
+        for group in groups:
+            group["params"] = [main[id(p)] for p in group["params"]]
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
         self.clip_grad = clip_grad
-        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.params = [main[id(p)] for p in self.model_params]  # the main parameter of each model parameter
 
     @property
     def param_groups(self):
@@ -54,10 +67,18 @@ class TorchOptimizer:
 
     def step(self):
         """Clip, then update; returns (updated, grad_norm). A non-finite norm skips the update."""
-        norm = float(clip_grad_norm(self.model_chunks, self.clip_grad if self.clip_grad > 0 else float("inf")))
+        for model, main in zip(self.model_params, self.params):
+            if main is not model:
+                main.grad = None if model.grad is None else model.grad.float()
+        norm = float(clip_grad_norm(self.model_chunks, self.clip_grad if self.clip_grad > 0 else float("inf"),
+                                    grads=[p.grad for p in self.params if p.grad is not None]))
         if not torch.isfinite(torch.tensor(norm)):
             return False, norm
         self.optimizer.step()
+        with torch.no_grad():
+            for model, main in zip(self.model_params, self.params):
+                if main is not model:
+                    model.copy_(main)
         return True, norm
 
     def step_count(self) -> int:
@@ -72,18 +93,26 @@ class TorchOptimizer:
                 self.optimizer.state[param] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param),
                                                "exp_avg_sq": torch.zeros_like(param)}
 
-    def sharded_state_dict(self, model_sharded_state_dict):
-        """AdamW's moments sharded like their parameters; the scalar step count kept as one value."""
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False):
+        """AdamW's moments (and fp32 main copies of bf16 parameters) sharded like their parameters;
+        the scalar step count kept as one value. ``is_loading`` is megatron's optimizer interface;
+        here :meth:`init_state` has already made the state a load fills."""
         state = self.optimizer.state_dict()
-        id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, self.params)
+        for index, (model, main) in enumerate(zip(self.model_params, self.params)):
+            if main is not model:
+                state["state"].setdefault(index, {})["fp32_param"] = main.detach()
+        id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, self.model_params)
         optim_state_to_sharding_state(state, id_map, exclude_keys=("step",))
         state["step"] = self.step_count()
         return state
 
     def load_state_dict(self, state) -> None:
         step = torch.tensor(float(state.pop("step")))
-        for param_state in state["state"].values():
-            param_state["step"] = step.clone()
+        with torch.no_grad():
+            for index, param_state in state["state"].items():
+                if "fp32_param" in param_state:
+                    self.params[index].copy_(param_state.pop("fp32_param"))
+                param_state["step"] = step.clone()
         self.optimizer.load_state_dict(state)
 
 
@@ -98,7 +127,7 @@ def build_optimizer(model_chunks, args):
         config = OptimizerConfig(
             optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
             adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
-            clip_grad=args.clip_grad, bf16=args.bf16, params_dtype=torch.float32,
+            clip_grad=args.clip_grad, bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
             use_distributed_optimizer=args.use_distributed_optimizer)
         return MegatronOptimizerAdapter(get_megatron_optimizer(config, model_chunks), model_chunks)
     return TorchOptimizer(model_chunks, args.lr, args.weight_decay, (args.adam_beta1, args.adam_beta2),
@@ -126,8 +155,8 @@ class MegatronOptimizerAdapter:
     def init_state(self) -> None:
         """Nothing to do: megatron's optimizer builds its state while loading a sharded state dict."""
 
-    def sharded_state_dict(self, model_sharded_state_dict):
-        return self.optimizer.sharded_state_dict(model_sharded_state_dict)
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False):
+        return self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading)
 
     def load_state_dict(self, state) -> None:
         self.optimizer.load_state_dict(state)

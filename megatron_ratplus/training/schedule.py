@@ -20,6 +20,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_batch_on_this_cp_rank
 
+from megatron_ratplus import distributed
 from megatron_ratplus.model import build_model
 
 __all__ = ["build_model_chunks", "configure_schedules", "forward_backward", "slice_batch_for_cp"]
@@ -70,7 +71,9 @@ def _loss(loss_mask: torch.Tensor, output: torch.Tensor):
 
 
 def forward_step(data_iterator, model):
-    batch = slice_batch_for_cp(next(data_iterator))
+    """Megatron's forward step: the next micro-batch, built on the CPU by data.datasets.collate
+    (or already on the GPU from DALI), moved to this rank's device, then sliced for CP."""
+    batch = slice_batch_for_cp(distributed.to_device(next(data_iterator)))
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(_loss, batch["loss_mask"])
 

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_ratplus import distributed
 from megatron_ratplus.model import evaluating, set_attention_pattern
 from megatron_ratplus.training import schedule
 
@@ -22,7 +23,8 @@ def _run(model_chunks, microbatches: List[dict], seq_length: int, forward_only: 
     """The schedule's mean loss, made known to every pipeline stage (it lives on the last one)."""
     loss = schedule.forward_backward(model_chunks, microbatches, seq_length,
                                      microbatches[0]["tokens"].shape[0], forward_only=forward_only)
-    shared = torch.tensor([loss if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else 0.0])
+    shared = torch.tensor([loss if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else 0.0],
+                          device=distributed.device())
     dist.all_reduce(shared, group=parallel_state.get_pipeline_model_parallel_group())
     return float(shared)
 
