@@ -101,6 +101,7 @@ def time_mixer(seq_len: int, repeats: int, pattern: str) -> float:
 def time_rank_share(seq_len: int, repeats: int, pattern: str) -> dict:
     """Best-of-N seconds of scan + attention (forward + backward), whole sequence vs CP2 rank 0's share."""
     from megatron_ratplus.layers.context_parallel.attention import attend_slices, pack_public
+    from megatron_ratplus.layers.context_parallel.ring import ring_attention
     from megatron_ratplus.layers.context_parallel.scan import compose_and_correct, scan_slices
     from megatron_ratplus.ops import gated_scan, pattern_attention
     from megatron_ratplus.patterns import parse_pattern
@@ -120,9 +121,13 @@ def time_rank_share(seq_len: int, repeats: int, pattern: str) -> dict:
         leaves = [torch.cat([t[:quarter], t[-quarter:]]).requires_grad_() for t in (x, g, q, k, v)]
         states, decays, summary = scan_slices(leaves[0], leaves[1])
         h, _ = compose_and_correct(states, decays, torch.stack([summary, summary.detach()]), None, 0, 2)
-        public = pack_public(leaves[3], leaves[4], pattern, 0, 2)
-        public = torch.cat([public, public.detach()])  # rank 1's piece: same size, no work here
-        (h.sum() + attend_slices(*leaves[2:], public, pattern, 0, 2, dim ** -0.5).sum()).backward()
+        if pattern.is_dense:  # the ring, rank 1 stood in for by a buffer of the same size
+            y = ring_attention(*leaves[2:], LoopbackExchange(), 0, 2, dim ** -0.5)
+        else:
+            public = pack_public(leaves[3], leaves[4], pattern, 0, 2)
+            public = torch.cat([public, public.detach()])  # rank 1's piece: same size, no work here
+            y = attend_slices(*leaves[2:], public, pattern, 0, 2, dim ** -0.5)
+        (h.sum() + y.sum()).backward()
 
     result = {}
     for name, fn in (("whole sequence", whole), ("cp2 rank share", share)):
