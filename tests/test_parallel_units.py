@@ -130,17 +130,24 @@ def test_virtual_pipeline_size_from_layers_per_virtual_stage():
 
 
 class ThreadExchange:
-    """The ring's exchange between CP ranks run as threads in one process: one queue per rank."""
+    """The ring's exchange between CP ranks run as threads in one process: one queue per rank.
+    Receives must come in the order the previous rank sent, tags included."""
 
     def __init__(self, queues, rank):
         self.queues, self.rank = queues, rank
 
     def start(self, tensor, tag):
         self.queues[(self.rank + 1) % len(self.queues)].put((tag, tensor.clone()))
-        return self
+        return ThreadPending(self.queues[self.rank], tag)
+
+
+class ThreadPending:
+    def __init__(self, inbox, tag):
+        self.inbox, self.tag = inbox, tag
 
     def wait(self):
-        tag, tensor = self.queues[self.rank].get(timeout=60)
+        tag, tensor = self.inbox.get(timeout=60)
+        assert tag == self.tag, f"received a tag-{tag} block where tag {self.tag} was expected"
         return tensor
 
 

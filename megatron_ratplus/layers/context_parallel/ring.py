@@ -15,7 +15,8 @@ their K/V, arriving back at their owner after the last step.
 The transfer is an injectable :class:`Exchange`, so a test can run the ranks as threads.
 Per-step attention uses torch's flash ops that return the LSE: the CPU one
 (``_scaled_dot_product_flash_attention_for_cpu``) and, on CUDA, FlashAttention
-(``_scaled_dot_product_flash_attention``, bf16/fp16; not yet run on a GPU). megatron-core's own
+(``_scaled_dot_product_flash_attention``, which takes bf16/fp16 only: the GPU mixer's dtype;
+not yet run on a GPU). megatron-core's own
 ring lives in Transformer Engine's attention, which the RAT+ mixer (q against recurrence
 states k~, v~) does not use.
 """
@@ -101,16 +102,13 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, exchange, rank, size, scale):
         q, k, v = q.detach(), k.detach(), v.detach()
-        c = q.shape[0] // 2
-        pieces = lambda t: (t[:c], t[c:])  # noqa: E731
         out = [None, None]
         lse = [None, None]
         kv = torch.stack([k, v])
         for step in range(size):
             pending = exchange.start(kv, KV_TAG) if step < size - 1 else None
-            k_pieces, v_pieces = pieces(kv[0]), pieces(kv[1])
             for qi, ki, causal in step_pairs(rank, (rank - step) % size, size):
-                o, l = attend_with_lse(pieces(q)[qi], k_pieces[ki], v_pieces[ki], causal, scale)
+                o, l = attend_with_lse(q.chunk(2)[qi], kv[0].chunk(2)[ki], kv[1].chunk(2)[ki], causal, scale)
                 if out[qi] is None:
                     out[qi], lse[qi] = o.float(), l
                 else:  # merge two partial softmaxes by their log-sum-exp
@@ -130,7 +128,6 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         exchange, rank, size, scale = ctx.meta
         c = q.shape[0] // 2
-        pieces = lambda t: (t[:c], t[c:])  # noqa: E731
         grad_out = grad_out.contiguous()
         grad_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v])
