@@ -87,7 +87,8 @@ def case(name: str, seq_len: int):
 
 
 def peak_memory_mb(name: str, seq_len: int, module: str = "bench_ops") -> float:
-    """Max-RSS growth of running one case (``module.case``), in a fresh process, over a process that only builds its inputs."""
+    """Max-RSS growth of running one case (``module.case``), in a fresh process, over a process
+    that only builds its inputs."""
     build = f"import resource,sys; sys.path.insert(0,'tools'); import {module} as b; f=b.case('{name}',{seq_len}); "
     report = "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     peak = int(subprocess.check_output([sys.executable, "-c", build + "f(); " + report]).split()[-1])
