@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from megatron_ratplus.layers.context_parallel.layout import chunk_ids
 
-KV_TAG, GRAD_TAG = 0, 1  # distinct gloo tags, so a K/V block never pairs with a gradient block
+KV_TAGS, GRAD_TAGS = (0, 1), (2, 3)  # distinct gloo tags: a block never pairs with another kind
 
 
 class Pending:
@@ -98,26 +98,30 @@ def step_pairs(rank: int, source: int, size: int) -> List[Tuple[int, int, bool]]
     return pairs
 
 
+def pass_on(exchange, tensors, tags) -> List[Pending]:
+    """Post each tensor's transfer to the next rank (no packing copy), one tag each."""
+    return [exchange.start(t, tag) for t, tag in zip(tensors, tags)]
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, exchange, rank, size, scale):
         q, k, v = q.detach(), k.detach(), v.detach()
         out = [None, None]
         lse = [None, None]
-        kv = torch.stack([k, v])
+        held = (k, v)
         for step in range(size):
-            pending = exchange.start(kv, KV_TAG) if step < size - 1 else None
+            pending = pass_on(exchange, held, KV_TAGS) if step < size - 1 else []
             for qi, ki, causal in step_pairs(rank, (rank - step) % size, size):
-                o, l = attend_with_lse(q.chunk(2)[qi], kv[0].chunk(2)[ki], kv[1].chunk(2)[ki], causal, scale)
+                o, l = attend_with_lse(q.chunk(2)[qi], held[0].chunk(2)[ki], held[1].chunk(2)[ki], causal, scale)
                 if out[qi] is None:
                     out[qi], lse[qi] = o.float(), l
                 else:  # merge two partial softmaxes by their log-sum-exp
                     merged = torch.logaddexp(lse[qi], l)
-                    out[qi] = out[qi] * torch.exp(lse[qi] - merged).unsqueeze(-1) + \
-                        o.float() * torch.exp(l - merged).unsqueeze(-1)
+                    out[qi].mul_(torch.exp(lse[qi] - merged).unsqueeze(-1))
+                    out[qi].add_(o.float() * torch.exp(l - merged).unsqueeze(-1))
                     lse[qi] = merged
-            if pending is not None:
-                kv = pending.wait()
+            held = tuple(p.wait() for p in pending) or held
         out, lse = torch.cat(out).to(q.dtype), torch.cat(lse)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.meta = (exchange, rank, size, scale)
@@ -130,22 +134,21 @@ class _RingAttention(torch.autograd.Function):
         c = q.shape[0] // 2
         grad_out = grad_out.contiguous()
         grad_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        kv = torch.stack([k, v])
-        grad_kv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)  # travels with its K/V
+        held = (k, v)
+        grads = tuple(torch.zeros(k.shape, dtype=torch.float32, device=k.device) for _ in range(2))  # travel with K/V
         for step in range(size):
-            pending = exchange.start(kv, KV_TAG) if step < size - 1 else None
+            pending = pass_on(exchange, held, KV_TAGS) if step < size - 1 else []
             for qi, ki, causal in step_pairs(rank, (rank - step) % size, size):
                 rows, cols = slice(qi * c, (qi + 1) * c), slice(ki * c, (ki + 1) * c)
-                dq, dk, dv = attend_with_lse_backward(grad_out[rows], q[rows], kv[0, cols], kv[1, cols], out[rows],
+                dq, dk, dv = attend_with_lse_backward(grad_out[rows], q[rows], held[0][cols], held[1][cols], out[rows],
                                                       lse[rows], causal, scale)
                 grad_q[rows] += dq
-                grad_kv[0, cols] += dk
-                grad_kv[1, cols] += dv
-            pending_grad = exchange.start(grad_kv, GRAD_TAG)
-            if pending is not None:
-                kv = pending.wait()
-            grad_kv = pending_grad.wait()  # after the last step: this rank's own dK/dV
-        return grad_q.to(q.dtype), grad_kv[0].to(k.dtype), grad_kv[1].to(v.dtype), None, None, None, None
+                grads[0][cols] += dk
+                grads[1][cols] += dv
+            pending_grads = pass_on(exchange, grads, GRAD_TAGS)
+            held = tuple(p.wait() for p in pending) or held
+            grads = tuple(p.wait() for p in pending_grads)  # after the last step: this rank's own dK/dV
+        return grad_q.to(q.dtype), grads[0].to(k.dtype), grads[1].to(v.dtype), None, None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, exchange, rank: int, size: int,
