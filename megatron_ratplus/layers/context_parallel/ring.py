@@ -54,6 +54,7 @@ class Exchange:
         self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
 
     def start(self, tensor: torch.Tensor, tag: int) -> Pending:
+        tensor = tensor.contiguous()  # the mixer's k~, v~ may be strided views; p2p needs dense buffers
         received = torch.empty_like(tensor)
         if tensor.is_cuda:
             ops = [dist.P2POp(dist.isend, tensor, self.next, self.group, tag),
