@@ -9,8 +9,17 @@ import torch
 from megatron_ratplus import backend, ops
 from megatron_ratplus.layers.context_parallel.attention import attend_slices, pack_public, public_offsets
 from megatron_ratplus.patterns import may_be_seen, parse_pattern
+from ratplus_kernels import scan as scan_kernels
+from ratplus_kernels import slice_attention as slice_kernels
 from test_kernels import check_with_grads
-from test_parallel_units import from_ranks, to_ranks
+from test_parallel_units import from_ranks, simulated_cp_scan, to_ranks
+
+
+def spy(monkeypatch, module, name):
+    """Count calls of ``module.name`` (the backend imports kernels at call time)."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    return calls
 
 
 def slice_key_positions(pattern, chunk_len, chunk):
@@ -36,8 +45,10 @@ def test_slice_kernel_matches_reference(monkeypatch, pattern, chunk_len, chunk):
     k, v = (torch.randn(len(positions), 2, 2, 16) for _ in range(2))
     start = chunk * chunk_len
     monkeypatch.setenv(backend.ENV_VAR, "triton")
+    calls = spy(monkeypatch, slice_kernels, "slice_attention")
     check_with_grads(lambda q, k, v: backend.blocked_attention(q, k, v, pattern, 0.3, start, positions),
                      lambda q, k, v: ops.blocked_attention(q, k, v, pattern, 0.3, start, positions), (q, k, v), 1e-5)
+    assert calls == [1]
 
 
 def test_slice_kernel_refuses_keys_that_are_not_the_own_slice(monkeypatch):
@@ -57,10 +68,30 @@ def test_cp_attention_on_kernels_matches_single_rank(monkeypatch, pattern, size,
     ref_grads = torch.autograd.grad((ref * weight).sum(), (q, k, v))
 
     monkeypatch.setenv(backend.ENV_VAR, "triton")
+    calls = spy(monkeypatch, slice_kernels, "slice_attention")
     ks, vs, qs = to_ranks(k, size), to_ranks(v, size), to_ranks(q, size)
     public = torch.cat([pack_public(kr, vr, pattern, r, size) for r, (kr, vr) in enumerate(zip(ks, vs))])
     out = from_ranks([attend_slices(qs[r], ks[r], vs[r], public, pattern, r, size, 0.3) for r in range(size)], size)
+    assert len(calls) == 2 * size  # every slice on the kernel
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     grads = torch.autograd.grad((out * weight).sum(), (q, k, v))
     for name, got, want in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_cp_scan_on_kernels_matches_single_rank(monkeypatch):
+    """The CP scan's local step (backend.gated_scan from a zero state) on the scan kernel."""
+    torch.manual_seed(3)
+    x = torch.randn(44, 2, 3, requires_grad=True)
+    g = torch.rand(44, 2, 3).clamp(0.05, 0.95).requires_grad_()
+    h0 = torch.randn(2, 3, requires_grad=True)
+    weight = torch.randn(44, 2, 3)
+    ref, _ = ops.gated_scan(x, g, h0)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), (x, g, h0))
+    monkeypatch.setenv(backend.ENV_VAR, "triton")
+    calls = spy(monkeypatch, scan_kernels, "gated_scan")
+    out, _ = simulated_cp_scan(x, g, h0, 2)
+    assert len(calls) == 4  # two slices on each of two ranks
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for name, got, want in zip(("x", "g", "h0"), torch.autograd.grad((out * weight).sum(), (x, g, h0)), ref_grads):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
