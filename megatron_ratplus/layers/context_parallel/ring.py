@@ -69,6 +69,9 @@ def attend_with_lse(q, k, v, causal: bool, scale: float) -> Tuple[torch.Tensor, 
     """Softmax attention of q over k, v ([s, b, heads, d_h]) -> (out [s, b, h, d], LSE [s, b, h] fp32)."""
     qh, kh, vh = (t.permute(1, 2, 0, 3) for t in (q, k, v))
     if q.is_cuda:
+        if q.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"dense context-parallel attention on CUDA runs FlashAttention, which needs bf16 or "
+                             f"fp16 activations, not {q.dtype}")
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qh, kh, vh, 0.0, causal, scale=scale)[:2]
     else:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, causal, scale=scale)
