@@ -51,11 +51,11 @@ def _groups(t0, T, D, W, P, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, t, t_ok, k_ptr, v_ptr, pos, ok, stride_s, offs_d, qk_scale, D, W, P,
+def _fwd_tile(acc, m_i, l_i, q, t, t_ok, k_ptr, v_ptr, idx, pos, ok, stride_s, offs_d, qk_scale, D, W, P,
               HEAD_D: tl.constexpr):
-    """One online-softmax step over the key tile at positions ``pos`` (scores in log2 units)."""
-    k = _rows(k_ptr, pos, ok, stride_s, offs_d, HEAD_D)
-    v = _rows(v_ptr, pos, ok, stride_s, offs_d, HEAD_D)
+    """One online-softmax step over the key tile in rows ``idx`` at positions ``pos`` (scores in log2 units)."""
+    k = _rows(k_ptr, idx, ok, stride_s, offs_d, HEAD_D)
+    v = _rows(v_ptr, idx, ok, stride_s, offs_d, HEAD_D)
     s = tl.dot(q, tl.trans(k)) * qk_scale
     mask = t_ok[:, None] & ok[None, :] & _visible(t, pos, D, W, P)
     m_new = tl.maximum(m_i, tl.max(tl.where(mask, s, -1.0e30), axis=1))
@@ -66,10 +66,11 @@ def _fwd_tile(acc, m_i, l_i, q, t, t_ok, k_ptr, v_ptr, pos, ok, stride_s, offs_d
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse, delta, t, t_ok, k_ptr, v_ptr, pos, ok, stride_s, offs_d, qk_scale, D, W, P,
+def _dq_tile(dq, q, do, lse, delta, t, t_ok, k_ptr, v_ptr, idx, pos, ok, stride_s, offs_d, qk_scale, D, W, P,
              HEAD_D: tl.constexpr):
-    k = _rows(k_ptr, pos, ok, stride_s, offs_d, HEAD_D)
-    v = _rows(v_ptr, pos, ok, stride_s, offs_d, HEAD_D)
+    """dQ contribution of the key tile in rows ``idx`` at positions ``pos``."""
+    k = _rows(k_ptr, idx, ok, stride_s, offs_d, HEAD_D)
+    v = _rows(v_ptr, idx, ok, stride_s, offs_d, HEAD_D)
     mask = t_ok[:, None] & ok[None, :] & _visible(t, pos, D, W, P)
     p = tl.exp2(tl.where(mask, tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None], float("-inf")))
     ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
@@ -78,11 +79,12 @@ def _dq_tile(dq, q, do, lse, delta, t, t_ok, k_ptr, v_ptr, pos, ok, stride_s, of
 
 @triton.jit
 def _dkv_tile(dk, dv, k, v, pos, mask_keys, q_ptr, do_ptr, lse_ptr, delta_ptr, t0, T, stride_s, offs_d,
-              qk_scale, D, W, P, NEAR: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr):
+              qk_scale, D, W, P, Q0, NEAR: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """Gradient of the key tile ``k``, ``v`` from query tile [t0, t0 + BLOCK_M), transposed layout.
 
-    NEAR: keys count only where they lie in the tile's near range (j >= lo); otherwise only where
-    they are far keys (j < lo), which the rule always admits.
+    Queries are positions [Q0, T), read from q_ptr etc. at the position (callers shift the
+    pointers by Q0). NEAR: keys count only where they lie in the tile's near range
+    (j >= lo); otherwise only where they are far keys (j < max(lo, Q0)), masked by the rule.
     """
     t = t0 + tl.arange(0, BLOCK_M)
     t_ok = t < T
@@ -94,7 +96,7 @@ def _dkv_tile(dk, dv, k, v, pos, mask_keys, q_ptr, do_ptr, lse_ptr, delta_ptr, t
     if NEAR:
         mask = visible_rule(t[None, :], pos[:, None], D, W, P) & (pos >= lo)[:, None]
     else:
-        mask = (pos < lo)[:, None] & (pos[:, None] <= t[None, :])
+        mask = visible_rule(t[None, :], pos[:, None], D, W, P) & (pos < tl.maximum(lo, Q0))[:, None]
     mask = mask & mask_keys[:, None] & t_ok[None, :]
     p_t = tl.exp2(tl.where(mask, tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :], float("-inf")))
     dv += tl.dot(p_t.to(do.dtype), do)
@@ -122,15 +124,16 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, T, H, s_b, s_h, s_s, o_b, o
     n_sink, first, last, lo, hi = _groups(t0, T, D, W, P, BLOCK_M)
     for j0 in range(0, n_sink, BLOCK_N):
         pos = j0 + cols
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, t, t_ok, k_ptr, v_ptr, pos, pos < n_sink, s_s, offs_d,
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, t, t_ok, k_ptr, v_ptr, pos, pos, pos < n_sink, s_s, offs_d,
                                   qk_scale, D, W, P, HEAD_D)
     for m0 in range(first, last, BLOCK_N):
         m = m0 + cols
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, t, t_ok, k_ptr, v_ptr, (m + 1) * D - 1, m < last, s_s,
+        pos = (m + 1) * D - 1
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, t, t_ok, k_ptr, v_ptr, pos, pos, m < last, s_s,
                                   offs_d, qk_scale, D, W, P, HEAD_D)
     for j0 in range(lo, hi, BLOCK_N):
         pos = j0 + cols
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, t, t_ok, k_ptr, v_ptr, pos, pos < hi, s_s, offs_d,
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, t, t_ok, k_ptr, v_ptr, pos, pos, pos < hi, s_s, offs_d,
                                   qk_scale, D, W, P, HEAD_D)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -160,15 +163,16 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, T, H, s_
     n_sink, first, last, lo, hi = _groups(t0, T, D, W, P, BLOCK_M)
     for j0 in range(0, n_sink, BLOCK_N):
         pos = j0 + cols
-        dq = _dq_tile(dq, q, do, lse, delta, t, t_ok, k_ptr, v_ptr, pos, pos < n_sink, s_s, offs_d, qk_scale,
+        dq = _dq_tile(dq, q, do, lse, delta, t, t_ok, k_ptr, v_ptr, pos, pos, pos < n_sink, s_s, offs_d, qk_scale,
                       D, W, P, HEAD_D)
     for m0 in range(first, last, BLOCK_N):
         m = m0 + cols
-        dq = _dq_tile(dq, q, do, lse, delta, t, t_ok, k_ptr, v_ptr, (m + 1) * D - 1, m < last, s_s, offs_d,
+        pos = (m + 1) * D - 1
+        dq = _dq_tile(dq, q, do, lse, delta, t, t_ok, k_ptr, v_ptr, pos, pos, m < last, s_s, offs_d,
                       qk_scale, D, W, P, HEAD_D)
     for j0 in range(lo, hi, BLOCK_N):
         pos = j0 + cols
-        dq = _dq_tile(dq, q, do, lse, delta, t, t_ok, k_ptr, v_ptr, pos, pos < hi, s_s, offs_d, qk_scale,
+        dq = _dq_tile(dq, q, do, lse, delta, t, t_ok, k_ptr, v_ptr, pos, pos, pos < hi, s_s, offs_d, qk_scale,
                       D, W, P, HEAD_D)
     tl.store(dq_ptr + base + t.to(tl.int64)[:, None] * s_s + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
              mask=t_ok[:, None] & (offs_d < HEAD_D)[None, :])
@@ -208,7 +212,7 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for t0 in range(t_start, t_stop, BLOCK_M):
         dk, dv = _dkv_tile(dk, dv, k, v, pos, ok, q_ptr + base, do_ptr + base, lse_ptr + pid_bh * T,
-                           delta_ptr + pid_bh * T, t0, T, s_s, offs_d, qk_scale, D, W, P, NEAR, HEAD_D, BLOCK_M)
+                           delta_ptr + pid_bh * T, t0, T, s_s, offs_d, qk_scale, D, W, P, 0, NEAR, HEAD_D, BLOCK_M)
     if NEAR:
         out = slot
     else:

@@ -20,7 +20,7 @@ import torch
 
 from megatron_ratplus import ops
 from megatron_ratplus.ops.decode import decode_attention as reference_decode
-from megatron_ratplus.patterns import AttentionPattern, parse_pattern
+from megatron_ratplus.patterns import AttentionPattern, may_be_seen, parse_pattern
 
 ENV_VAR = "RATPLUS_KERNELS"
 MODES = ("auto", "triton", "reference")
@@ -94,9 +94,23 @@ def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: AttentionPattern,
                       softmax_scale: Optional[float], query_start: int, key_positions: torch.Tensor) -> torch.Tensor:
     """``megatron_ratplus.ops.blocked_attention`` contract (keys at explicit positions: a
-    context-parallel slice). No kernel takes explicit key positions, so the reference runs on
-    every device; this is where one would be dispatched."""
-    return ops.blocked_attention(q, k, v, pattern, softmax_scale, query_start, key_positions)
+    context-parallel slice), dispatched. The kernel needs the keys at positions >= query_start
+    to be the queries' own slice (the layout ``layers.context_parallel`` builds): it walks those
+    as a contiguous near range and the rest, with the own sinks and states, as a far list."""
+    if not use_kernels(q.device):
+        return ops.blocked_attention(q, k, v, pattern, softmax_scale, query_start, key_positions)
+    from ratplus_kernels.slice_attention import slice_attention
+
+    n_q, n_far = q.shape[0], int((key_positions < query_start).sum())
+    if not torch.equal(key_positions[n_far:].cpu(), torch.arange(query_start, query_start + n_q)):
+        raise ValueError("blocked_attention kernel: the keys at or after query_start must be the queries' own slice")
+    own = key_positions[n_far:]
+    own_far = torch.nonzero(may_be_seen(pattern, own, query_start + n_q + pattern.window)).flatten()  # sinks, states
+    far_positions = torch.cat([key_positions[:n_far], own[own_far]])
+    own_far = own_far.to(k.device) + n_far
+    far_k, far_v = torch.cat([k[:n_far], k[own_far]]), torch.cat([v[:n_far], v[own_far]])
+    return slice_attention(q, k[n_far:], v[n_far:], far_k, far_v, far_positions, query_start, pattern.dilation,
+                           pattern.window, pattern.sinks, softmax_scale)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_positions: torch.Tensor,

@@ -5,6 +5,9 @@ one graph then gives each input the gradient the real reduce-scatter would (the 
 runs are in test_parallel.py). Tolerances: fp32, atol 1e-5.
 """
 
+import queue
+import threading
+
 import pytest
 import torch
 
@@ -12,6 +15,7 @@ from megatron_ratplus.ops import gated_scan, pattern_attention
 from megatron_ratplus.training.parallel_layout import validate_parallel_config, virtual_pipeline_size
 from megatron_ratplus.layers.context_parallel.attention import attend_slices, pack_public
 from megatron_ratplus.layers.context_parallel.layout import chunk_ids
+from megatron_ratplus.layers.context_parallel.ring import ring_attention
 from megatron_ratplus.layers.context_parallel.scan import compose_and_correct, scan_slices
 from megatron_ratplus.patterns import parse_pattern
 
@@ -123,3 +127,55 @@ def test_virtual_pipeline_size_from_layers_per_virtual_stage():
     for args in ((8, 2, 3), (8, 1, 2), (8, 2, 0)):
         with pytest.raises(ValueError, match="layers per virtual pipeline stage"):
             virtual_pipeline_size(*args)
+
+
+class ThreadExchange:
+    """The ring's exchange between CP ranks run as threads in one process: one queue per rank.
+    Receives must come in the order the previous rank sent, tags included."""
+
+    def __init__(self, queues, rank):
+        self.queues, self.rank = queues, rank
+
+    def start(self, tensor, tag):
+        self.queues[(self.rank + 1) % len(self.queues)].put((tag, tensor.clone()))
+        return ThreadPending(self.queues[self.rank], tag)
+
+
+class ThreadPending:
+    def __init__(self, inbox, tag):
+        self.inbox, self.tag = inbox, tag
+
+    def wait(self):
+        tag, tensor = self.inbox.get(timeout=60)
+        assert tag == self.tag, f"received a tag-{tag} block where tag {self.tag} was expected"
+        return tensor
+
+
+@pytest.mark.parametrize("size, seq", [(2, 36), (4, 88), (3, 30)])
+def test_ring_dense_attention_matches_single_rank(size, seq):
+    torch.manual_seed(seq)
+    q, k, v = (torch.randn(seq, 2, 3, 8, requires_grad=True) for _ in range(3))
+    weight = torch.randn(seq, 2, 3, 8)
+    ref = pattern_attention(q, k, v, "dense", 0.3)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+
+    queues = [queue.Queue() for _ in range(size)]
+    inputs = [[t.detach().requires_grad_() for t in parts]
+              for parts in zip(to_ranks(q, size), to_ranks(k, size), to_ranks(v, size))]
+    weights = to_ranks(weight, size)
+    results = [None] * size
+
+    def run(rank):
+        out = ring_attention(*inputs[rank], ThreadExchange(queues, rank), rank, size, 0.3)
+        results[rank] = (out.detach(), torch.autograd.grad((out * weights[rank]).sum(), inputs[rank]))
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(result is not None for result in results)
+    torch.testing.assert_close(from_ranks([out for out, _ in results], size), ref, atol=1e-5, rtol=1e-5)
+    for i, (name, want) in enumerate(zip("qkv", ref_grads)):
+        got = from_ranks([grads[i] for _, grads in results], size)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)

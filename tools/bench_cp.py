@@ -12,8 +12,13 @@
     (torchrun under gloo on this machine's cores), and the compute of the recurrence + attention
     alone in one process: the whole sequence vs CP2 rank 0's share (the exchange replaced by
     stacking both ranks' pieces), which separates per-rank work from process contention.
+(c) Peak extra memory (max-RSS growth, forward + backward, each case in a fresh process) of
+    dense attention at T = 2K, 4K, 8K (4 heads of 64, micro-batch 1, fp32): one rank holding
+    the whole sequence, CP2 rank 0 with the all-gathered K~/V~ (the public-token exchange,
+    which for dense is every token) and CP2 rank 0 with the ring. Rank 1 is stood in for by an
+    exchange that hands back a fresh buffer of the sent size, as a real receive allocates.
 
-Usage: python tools/bench_cp.py [--seq-len 16384] [--repeats 3] [--skip-timing]
+Usage: python tools/bench_cp.py [--seq-len 16384] [--repeats 3] [--skip-timing] [--skip-memory]
 """
 
 from __future__ import annotations
@@ -96,6 +101,7 @@ def time_mixer(seq_len: int, repeats: int, pattern: str) -> float:
 def time_rank_share(seq_len: int, repeats: int, pattern: str) -> dict:
     """Best-of-N seconds of scan + attention (forward + backward), whole sequence vs CP2 rank 0's share."""
     from megatron_ratplus.layers.context_parallel.attention import attend_slices, pack_public
+    from megatron_ratplus.layers.context_parallel.ring import ring_attention
     from megatron_ratplus.layers.context_parallel.scan import compose_and_correct, scan_slices
     from megatron_ratplus.ops import gated_scan, pattern_attention
     from megatron_ratplus.patterns import parse_pattern
@@ -115,9 +121,13 @@ def time_rank_share(seq_len: int, repeats: int, pattern: str) -> dict:
         leaves = [torch.cat([t[:quarter], t[-quarter:]]).requires_grad_() for t in (x, g, q, k, v)]
         states, decays, summary = scan_slices(leaves[0], leaves[1])
         h, _ = compose_and_correct(states, decays, torch.stack([summary, summary.detach()]), None, 0, 2)
-        public = pack_public(leaves[3], leaves[4], pattern, 0, 2)
-        public = torch.cat([public, public.detach()])  # rank 1's piece: same size, no work here
-        (h.sum() + attend_slices(*leaves[2:], public, pattern, 0, 2, dim ** -0.5).sum()).backward()
+        if pattern.is_dense:  # the ring, rank 1 stood in for by a buffer of the same size
+            y = ring_attention(*leaves[2:], LoopbackExchange(), 0, 2, dim ** -0.5)
+        else:
+            public = pack_public(leaves[3], leaves[4], pattern, 0, 2)
+            public = torch.cat([public, public.detach()])  # rank 1's piece: same size, no work here
+            y = attend_slices(*leaves[2:], public, pattern, 0, 2, dim ** -0.5)
+        (h.sum() + y.sum()).backward()
 
     result = {}
     for name, fn in (("whole sequence", whole), ("cp2 rank share", share)):
@@ -129,6 +139,47 @@ def time_rank_share(seq_len: int, repeats: int, pattern: str) -> dict:
             times.append(time.perf_counter() - start)
         result[name] = min(times)
     return result
+
+
+class LoopbackExchange:
+    """Stands in for CP rank 1 in the ring: each receive is a fresh buffer of the sent tensor's size."""
+
+    def start(self, tensor, tag):
+        self.received = tensor.clone()
+        return self
+
+    def wait(self):
+        return self.received
+
+
+DENSE_MEMORY_CASES = ("one rank", "cp2 all-gather", "cp2 ring")
+
+
+def case(name: str, seq_len: int):
+    """A callable running forward + backward of dense attention as ``name`` (one of DENSE_MEMORY_CASES);
+    its inputs are built here, outside the measured call."""
+    from megatron_ratplus.layers.context_parallel.attention import attend_slices, pack_public
+    from megatron_ratplus.layers.context_parallel.ring import ring_attention
+    from megatron_ratplus.ops import pattern_attention
+    from megatron_ratplus.patterns import parse_pattern
+
+    torch.manual_seed(0)
+    dense = parse_pattern("dense")
+    length = seq_len if name == "one rank" else seq_len // 2
+    q, k, v, k1, v1 = (torch.randn(length, 1, 4, 64) for _ in range(5))  # k1, v1: rank 1's, for the gather
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        if name == "one rank":
+            out = pattern_attention(*leaves, dense)
+        elif name == "cp2 all-gather":
+            public = torch.cat([pack_public(leaves[1], leaves[2], dense, 0, 2), pack_public(k1, v1, dense, 1, 2)])
+            out = attend_slices(*leaves, public, dense, 0, 2, 0.125)
+        else:
+            out = ring_attention(*leaves, LoopbackExchange(), 0, 2, 0.125)
+        out.sum().backward()
+
+    return run
 
 
 def launch_timing(nproc: int, seq_len: int, repeats: int, pattern: str) -> float:
@@ -145,6 +196,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pattern", default="dilated:16,w=8,p=2")
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -162,6 +214,12 @@ def main():
         torch.set_num_threads(1)  # as torchrun's workers
         report["scan_attention_seconds"] = {p: time_rank_share(args.seq_len, args.repeats, p)
                                             for p in (args.pattern, "dense")}
+    if not args.skip_memory:
+        from bench_ops import peak_memory_mb
+
+        report["dense_attention_peak_extra_MB"] = {
+            t: {n: round(peak_memory_mb(n, t, module="bench_cp"), 1) for n in DENSE_MEMORY_CASES}
+            for t in (2048, 4096, 8192)}
     print(json.dumps(report, indent=1))
 
 

@@ -86,9 +86,10 @@ def case(name: str, seq_len: int):
     return fwd_bwd(fn, q, k, v) if name.endswith("bwd") else (lambda: fn(q, k, v))
 
 
-def peak_memory_mb(name: str, seq_len: int) -> float:
-    """Max-RSS growth of running one case, in a fresh process, over a process that only builds its inputs."""
-    build = f"import resource,sys; sys.path.insert(0,'tools'); import bench_ops as b; f=b.case('{name}',{seq_len}); "
+def peak_memory_mb(name: str, seq_len: int, module: str = "bench_ops") -> float:
+    """Max-RSS growth of running one case (``module.case``), in a fresh process, over a process
+    that only builds its inputs."""
+    build = f"import resource,sys; sys.path.insert(0,'tools'); import {module} as b; f=b.case('{name}',{seq_len}); "
     report = "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     peak = int(subprocess.check_output([sys.executable, "-c", build + "f(); " + report]).split()[-1])
     floor = int(subprocess.check_output([sys.executable, "-c", build + report]).split()[-1])

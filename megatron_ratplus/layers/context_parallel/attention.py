@@ -5,10 +5,11 @@ A query t sees key j < t iff j < P (sink), (j + 1) % D == 0 (dilated state) or t
 dilated state, or in the last W tokens before the query's chunk (``patterns.may_be_seen``). So
 each rank all-gathers, per slice, only its "public" tokens (sinks, every D-th state, the last W
 tokens: the window halo) of the already-rotated K~/V~: about c / D + W + P per slice instead of
-c. Dense attention (D = 1) makes every token public, which is a plain all-gather of K~/V~. Each
-local slice then attends the earlier chunks' public tokens plus its own slice through
-``backend.blocked_attention`` (the reference blocked attention over explicit key positions),
-the rule applied on global positions.
+c. Dense attention (D = 1) would make every token public, so it runs as a ring instead
+(``ring.py``: O(T / CP) memory per rank). Each local slice of a sparse pattern then attends the
+earlier chunks' public tokens plus its own slice through ``backend.blocked_attention`` (over
+explicit key positions: the Triton slice kernel on CUDA, the reference blocked attention
+elsewhere), the rule applied on global positions.
 
 Top-k patterns choose keys by content and are inference-time only; they are refused under CP.
 """
@@ -21,6 +22,7 @@ from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel
 
 from megatron_ratplus import backend
 from megatron_ratplus.layers.context_parallel.layout import chunk_ids, chunk_owner
+from megatron_ratplus.layers.context_parallel.ring import Exchange, ring_attention
 from megatron_ratplus.patterns import AttentionPattern, may_be_seen
 
 
@@ -79,5 +81,7 @@ def cp_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patt
     if q.shape[0] % 2:
         raise ValueError(f"context-parallel attention: local length {q.shape[0]} must hold two equal slices")
     rank, size = group.rank(), group.size()
+    if pattern.is_dense:
+        return ring_attention(q, k, v, Exchange(group), rank, size, softmax_scale)
     public = gather_from_sequence_parallel_region(pack_public(k, v, pattern, rank, size), True, group=group)
     return attend_slices(q, k, v, public, pattern, rank, size, softmax_scale)
