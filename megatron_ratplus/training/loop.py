@@ -123,6 +123,7 @@ def pretrain(args: Namespace) -> str:
     config = model_config(args, tokenizer, loaded_meta)
     distributed.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                            args.context_parallel_size, config.virtual_pipeline_model_parallel_size, seed=args.seed)
+    checkpoint.lock_save_dir(args.save)  # before anything writes there (TensorBoard, checkpoints)
     torch.manual_seed(args.seed)
     args.seq_length = config.seq_length
     train_iters = resolve_schedule(args, loaded_meta)
@@ -145,7 +146,6 @@ def pretrain(args: Namespace) -> str:
     elif loaded_meta:
         common = checkpoint.load(args.load, model_chunks, optimizer)
         scheduler.load_state_dict(common["scheduler"])
-        checkpoint.set_rng_state(common["rng"])
         start_iter, consumed, skipped = common["iteration"], common["consumed_samples"], common["nan_skipped"]
 
     patterns = [args.sparse_pattern, "dense"] if args.joint_training else [config.attention_pattern]
@@ -157,7 +157,7 @@ def pretrain(args: Namespace) -> str:
 
     def save(iteration: int) -> str:
         common = {"scheduler": scheduler.state_dict(), "iteration": iteration, "consumed_samples": consumed,
-                  "rng": checkpoint.rng_state(), "nan_skipped": skipped}
+                  "nan_skipped": skipped}
         return checkpoint.save(args.save, iteration, model_chunks, optimizer, common, meta)
 
     def validate(iteration: int) -> dict:
@@ -205,4 +205,5 @@ def pretrain(args: Namespace) -> str:
                   f"{elapsed:.0f} s; {loss_text}; {skipped} non-finite steps skipped; checkpoint {last_ckpt}")
     if dist.is_initialized():
         dist.barrier()
+    checkpoint.unlock_save_dir(args.save)
     return last_ckpt
