@@ -246,6 +246,14 @@ def save(save_dir: str, iteration: int, model_chunks, optimizer, common: dict, m
     return final
 
 
+def _first_failure(err: BaseException) -> str:
+    """One line naming what went wrong (a CheckpointException's first rank failure, unwrapped)."""
+    if isinstance(err, CheckpointException) and err.failures:
+        err = next(iter(err.failures.values()))[0]
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
 def load(path: str, model_chunks, optimizer=None) -> dict:
     """Load model (and optimizer) state in place; returns the common (non-tensor) state.
 
@@ -264,8 +272,7 @@ def load(path: str, model_chunks, optimizer=None) -> dict:
     # Truncated or mismatched files surface as many error types; torch's CheckpointException
     # (wrapping every rank's failure) derives from BaseException, not Exception.
     except (Exception, CheckpointException) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot load {ckpt}: {first}") from None
+        raise CheckpointError(f"cannot load {ckpt}: {_first_failure(err)}") from None
     if RNG_KEY in template:
         set_rng_state(state.pop(RNG_KEY))
     if len(model_chunks) == 1:
