@@ -17,5 +17,5 @@ def main(argv=None) -> int:
                    (UsageError, DataError, CheckpointError, PatternError, TrainingStopped))
 
 
-if __name__ == "__main__":  # dist_checkpointing's writer spawns processes that re-import this module
+if __name__ == "__main__":  # python -m megatron_ratplus.cli.pretrain (torchrun -m)
     sys.exit(main())
