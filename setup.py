@@ -28,7 +28,9 @@ setup(
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         "dali": ["nvidia-dali-cuda120>=1.40"],
         "eval": ["lm-eval>=0.4", "matplotlib>=3.7", "tokenizers>=0.15"],
-        "dev": ["pytest>=8.0", "pytest-timeout>=2.2", "matplotlib>=3.7", "tokenizers>=0.15"],
+        "data": ["pyarrow>=14", "zstandard>=0.22", "sentencepiece>=0.2", "tokenizers>=0.15"],
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.2", "matplotlib>=3.7", "tokenizers>=0.15",
+                "pyarrow>=14", "zstandard>=0.22", "sentencepiece>=0.2"],
     },
     entry_points={"console_scripts": [
         "ratplus-pretrain=megatron_ratplus.cli.pretrain:main",

@@ -1,8 +1,8 @@
 """What several kernels share: the base-2 softmax constant and the visibility rule in Triton.
 
 The kernels are a leaf package: they take plain numbers (dilation D, window W, sinks P, block
-sizes) and tensors, never project objects; ``megatron_ratplus.backend`` does the routing.
-The rule is the one written in docs/DESIGN.md §2; ``megatron_ratplus.patterns`` holds its
+sizes) and tensors, never project objects; the project's ``backend`` module does the routing.
+The rule is the one written in docs/DESIGN.md §2; the ``patterns`` package holds its
 PyTorch twin.
 """
 

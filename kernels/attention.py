@@ -1,11 +1,12 @@
 """Fused pattern attention (dilated + window + sinks), forward and backward, in one online softmax.
 
-Query t attends key j <= t iff (j + 1) % D == 0, or t - j <= W, or j < P (DESIGN §1). For a query
-tile [t0, t1) with lo = max(0, t0 - W) the visible keys fall into three disjoint groups, which one
-program walks in a single online-softmax pass (the same decomposition as the reference op):
+Query t attends key j <= t iff (j + 1) % D == 0, or t - j <= W, or j < P (docs/DESIGN.md §2;
+``visible_rule`` in _common.py). For a query tile [t0, t1) with lo = max(0, t0 - W) the visible
+keys fall into three disjoint groups, which one program walks in a single online-softmax pass
+(the same split as the reference op):
 
     far sinks    j in [0, min(P, lo))                 all visible
-    far states   j = (m + 1) D - 1, m in [first, lo // D), first = ceil((P + 1) / D) - 1
+    far states   j = (m + 1) D - 1, m in [first, lo // D), first = P // D (the first state >= P)
     near         j in [lo, t1)                        masked by the full rule
 
 so the work is O(T (P + T/D + W)) instead of O(T^2). A local pattern (no dilation) uses
@@ -26,9 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_ratplus.patterns import parse_pattern
-
 from ._common import LOG2E, visible_rule
+
 
 @triton.jit
 def _visible(t, j, D, W, P):
@@ -46,7 +46,7 @@ def _rows(ptr, pos, ok, stride, offs_d, HEAD_D: tl.constexpr):
 def _groups(t0, T, D, W, P, BLOCK_M: tl.constexpr):
     """Key groups of query tile [t0, t0 + BLOCK_M): (n_sink, first state, last state, lo, hi)."""
     lo = tl.maximum(t0 - W, 0)
-    first = tl.maximum((P + D) // D - 1, 0)  # ceil((P + 1) / D) - 1
+    first = P // D  # the first state (m + 1) D - 1 at or after P
     return tl.minimum(P, lo), first, tl.maximum(first, lo // D), lo, tl.minimum(t0 + BLOCK_M, T)
 
 
@@ -227,18 +227,12 @@ def _blocks(device: torch.device):
     return (16, 16, 1), (16, 16, 1)
 
 
-def _pattern_numbers(pattern, seq_len: int):
-    """(D, W, P) of a pattern for the kernels; a local pattern's D = T + 1 has no states."""
-    return (pattern.dilation or seq_len + 1), pattern.window, pattern.sinks
-
-
 class _PatternAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, pattern, scale, blocks):
+    def forward(ctx, q, k, v, dil, window, sinks, scale, blocks):
         seq_len, batch, heads, head_dim = q.shape
         q, k, v = (t.contiguous() for t in (q, k, v))
         (bm, bn, warps), bwd_blocks = blocks or _blocks(q.device)
-        dil, window, sinks = _pattern_numbers(pattern, seq_len)
         out = torch.empty_like(q)
         lse = torch.empty((batch * heads, seq_len), dtype=torch.float32, device=q.device)
         block_d = max(16, triton.next_power_of_2(head_dim))
@@ -247,15 +241,14 @@ class _PatternAttention(torch.autograd.Function):
                           out.stride(1), out.stride(2), out.stride(0), dil, window, sinks, scale * LOG2E,
                           HEAD_D=head_dim, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.meta = (pattern, scale, bwd_blocks, block_d)
+        ctx.meta = (dil, window, sinks, scale, bwd_blocks, block_d)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        pattern, scale, (bm, bn, warps), block_d = ctx.meta
+        dil, window, sinks, scale, (bm, bn, warps), block_d = ctx.meta
         seq_len, batch, heads, head_dim = q.shape
-        dil, window, sinks = _pattern_numbers(pattern, seq_len)
         grad_out = grad_out.contiguous()
         delta = (grad_out.float() * out.float()).sum(-1).permute(1, 2, 0).contiguous()
         strides = (heads, q.stride(1), q.stride(2), q.stride(0))
@@ -272,7 +265,7 @@ class _PatternAttention(torch.autograd.Function):
 
         n_sink = min(sinks, seq_len)
         n_states = seq_len // dil
-        first = min(max(0, -(-(sinks + 1) // dil) - 1), n_states)
+        first = min(sinks // dil, n_states)  # as in _groups
         slots = n_sink + n_states - first
         if slots:
             far_k = torch.empty((slots, batch, heads, head_dim), dtype=torch.float32, device=q.device)
@@ -286,34 +279,22 @@ class _PatternAttention(torch.autograd.Function):
                                    torch.arange(first + 1, n_states + 1, device=q.device) * dil - 1])
             dk.index_add_(0, positions, far_k)
             dv.index_add_(0, positions, far_v)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
-def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern,
-                      softmax_scale: Optional[float] = None, blocks=None) -> torch.Tensor:
-    """Causal attention under a dense/dilated/local pattern; q, k, v, out [s, b, heads, d_h].
+def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dilation: Optional[int], window: int = 0,
+                      sinks: int = 0, softmax_scale: Optional[float] = None, blocks=None) -> torch.Tensor:
+    """Causal attention of q, k, v [s, b, heads, d_h] (-> out, same shape) under the rule with
+    dilation D (None: no dilated term; 1: dense), window W and sinks P.
 
     ``blocks`` overrides the tile sizes ((fwd M, N, warps), (bwd M, N, warps)), for tests.
     """
-    pattern = parse_pattern(pattern)
-    if pattern.kind == "topk":
-        raise ValueError("dilated_attention: top-k patterns go through pattern_attention")
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    return _PatternAttention.apply(q, k, v, pattern, float(scale), blocks)
-
-
-def pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern,
-                      softmax_scale: Optional[float] = None) -> torch.Tensor:
-    """Same contract as ``megatron_ratplus.ops.pattern_attention`` (top-k patterns included)."""
-    pattern = parse_pattern(pattern)
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"pattern_attention: expected q, k, v as [s, b, heads, d_h], got "
+        raise ValueError(f"dilated_attention: expected q, k, v as [s, b, heads, d_h], got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if pattern.kind == "topk":
-        from .topk import topk_attention
-
-        return topk_attention(q, k, v, pattern, softmax_scale)
-    return dilated_attention(q, k, v, pattern, softmax_scale)
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    dil = dilation or q.shape[0] + 1  # no dilation: D = T + 1 has no states
+    return _PatternAttention.apply(q, k, v, dil, window, sinks, float(scale), blocks)
 
 
-__all__ = ["pattern_attention", "dilated_attention"]
+__all__ = ["dilated_attention"]

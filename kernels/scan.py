@@ -310,7 +310,7 @@ def _check(x: torch.Tensor, g: torch.Tensor, h0: Optional[torch.Tensor], state_s
 
 def gated_scan(x: torch.Tensor, g: torch.Tensor, h0: Optional[torch.Tensor] = None,
                segments: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as ``megatron_ratplus.ops.gated_scan``: g in (0, 1); returns (h, h_last)."""
+    """Same contract as the reference ``ops.gated_scan``: g in (0, 1); returns (h, h_last)."""
     _check(x, g, h0, x.shape[1:])
     last, h = _ChunkedScan.apply(g, None if h0 is None else h0.unsqueeze(0), False, segments, x)
     return h, last[0]

@@ -1,14 +1,13 @@
-"""Top-k block attention: block selection by pooled keys, then attention over the chosen blocks.
+"""Top-k block attention over already chosen blocks.
 
-Semantics are those of ``megatron_ratplus.ops.topk`` (DESIGN §1): the candidates are the
-dilated states (every position without ``d=``), cut into blocks of B; query t scores the blocks
-wholly before its own by q . pooled key, keeps the K best, and attends their candidates, the
-visible candidates of its own block, its window and its sinks.
-
-Selection runs in PyTorch over query chunks (a [chunk, blocks] score matrix at a time, never the
-reference's [T, T] mask). The attention is one Triton program per (query, head), since every
-query has its own key set: it walks four disjoint key groups in one online softmax (chosen
-blocks and own block minus the window/sink keys, then sinks, then window). Backward recomputes
+Semantics are those of the reference op ``ops/topk.py`` (docs/DESIGN.md §2): the candidates are
+the dilated states (every position without ``d=``), cut into blocks of B; query t attends the
+candidates of its chosen earlier blocks, the visible candidates of its own block, its window
+and its sinks. The choice itself (q . pooled block key, the K best) is torch ops and is made by
+the caller (the backend runs ``ops.topk.select_blocks``); this kernel takes the chosen block
+indices. The attention is one Triton program per (query, head), since every query has its own
+key set: it walks four disjoint key groups in one online softmax (chosen blocks and own block
+minus the window/sink keys, then sinks, then window). Backward recomputes
 the probabilities from the saved log-sum-exp; key gradients are scattered with atomic adds
 because a key's readers are data-dependent.
 """
@@ -21,35 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_ratplus.ops.topk import _pool_blocks
-from megatron_ratplus.patterns import AttentionPattern
 from ._common import LOG2E
-
-SELECT_CHUNK = 4096  # queries scored at once: bounds the [chunk, blocks] score matrix
-
-
-@torch.no_grad()
-def select_blocks(q: torch.Tensor, k: torch.Tensor, pattern: AttentionPattern, scale: float) -> torch.Tensor:
-    """[b * h, T, K] int32 indices of each query's chosen earlier blocks (-1 where fewer exist)."""
-    seq_len, batch, heads, _ = q.shape
-    dilation = pattern.dilation or 1
-    candidates = k.permute(1, 2, 0, 3)[:, :, dilation - 1::dilation]
-    n_blocks = -(-candidates.shape[2] // pattern.block)
-    kk = min(pattern.topk, n_blocks)
-    if kk == 0:
-        return torch.empty((batch * heads, seq_len, 0), dtype=torch.int32, device=q.device)
-    pooled = _pool_blocks(candidates.float(), pattern.block, pattern.pool)
-    pos = torch.arange(seq_len, device=q.device)
-    own = torch.div((pos + 1) // dilation - 1, pattern.block, rounding_mode="floor")
-    blocks = torch.arange(n_blocks, device=q.device)
-    chosen = []
-    for t0 in range(0, seq_len, SELECT_CHUNK):
-        qc = q[t0:t0 + SELECT_CHUNK].permute(1, 2, 0, 3).float()
-        scores = torch.einsum("bhtd,bhnd->bhtn", qc, pooled) * scale
-        earlier = blocks.unsqueeze(0) < own[t0:t0 + SELECT_CHUNK].unsqueeze(1)
-        best = scores.masked_fill(~earlier, float("-inf")).topk(kk, dim=-1)
-        chosen.append(torch.where(best.values > float("-inf"), best.indices, -1))
-    return torch.cat(chosen, dim=2).reshape(batch * heads, seq_len, kk).to(torch.int32).contiguous()
 
 
 @triton.jit
@@ -112,6 +83,7 @@ def _topk_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, do_ptr, delta_ptr
         c_lo = tl.maximum(blk, 0) * BLOCK
         for c0 in range(c_lo, c_hi, BLOCK_K):
             pos = (c0 + lanes + 1) * dil - 1
+            # not the rule's inverse: skips the candidates the window and sink loops below count
             ok = (c0 + lanes < c_hi) & (t - pos > W) & (pos >= P)
             acc, m_i, l_i = _step(acc, m_i, l_i, q, do, lse, delta, pos, ok, k_ptr, v_ptr, dk_ptr, dv_ptr, s_s,
                                   offs_d, qk_scale, scale, HEAD_D, BACKWARD)
@@ -131,46 +103,59 @@ def _topk_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr, do_ptr, delta_ptr
         tl.store(lse_ptr + pid_bh * T + t, m_i + tl.log2(l_i))
 
 
-def _launch(q, k, v, idx, pattern, scale, out, lse, grad_out=None, delta=None, dq=None, dk=None, dv=None):
+def _launch(q, k, v, idx, dilation, window, sinks, block, scale, out, lse, grad_out=None, delta=None, dq=None,
+            dk=None, dv=None):
     seq_len, batch, heads, head_dim = q.shape
-    dilation = pattern.dilation or 1
     backward = grad_out is not None
     chosen = idx if idx.numel() else torch.full((1,), -1, dtype=torch.int32, device=q.device)  # K = 0: no null pointer
     _topk_kernel[(seq_len, batch * heads)](
         q, k, v, chosen, out, lse, grad_out if backward else q, delta if backward else lse,
         dq if backward else q, dk if backward else q, dv if backward else q,
         seq_len, heads, idx.shape[2], q.stride(1), q.stride(2), q.stride(0), seq_len // dilation, dilation,
-        pattern.window, pattern.sinks, pattern.block, scale * LOG2E, scale,
+        window, sinks, block, scale * LOG2E, scale,
         HEAD_D=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_K=32, BACKWARD=backward)
 
 
 class _TopkAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, pattern, scale):
+    def forward(ctx, q, k, v, idx, numbers, scale):
         q, k, v = (t.contiguous() for t in (q, k, v))
-        idx = select_blocks(q, k, pattern, scale)
         out = torch.empty_like(q)
         lse = torch.empty((q.shape[1] * q.shape[2], q.shape[0]), dtype=torch.float32, device=q.device)
-        _launch(q, k, v, idx, pattern, scale, out, lse)
+        _launch(q, k, v, idx, *numbers, scale, out, lse)
         ctx.save_for_backward(q, k, v, idx, out, lse)
-        ctx.meta = (pattern, scale)
+        ctx.meta = (numbers, scale)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, idx, out, lse = ctx.saved_tensors
-        pattern, scale = ctx.meta
+        numbers, scale = ctx.meta
         grad_out = grad_out.contiguous()
         delta = (grad_out.float() * out.float()).sum(-1).permute(1, 2, 0).contiguous()
         dq = torch.empty_like(q)
         dk = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dv = torch.zeros_like(dk)
-        _launch(q, k, v, idx, pattern, scale, out, lse, grad_out, delta, dq, dk, dv)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
+        _launch(q, k, v, idx, *numbers, scale, out, lse, grad_out, delta, dq, dk, dv)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
-def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: AttentionPattern,
+def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selected: torch.Tensor,
+                   dilation: Optional[int], window: int, sinks: int, block: int,
                    softmax_scale: Optional[float] = None) -> torch.Tensor:
-    """q, k, v, out [s, b, heads, d_h] under a top-k block pattern (differentiable in q, k, v)."""
+    """q, k, v, out [s, b, heads, d_h] attending each query's chosen blocks (differentiable in q, k, v).
+
+    ``selected``: [b, heads, s, K] indices of each query's chosen earlier blocks of ``block``
+    candidates (-1: none), e.g. from ``ops.topk.select_blocks``; candidates are every
+    ``dilation``-th position (None: every position). Window W and sinks P as in the rule.
+    """
+    seq_len, batch, heads, _ = q.shape
+    if selected.shape[:3] != (batch, heads, seq_len):
+        raise ValueError(f"topk_attention: selected {tuple(selected.shape)} must be [b, heads, s, K] = "
+                         f"[{batch}, {heads}, {seq_len}, K]")
+    idx = selected.reshape(batch * heads, seq_len, selected.shape[3]).to(torch.int32).contiguous()
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    return _TopkAttention.apply(q, k, v, pattern, float(scale))
+    return _TopkAttention.apply(q, k, v, idx, (dilation or 1, window, sinks, block), float(scale))
+
+
+__all__ = ["topk_attention"]

@@ -4,6 +4,10 @@
 kernels; on CPU that needs TRITON_INTERPRET=1) or ``reference`` (always the PyTorch ops). The
 decision is logged once per (setting, choice). Dense patterns stay on the reference op, which is
 one causal scaled_dot_product_attention call (flash attention on a GPU).
+
+The kernels take plain numbers (dilation, window, sinks, block sizes) and tensors; this module
+turns a pattern into them. For top-k it runs the block selection (``ops.topk.select_blocks``,
+torch ops) and hands the chosen block indices to the kernel.
 """
 
 from __future__ import annotations
@@ -14,10 +18,9 @@ from typing import Optional
 
 import torch
 
-from megatron_ratplus.ops import gated_scan as reference_scan
-from megatron_ratplus.ops import pattern_attention as reference_attention
+from megatron_ratplus import ops
 from megatron_ratplus.ops.decode import decode_attention as reference_decode
-from megatron_ratplus.patterns import parse_pattern
+from megatron_ratplus.patterns import AttentionPattern, parse_pattern
 
 ENV_VAR = "RATPLUS_KERNELS"
 MODES = ("auto", "triton", "reference")
@@ -41,16 +44,17 @@ def use_kernels(device: torch.device) -> bool:
 
 
 def gated_scan(x: torch.Tensor, g: torch.Tensor, h0: Optional[torch.Tensor] = None):
-    """``megatron_ratplus.ops.gated_scan`` contract, dispatched."""
+    """``megatron_ratplus.ops.gated_scan`` contract, dispatched (the context-parallel scan's local step)."""
     if use_kernels(x.device):
         from ratplus_kernels.scan import gated_scan as kernel
 
         return kernel(x, g, h0)
-    return reference_scan(x, g, h0)
+    return ops.gated_scan(x, g, h0)
 
 
 def shared_gate_scan(k: torch.Tensor, v: torch.Tensor, gate_logits: torch.Tensor, state=None):
-    """k~, v~ = scan of k, v [s, b, heads, d_h] under one sigmoid gate; state [b, 2, heads, d_h].
+    """``megatron_ratplus.ops.shared_gate_scan`` contract, dispatched: k~, v~ = scan of k, v
+    [s, b, heads, d_h] under one sigmoid gate; state [b, 2, heads, d_h].
 
     Returns (k~, v~, final state). The kernel reads the gate once for both and fuses the sigmoid.
     """
@@ -58,10 +62,7 @@ def shared_gate_scan(k: torch.Tensor, v: torch.Tensor, gate_logits: torch.Tensor
         from ratplus_kernels.scan import gated_scan_kv
 
         return gated_scan_kv(k, v, gate_logits, state)
-    gate = torch.sigmoid(gate_logits.float())
-    kv = torch.stack([k, v], dim=2)  # [s, b, 2, heads, d_h]
-    kv, last = reference_scan(kv, gate.unsqueeze(2).expand_as(kv), state)
-    return kv[:, :, 0], kv[:, :, 1], last
+    return ops.shared_gate_scan(k, v, gate_logits, state)
 
 
 def pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern,
@@ -69,10 +70,33 @@ def pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
     """``megatron_ratplus.ops.pattern_attention`` contract, dispatched."""
     pattern = parse_pattern(pattern)
     if not pattern.is_dense and use_kernels(q.device):
-        from ratplus_kernels.attention import pattern_attention as kernel
+        return kernel_attention(q, k, v, pattern, softmax_scale)
+    return ops.pattern_attention(q, k, v, pattern, softmax_scale)
 
-        return kernel(q, k, v, pattern, softmax_scale)
-    return reference_attention(q, k, v, pattern, softmax_scale)
+
+def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: AttentionPattern,
+                     softmax_scale: Optional[float] = None) -> torch.Tensor:
+    """The Triton path of :func:`pattern_attention` for a sparse pattern, without the device choice.
+
+    Top-k: the reference selection picks each query's blocks, the kernel attends them.
+    """
+    scale = float(softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5)
+    if pattern.kind == "topk":
+        from ratplus_kernels.topk import topk_attention
+
+        selected = ops.select_blocks(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), pattern, scale)
+        return topk_attention(q, k, v, selected, pattern.dilation, pattern.window, pattern.sinks, pattern.block, scale)
+    from ratplus_kernels.attention import dilated_attention
+
+    return dilated_attention(q, k, v, pattern.dilation, pattern.window, pattern.sinks, scale)
+
+
+def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: AttentionPattern,
+                      softmax_scale: Optional[float], query_start: int, key_positions: torch.Tensor) -> torch.Tensor:
+    """``megatron_ratplus.ops.blocked_attention`` contract (keys at explicit positions: a
+    context-parallel slice). No kernel takes explicit key positions, so the reference runs on
+    every device; this is where one would be dispatched."""
+    return ops.blocked_attention(q, k, v, pattern, softmax_scale, query_start, key_positions)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_positions: torch.Tensor,

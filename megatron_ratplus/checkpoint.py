@@ -36,9 +36,11 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     _replace_state_dict_keys_with_sharded_keys,
     mcore_to_pyt_state_dict,
 )
+from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_ratplus.config import SHAPE_KEYS
 from megatron_ratplus.errors import UserError
 
 META_FILE = "ratplus.json"
@@ -172,7 +174,7 @@ def read_meta(path: str) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"unreadable checkpoint metadata in {ckpt}: {str(err).splitlines()[0]}") from None
     missing = [key for key in META_KEYS if not isinstance(meta, dict) or not isinstance(meta.get(key), (dict, str))]
-    missing += [f"model.{key}" for key in MODEL_KEYS if not missing and key not in meta["model"]]
+    missing += [f"model.{key}" for key in SHAPE_KEYS if not missing and key not in meta["model"]]
     if missing:
         raise CheckpointError(f"checkpoint metadata {os.path.join(ckpt, META_FILE)} lacks {', '.join(missing)}")
     meta["path"] = ckpt
@@ -268,30 +270,33 @@ def load(path: str, model_chunks, optimizer=None) -> dict:
         same_world = dist_checkpointing.load_common_state_dict(ckpt).get("rng_world_size") == _world()[1]
         if optimizer is not None and same_world:
             template[RNG_KEY] = _sharded_rng_state()
-        state = dist_checkpointing.load(template, ckpt)
+        # megatron calls keys this model asks for and the checkpoint lacks "unexpected"
+        state, _, absent = dist_checkpointing.load(template, ckpt, strict=StrictHandling.RETURN_UNEXPECTED)
     # Truncated or mismatched files surface as many error types; torch's CheckpointException
     # (wrapping every rank's failure) derives from BaseException, not Exception.
     except (Exception, CheckpointException) as err:
         raise CheckpointError(f"cannot load {ckpt}: {_first_failure(err)}") from None
+    # Saved with the other --transformer-impl, a checkpoint may lack only Transformer Engine's
+    # FP8 metadata (``_extra_state``), which then starts fresh (docs/DESIGN.md §7).
+    absent = sorted(key for key in absent if not key.endswith("._extra_state"))
+    if absent:
+        raise CheckpointError(f"cannot load {ckpt}: it has no {absent[0]} ({len(absent)} keys missing)")
     if RNG_KEY in template:
         set_rng_state(state.pop(RNG_KEY))
-    if len(model_chunks) == 1:
-        model_chunks[0].load_state_dict(state.pop("model"))
-    else:
-        for i, chunk in enumerate(model_chunks):
-            chunk.load_state_dict(state.pop(f"model{i}"))
+    names = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
+    for name, chunk in zip(names, model_chunks):
+        result = chunk.load_state_dict(state.pop(name), strict=False)
+        wrong = [k for k in result.missing_keys if not k.endswith("._extra_state")] + result.unexpected_keys
+        if wrong:
+            raise CheckpointError(f"cannot load {ckpt}: {wrong[0]} does not match this model")
     if optimizer is not None:
         optimizer.load_state_dict(state.pop("optimizer"))
     return state
 
 
-MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length",
-              "vocab_size", "recurrence")
-
-
 def model_meta(config) -> dict:
     """The model-shape fields a checkpoint records (enough to rebuild the model)."""
-    return {key: getattr(config, key) for key in MODEL_KEYS}
+    return {key: getattr(config, key) for key in SHAPE_KEYS}
 
 
 def load_model(path: str, pattern=None, **config_overrides):
@@ -303,14 +308,14 @@ def load_model(path: str, pattern=None, **config_overrides):
     from megatron.core import parallel_state
 
     from megatron_ratplus import distributed
-    from megatron_ratplus.config import preset
+    from megatron_ratplus.config import model_config
     from megatron_ratplus.data.tokenizer import build_tokenizer
     from megatron_ratplus.model import build_model, set_attention_pattern
 
     meta = read_meta(path)
     if not parallel_state.model_parallel_is_initialized():
         distributed.initialize()
-    config = preset("tiny", **{**meta["model"], **config_overrides})
+    config = model_config(**{**meta["model"], **config_overrides})
     model = build_model(config)
     load(meta["path"], [model])
     model.eval()

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 from megatron.core.utils import init_method_normal
 
+from megatron_ratplus.data.tokenizer import ByteTokenizer, padded_vocab_size
 from megatron_ratplus.patterns import parse_composition
 
 
@@ -45,10 +46,15 @@ class RATPlusConfig(TransformerConfig):
         return 5 if self.recurrence else 4
 
 
-# Shapes from DESIGN §1 (the authors' configs); `tiny` trains on a laptop CPU.
+# The fields that fix a model's shape: what a checkpoint records to rebuild the model.
+SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length",
+              "vocab_size", "recurrence")
+
+# Shapes from docs/DESIGN.md §1 (the authors' configs); `tiny` trains on a laptop CPU with the
+# byte-level tokenizer (its vocabulary padded by megatron's rule).
 PRESETS = {
     "tiny": dict(num_layers=4, hidden_size=128, num_attention_heads=4, ffn_hidden_size=512,
-                 seq_length=256, vocab_size=384),
+                 seq_length=256, vocab_size=padded_vocab_size(ByteTokenizer.vocab_size)),
     "1.5b": dict(num_layers=24, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=8192),
     "2.6b": dict(num_layers=28, hidden_size=2560, num_attention_heads=20, ffn_hidden_size=10240),
     "7.6b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=16384),
@@ -72,16 +78,29 @@ ARCHITECTURE = dict(
 )
 
 
-def preset(name: str, **overrides) -> RATPlusConfig:
-    """A RATPlusConfig for preset ``name`` with ``overrides`` (any RATPlusConfig field)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset '{name}' (choose from {', '.join(PRESETS)})")
-    known = {f.name for f in fields(RATPlusConfig)}
-    unknown = sorted(set(overrides) - known)
+def model_config(**settings) -> RATPlusConfig:
+    """A RATPlusConfig from a complete shape (e.g. a checkpoint's) and any other RATPlusConfig
+    field, with the architecture every RAT+ model shares."""
+    unknown = sorted(set(settings) - {f.name for f in fields(RATPlusConfig)})
     if unknown:
         raise ValueError(f"unknown model setting '{unknown[0]}'")
-    values = {**ARCHITECTURE, **PRESETS[name], **overrides}
-    if "ffn_hidden_size" not in overrides and "hidden_size" in overrides:
-        values["ffn_hidden_size"] = 4 * values["hidden_size"]
+    values = {**ARCHITECTURE, **settings}
     values.setdefault("use_cpu_initialization", not torch.cuda.is_available())
     return RATPlusConfig(**values)
+
+
+def preset_settings(name: str, **overrides) -> dict:
+    """Preset ``name``'s shape with ``overrides``; the MLP follows an overridden hidden size (4 d)
+    unless it is given too, and what the preset leaves out is RATPlusConfig's default."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset '{name}' (choose from {', '.join(PRESETS)})")
+    defaults = {f.name: f.default for f in fields(RATPlusConfig) if f.name in SHAPE_KEYS}
+    values = {**defaults, **PRESETS[name], **overrides}
+    if "ffn_hidden_size" not in overrides and "hidden_size" in overrides:
+        values["ffn_hidden_size"] = 4 * values["hidden_size"]
+    return values
+
+
+def preset(name: str, **overrides) -> RATPlusConfig:
+    """A RATPlusConfig for preset ``name`` with ``overrides`` (any RATPlusConfig field)."""
+    return model_config(**preset_settings(name, **overrides))

@@ -4,8 +4,20 @@ Every mistake a user can make (a bad flag, path, pattern, checkpoint or data fil
 subclass of :class:`UserError` whose message is one line; the command-line entry points catch
 only this class and turn it into ``PROG: error: MESSAGE`` and exit status 2. Anything else is
 a bug and keeps its traceback.
+
+:class:`ArgumentParser` is the argparse parser of every command-line tool: a bad flag becomes
+a UserError instead of argparse's usage text and exit status 2 from inside the parser.
 """
+
+import argparse
 
 
 class UserError(ValueError):
     """A problem with the user's input; ``str(err)`` is one line meant for the user."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors raised as UserError (``--help`` still prints and exits 0)."""
+
+    def error(self, message):
+        raise UserError(message)

@@ -1,10 +1,12 @@
 import os
+import subprocess
 import sys
 
 # Triton reads this when a kernel is decorated, i.e. when ratplus_kernels is first imported,
-# whichever test module does that first; the CPU suite runs every kernel in the interpreter.
-if not os.path.exists("/dev/nvidia0"):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# whichever test module does that first. The suite runs every kernel on CPU tensors, so in the
+# interpreter, on a GPU machine too (compiled kernels are tools/gpu_check.py's); set
+# TRITON_INTERPRET=0 to override.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -23,11 +25,19 @@ def megatron_single():
     yield
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
 
 
 def repo_env():
-    """Environment for subprocesses: import this checkout's packages first."""
+    """Environment for subprocesses: this checkout's packages first, and the test harnesses."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join([REPO, TESTS, env.get("PYTHONPATH", "")])
     return env
+
+
+def torchrun(nproc: int, *argv, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node NPROC ARGV...`` on CPU (gloo); ARGV is ``-m MODULE ARGS``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           *map(str, argv)]
+    return subprocess.run(cmd, env=repo_env(), capture_output=True, text=True, timeout=timeout)

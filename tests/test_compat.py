@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from megatron_ratplus import cpu_compat, optional
+from megatron_ratplus.errors import UserError
 from megatron_ratplus.layers.specs import get_ratplus_block_spec, get_ratplus_layer_te_spec
 from megatron_ratplus.config import preset
 
@@ -64,11 +65,14 @@ def test_missing_optional_dependency_is_one_line():
     assert "\n" not in message and "not installed" in message and "pip install" in message
 
 
-def test_te_spec_builds_without_te(megatron_single):
-    spec = get_ratplus_layer_te_spec()
-    linear_in = spec.submodules.self_attention.submodules.linear_in
-    assert linear_in.module == ("megatron.core.extensions.transformer_engine", "TELayerNormColumnParallelLinear")
-    block = get_ratplus_block_spec(preset("tiny"), backend="te")
-    assert len(block.layer_specs) == 4
-    with pytest.raises(ValueError, match="unknown layer backend"):
-        get_ratplus_block_spec(preset("tiny"), backend="fast")
+def test_te_spec_without_te_is_an_error_not_mocks(megatron_single):
+    """megatron's TE wrappers are MagicMock subclasses without TE: the spec must refuse, not build mocks."""
+    if optional.have("transformer_engine"):
+        pytest.skip("Transformer Engine is installed here")
+    with pytest.raises(optional.MissingDependency, match="transformer-impl transformer_engine needs"):
+        get_ratplus_layer_te_spec()
+    with pytest.raises(optional.MissingDependency):
+        get_ratplus_block_spec(preset("tiny"), "transformer_engine")
+    assert len(get_ratplus_block_spec(preset("tiny"), "local").layer_specs) == 4
+    with pytest.raises(UserError, match="unknown --transformer-impl 'fast'"):
+        get_ratplus_block_spec(preset("tiny"), "fast")

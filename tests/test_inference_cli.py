@@ -8,6 +8,7 @@ import torch
 
 from megatron_ratplus.cli import generate as cli
 from megatron_ratplus.config import preset
+from megatron_ratplus.errors import UserError
 from megatron_ratplus.inference import SamplingConfig, generate
 from megatron_ratplus.model import build_model, set_attention_pattern
 
@@ -31,7 +32,7 @@ def checkpoint(monkeypatch, megatron_single):
 
     def load_model(path, pattern=None):
         if path != "CKPT":
-            raise FileNotFoundError(f"'{path}' is not a checkpoint directory")
+            raise UserError(f"'{path}' is not a checkpoint directory")
         loaded.append(pattern)
         if pattern is not None:
             set_attention_pattern(model, pattern)
@@ -61,11 +62,12 @@ def test_generate_cli_prints_the_api_continuations(checkpoint, capsys):
     (["--load", "CKPT", "--prompt", "x" * 60, "--max-new-tokens", "10"], "exceeds the model's maximum length"),
     (["--load", "CKPT", "--prompt", "x", "--stop", "ab"], "a stop string must be one token"),
     (["--load", "CKPT"], "give at least one --prompt"),
+    (["--load", "CKPT", "--prompt", "x", "--max-new-tokens", "abc"], "invalid int value: 'abc'"),
 ])
 def test_generate_cli_bad_input_is_one_line(checkpoint, capsys, argv, needle):
-    assert cli.main(argv) == 1
+    assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert needle in err and err.count("\n") == 1
+    assert needle in err and err.count("\n") == 1 and err.startswith("ratplus-generate: error:")
 
 
 def test_generate_cli_help():

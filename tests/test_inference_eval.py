@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from megatron_ratplus.config import preset
-from megatron_ratplus.evaluation import (BudgetError, byte_encode, choose, format_table, make_samples, mean_loss,
+from megatron_ratplus.evaluation import (BudgetError, choose, format_table, make_samples, mean_loss,
                                          perplexity_table, plot_perplexity_vs_dilation, retrieval_accuracy,
                                          search_patterns, write_table)
+from megatron_ratplus.evaluation.retrieval import BYTE_ENCODE
 from megatron_ratplus.model import build_model, set_attention_pattern
 
 VOCAB = 256
@@ -84,7 +85,7 @@ def test_retrieval_accuracy_is_greedy_exact_match(model):
     assert retrieval_accuracy(model, [fake], "dense") == 1.0  # the model's own greedy choice
     wrong = fake.__class__("passkey", fake.context, [(fake.answer[0] + 1) % VOCAB])
     assert retrieval_accuracy(model, [wrong, fake], "dense") == 0.5
-    assert byte_encode("é") == [0xC3, 0xA9]
+    assert BYTE_ENCODE("é") == [0xC3, 0xA9]
 
 
 def test_choose_is_the_exact_budgeted_optimum():
@@ -130,18 +131,18 @@ def test_eval_suite_runs_what_the_flags_ask(model, tokens, tmp_path):
     import argparse
     import io
 
-    from megatron_ratplus.evaluation import suite
+    from megatron_ratplus.cli import eval as eval_cli
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--patterns")
-    suite.add_arguments(parser)
+    eval_cli.add_arguments(parser)
     args = parser.parse_args(["--patterns", "dense,dilated:4,dilated:4,w=4,p=1", "--table", str(tmp_path / "t.json"),
                               "--plot", str(tmp_path / "p.png"), "--retrieval", "passkey",
                               "--retrieval-lengths", "112,128", "--retrieval-samples", "2",
                               "--retrieval-table", str(tmp_path / "r.csv"), "--search-budget", "0.6",
                               "--search-candidates", "dense,dilated:8"])
     out = io.StringIO()
-    results = suite.run(model, tokens, args, out=out)
+    results = eval_cli.run_suite(model, tokens, args, out=out)
     text = out.getvalue()
     assert "dilated:4,w=4,p=1" in text and "chosen composition:" in text
     assert [r["pattern"] for r in json.load(open(tmp_path / "t.json"))] == ["dense", "dilated:4", "dilated:4,w=4,p=1"]
@@ -150,7 +151,7 @@ def test_eval_suite_runs_what_the_flags_ask(model, tokens, tmp_path):
     assert results["search"].cache_bytes <= 0.6 * results["search"].dense_cache_bytes
     bad = parser.parse_args(["--patterns", "dense", "--plot", str(tmp_path / "p.jpg")])
     with pytest.raises(ValueError, match="--plot .* must end in .png"):
-        suite.run(model, tokens, bad)
+        eval_cli.run_suite(model, tokens, bad)
 
 
 def test_reproduce_claim_script_trains_three_recipes_and_writes_results(model, tokens, tmp_path, monkeypatch):

@@ -1,14 +1,12 @@
 """Per-head compositions and step decode under tensor parallelism equal the single-process run."""
 
-import os
-import subprocess
-import sys
-
+import pytest
 import torch
 
-from inference_harness import run
+from conftest import torchrun
+from harness.inference import run
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+pytestmark = pytest.mark.integration
 TOL = dict(atol=2e-5, rtol=1e-4)
 
 
@@ -18,9 +16,7 @@ def test_tensor_parallel_per_head_decode_matches_single_process(tmp_path, megatr
     full, decoded, weights = run(1, pattern)
     torch.save({"weights": weights}, tmp_path / "tp1.pt")
     torch.testing.assert_close(decoded, full, **TOL)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           os.path.join(HERE, "inference_harness.py"), str(tmp_path / "tp2.pt"), pattern, str(tmp_path / "tp1.pt")]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    result = torchrun(2, "-m", "harness.inference", tmp_path / "tp2.pt", pattern, tmp_path / "tp1.pt")
     assert result.returncode == 0, result.stderr[-3000:]
     tp2 = torch.load(tmp_path / "tp2.pt")
     torch.testing.assert_close(tp2["full"], full, **TOL)

@@ -6,28 +6,24 @@ ragged (T not a multiple of the tile or of D, D > T, W = 0, P = 0, P > T); the i
 slow, so the longer cases carry @pytest.mark.slow.
 """
 
-import os
+import contextlib
+import logging
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (by ratplus_kernels below)
+import numpy as np
+import pytest
+import torch
+import triton.language as tl
+from triton.runtime import interpreter
 
-import contextlib  # noqa: E402
-import logging  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.runtime import interpreter  # noqa: E402
-
-from megatron_ratplus import backend  # noqa: E402
-from megatron_ratplus.ops import gated_scan as reference_scan  # noqa: E402
-from megatron_ratplus.ops import pattern_attention as reference_attention  # noqa: E402
-from megatron_ratplus.ops.decode import decode_attention as reference_decode  # noqa: E402
-from megatron_ratplus.patterns import parse_pattern  # noqa: E402
-from ratplus_kernels import attention as attention_kernels  # noqa: E402
-from ratplus_kernels.attention import dilated_attention, pattern_attention  # noqa: E402
-from ratplus_kernels.decode import decode_attention  # noqa: E402
-from ratplus_kernels.scan import gated_scan, gated_scan_kv  # noqa: E402
+from megatron_ratplus import backend
+from megatron_ratplus.ops import gated_scan as reference_scan
+from megatron_ratplus.ops import pattern_attention as reference_attention
+from megatron_ratplus.ops.decode import decode_attention as reference_decode
+from megatron_ratplus.patterns import parse_pattern
+from ratplus_kernels import attention as attention_kernels
+from ratplus_kernels.attention import dilated_attention as dilated_kernel
+from ratplus_kernels.decode import decode_attention
+from ratplus_kernels.scan import gated_scan, gated_scan_kv
 
 TINY_BLOCKS = ((16, 16, 1), (16, 16, 1))
 
@@ -145,6 +141,12 @@ def test_scan_rejects_bad_shapes():
 
 # ---- fused pattern attention --------------------------------------------------------------
 
+def dilated_attention(q, k, v, pattern, softmax_scale=None, blocks=None):
+    """The kernel under a pattern string (the kernel itself takes D, W, P)."""
+    pattern = parse_pattern(pattern)
+    return dilated_kernel(q, k, v, pattern.dilation, pattern.window, pattern.sinks, softmax_scale, blocks)
+
+
 def attention_inputs(seq_len, head_dim=16, dtype=torch.float32, batch=2, heads=2, seed=0):
     torch.manual_seed(seed)
     return tuple(torch.randn(seq_len, batch, heads, head_dim).to(dtype) for _ in range(3))
@@ -198,7 +200,7 @@ TOPK_CASES = [
 @pytest.mark.parametrize("seq_len, pattern", TOPK_CASES)
 def test_topk_attention_matches_reference(seq_len, pattern):
     inputs = attention_inputs(seq_len, batch=1, heads=1 if seq_len < 25 else 2, seed=seq_len)
-    check_with_grads(lambda q, k, v: pattern_attention(q, k, v, pattern),
+    check_with_grads(lambda q, k, v: backend.kernel_attention(q, k, v, parse_pattern(pattern)),
                      lambda q, k, v: reference_attention(q, k, v, pattern), inputs, 1e-5)
 
 
@@ -291,14 +293,14 @@ def test_dispatch_logs_choice_once(monkeypatch, caplog):
 
 def test_forced_triton_routes_attention_and_scan_to_kernels(monkeypatch):
     calls = []
-    kernel = attention_kernels.pattern_attention
-    monkeypatch.setattr(attention_kernels, "pattern_attention", lambda *a: calls.append(a[3]) or kernel(*a))
+    kernel = attention_kernels.dilated_attention
+    monkeypatch.setattr(attention_kernels, "dilated_attention", lambda *a: calls.append(a[3:6]) or kernel(*a))
     q, k, v = attention_inputs(19, batch=1, heads=1, seed=3)
     monkeypatch.setenv(backend.ENV_VAR, "triton")
     out = backend.pattern_attention(q, k, v, "dilated:4,w=2")
     dense = backend.pattern_attention(q, k, v, "dense")  # dense stays on SDPA
     monkeypatch.setenv(backend.ENV_VAR, "reference")
-    assert [str(p) for p in calls] == ["dilated:4,w=2"]
+    assert calls == [(4, 2, 0)]  # dilated:4,w=2 as the kernel's D, W, P
     torch.testing.assert_close(out, reference_attention(q, k, v, "dilated:4,w=2"))
     torch.testing.assert_close(dense, reference_attention(q, k, v, "dense"))
 

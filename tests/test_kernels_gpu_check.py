@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "tools" / "gpu_check.py"
+GPU_ONLY = ("train transformer_engine", "train fp8", "fp8 precision boundaries", "dali loader")
 
 
-def run(*args, timeout=60):
+def run(*args, timeout=240):
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
 
 
@@ -21,12 +22,29 @@ def test_help_and_no_gpu_message():
     assert result.stderr.strip() == "gpu_check: no CUDA device (use --dry-run for the CPU smoke test)"
 
 
-@pytest.mark.slow
-def test_dry_run_checks_every_kernel(tmp_path):
+def test_unknown_section_and_offline_wheels(tmp_path):
+    result = run("--dry-run", "--sections", "bogus")
+    assert result.returncode == 2 and "unknown section(s) ['bogus']" in result.stderr
     out = tmp_path / "check.json"
-    result = run("--dry-run", "--json", str(out), timeout=300)
+    result = run("--dry-run", "--json", str(out), "--wheels", str(tmp_path), "--sections", "resume")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    assert report["wheels"] == {"installed": [], "note": f"no wheels in {tmp_path}"}
+    assert report["skipped"] == {"resume": "needs the 'train local' section's run"}
+
+
+@pytest.mark.slow
+def test_dry_run_checks_every_kernel_and_the_cpu_training_sections(tmp_path):
+    out = tmp_path / "check.json"
+    result = run("--dry-run", "--json", str(out), timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
     assert report["correct"] and len(report["max_relative_error"]) == 6 and report["failures"] == {}
     assert {"copy_bandwidth_GBps", "scan_fwd", "scan_kv_fwd", "scan_kv_bwd", "attention T=32 dilated:4",
             "decode_ms"} <= set(report["timings"])
+    training = report["training"]
+    assert len(training["train local"]["losses"]) == 4
+    assert training["resume"]["equal"] and training["resume"]["iterations"] == [3, 4]
+    assert {"local_scan_ms", "correction_ms", "attend_gathered_ms dense"} <= set(training["cp building blocks"])
+    assert all(report["skipped"][name] == "needs a CUDA GPU (dry run)" for name in GPU_ONLY)
+    assert set(report["loss_curves"]) == {"1", "2", "3", "4"}

@@ -1,15 +1,11 @@
 """The RAT+ mixer gives the same output and gradients through the kernels as through the reference ops."""
 
-import os
+import pytest
+import torch
+from test_mixer import make_mixer
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (the backend imports the kernels lazily)
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from test_mixer import make_mixer  # noqa: E402
-
-from megatron_ratplus import backend  # noqa: E402
-from ratplus_kernels import attention, scan  # noqa: E402
+from megatron_ratplus import backend
+from ratplus_kernels import attention, scan
 
 pytestmark = pytest.mark.usefixtures("megatron_single")
 
@@ -29,11 +25,11 @@ def test_mixer_through_kernels_matches_reference(monkeypatch):
     want = run_mixer(mixer, x)
 
     used = []
-    for module, name in ((scan, "gated_scan_kv"), (attention, "pattern_attention")):
+    for module, name in ((scan, "gated_scan_kv"), (attention, "dilated_attention")):
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: used.append(_n) or _f(*a, **k))
     monkeypatch.setenv(backend.ENV_VAR, "triton")
     got = run_mixer(mixer, x)
-    assert sorted(used) == ["gated_scan_kv", "pattern_attention"]
+    assert sorted(used) == ["dilated_attention", "gated_scan_kv"]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)

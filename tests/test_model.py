@@ -1,14 +1,9 @@
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from conftest import torchrun
 from megatron_ratplus.config import preset
 from megatron_ratplus.model import build_model, count_parameters, set_attention_pattern
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.mark.parametrize("name, billions", [("1.5b", 1.475), ("2.6b", 2.651), ("7.6b", 7.648)])
@@ -46,13 +41,12 @@ def test_output_depends_on_pattern(megatron_single):
 
 
 def run_harness(nproc, out, *args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           os.path.join(HERE, "parallel_harness.py"), str(out), *map(str, args)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    result = torchrun(nproc, "-m", "harness.parallel", out, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(out)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("pattern", ["dense", "dilated:4,w=2,p=1"])
 def test_tensor_parallel_2_matches_single_process(tmp_path, pattern):
     tp1 = run_harness(1, tmp_path / "tp1.pt", 1, pattern)

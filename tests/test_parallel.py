@@ -1,6 +1,6 @@
 """Every parallel layout against the single-process run on the same weights and data (gloo, CPU).
 
-One torchrun launch per world size runs all its layouts (tests/parallel_harness.py --layouts):
+One torchrun launch per world size runs all its layouts (tests/harness/parallel.py --layouts):
 imports dominate the cost on this 2-core machine. Layout names: tpN/ppN/cpN/vppN sizes, `sp`
 sequence parallel, `dp2` pure data parallel; the world size fills the rest with data parallel.
 Sequence 96 tokens: CP2 slices are 24 and CP4 slices 12 tokens, neither a multiple of D = 16.
@@ -8,14 +8,12 @@ Tolerance: fp32 everywhere; loss atol 1e-5, gradients atol 1e-6 + rtol 1e-4 (red
 differs between layouts, nothing else may).
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from conftest import torchrun
+
+pytestmark = pytest.mark.integration
 PATTERNS = ("dense", "dilated:16,w=8,p=2")
 JOINT = "dilated:64"  # joint training: the sparse half, then dense on the same batch
 TWO = ("tp2", "tp2sp", "pp2", "pp2vpp2", "cp2", "dp2")
@@ -24,9 +22,7 @@ FOUR_MORE = ("tp2cp2sp", "dp2cp2")  # combinations of the above, in a second (sl
 
 
 def launch(nproc, out, patterns, layouts):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           os.path.join(HERE, "parallel_harness.py"), "--layouts", str(out), ";".join(patterns), *layouts]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    result = torchrun(nproc, "-m", "harness.parallel", "--layouts", out, ";".join(patterns), *layouts, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return torch.load(out)
 

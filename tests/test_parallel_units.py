@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from megatron_ratplus.ops import gated_scan, pattern_attention
-from megatron_ratplus.parallel import validate_parallel_config, virtual_pipeline_size
-from megatron_ratplus.parallel.cp_attention import attend_slices, pack_public
-from megatron_ratplus.parallel.cp_scan import compose_and_correct, scan_slices
-from megatron_ratplus.parallel.layout import chunk_ids
+from megatron_ratplus.training.parallel_layout import validate_parallel_config, virtual_pipeline_size
+from megatron_ratplus.layers.context_parallel.attention import attend_slices, pack_public
+from megatron_ratplus.layers.context_parallel.layout import chunk_ids
+from megatron_ratplus.layers.context_parallel.scan import compose_and_correct, scan_slices
 from megatron_ratplus.patterns import parse_pattern
 
 

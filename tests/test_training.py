@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import repo_env
+from conftest import repo_env, torchrun
 from megatron_ratplus import checkpoint
 from megatron_ratplus.cli import pretrain as pretrain_cli
-from megatron_ratplus.parallel import schedule
+from megatron_ratplus.training import schedule
 from megatron_ratplus.training import loop
 from megatron_ratplus.training import pretrain
 
@@ -136,6 +136,7 @@ def test_single_nan_step_is_skipped_and_repeated_nans_stop(tmp_path, monkeypatch
     checkpoint.load_model(str(save_dir))  # still loadable
 
 
+@pytest.mark.integration
 def test_cli_end_to_end_validation_loss_falls(tmp_path):
     save = tmp_path / "run"
     cmd = [sys.executable, "-m", "megatron_ratplus.cli.pretrain", "--num-layers", "2", "--hidden-size", "64",
@@ -178,6 +179,7 @@ def write_indexed(prefix, docs, dtype=np.uint16):
     builder.finalize(prefix + ".idx")
 
 
+@pytest.mark.integration
 def test_indexed_data_and_preprocess_tool(tmp_path, recorded_steps):
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": f"document {i} " + "abc " * 40}) for i in range(60)))
@@ -256,6 +258,7 @@ def test_bad_parallel_layouts_fail_before_training(tmp_path, capsys, monkeypatch
     assert not (tmp_path / "ck").exists()
 
 
+@pytest.mark.integration
 def test_joint_training_under_context_parallel_matches_single_process(tmp_path):
     """One joint iteration (dilated:64 step, dense step) at CP=2 through ratplus-pretrain equals CP=1."""
     flags = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "96",
@@ -264,9 +267,8 @@ def test_joint_training_under_context_parallel_matches_single_process(tmp_path):
     runs, summaries = {}, {}
     for cp in (1, 2):
         save = tmp_path / f"cp{cp}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(cp),
-               "-m", "megatron_ratplus.cli.pretrain", *flags, "--context-parallel-size", str(cp), "--save", str(save)]
-        result = subprocess.run(cmd, env=repo_env(), capture_output=True, text=True, timeout=240)
+        result = torchrun(cp, "-m", "megatron_ratplus.cli.pretrain", *flags, "--context-parallel-size", cp,
+                          "--save", save, timeout=240)
         assert result.returncode == 0, result.stderr[-3000:]
         runs[cp] = checkpoint.load_model(str(save))[0].state_dict()
         summary = [l for l in result.stdout.splitlines() if l.startswith("done:")][-1]
@@ -295,3 +297,22 @@ def test_eval_bad_inputs_are_one_line(tmp_path, capsys):
         assert eval_cli.main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("ratplus-eval: error:") and needle in err[0], err
+
+
+def test_training_config_is_built_once_with_derived_values(tmp_path):
+    import dataclasses
+
+    from megatron_ratplus.training.arguments import parse_flags
+    from megatron_ratplus.training.config import TrainingConfig
+
+    save = str(tmp_path / "ck")
+    config = TrainingConfig.from_flags(parse_flags(MICRO[:-2] + ["--train-tokens", "1000", "--save", save,
+                                                                 "--load", save]))
+    assert config.train_iters == 1000 // (4 * 32) and config.load is None  # --load SAVE on a first run: fresh
+    assert config.lr == pytest.approx(3e-3) and config.lr_warmup_fraction == pytest.approx(0.05)
+    assert config.ffn_hidden_size == 4 * 32 and config.vocab_size == 384  # the byte vocabulary, padded
+    assert config.tensorboard_dir == os.path.join(save, "tensorboard")
+    assert config.step_patterns == (("sparse", "dilated:64"), ("dense", "dense"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lr = 1.0
+    assert json.loads(json.dumps(config.as_record()))["lr"] == config.lr

@@ -1,4 +1,4 @@
-"""Context-parallel communication volume and CPU wall time (issue 5).
+"""Context-parallel communication volume and CPU wall time (docs/DESIGN.md §4).
 
 (a) Bytes each CP rank sends per layer, forward (the backward reduce-scatter mirrors it):
     the recurrence's state exchange at T = 4K, 16K, 64K (measured on the tensor the code
@@ -34,7 +34,7 @@ HIDDEN, HEADS, BATCH, ACT_BYTES = 2048, 16, 1, 2  # the 1.5B layer, bf16 activat
 
 def recurrence_bytes(seq_len: int, cp: int) -> dict:
     """The state exchange, measured on scan_slices' summary for a reduced width, scaled to d."""
-    from megatron_ratplus.parallel.cp_scan import scan_slices
+    from megatron_ratplus.layers.context_parallel.scan import scan_slices
 
     width = 64  # channels actually scanned here; bytes are linear in channels
     local = seq_len // cp
@@ -47,7 +47,7 @@ def recurrence_bytes(seq_len: int, cp: int) -> dict:
 
 
 def attention_bytes(seq_len: int, cp: int, pattern: str) -> dict:
-    from megatron_ratplus.parallel.cp_attention import exchanged_tokens
+    from megatron_ratplus.layers.context_parallel.attention import exchanged_tokens
     from megatron_ratplus.patterns import parse_pattern
 
     chunk = seq_len // (2 * cp)
@@ -64,7 +64,7 @@ def time_mixer(seq_len: int, repeats: int, pattern: str) -> float:
     from megatron_ratplus import distributed
     from megatron_ratplus.config import preset
     from megatron_ratplus.layers.specs import get_ratplus_layer_local_spec
-    from megatron_ratplus.parallel import slice_batch_for_cp
+    from megatron_ratplus.training.schedule import slice_batch_for_cp
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.transformer.spec_utils import build_module
 
@@ -95,9 +95,9 @@ def time_mixer(seq_len: int, repeats: int, pattern: str) -> float:
 
 def time_rank_share(seq_len: int, repeats: int, pattern: str) -> dict:
     """Best-of-N seconds of scan + attention (forward + backward), whole sequence vs CP2 rank 0's share."""
+    from megatron_ratplus.layers.context_parallel.attention import attend_slices, pack_public
+    from megatron_ratplus.layers.context_parallel.scan import compose_and_correct, scan_slices
     from megatron_ratplus.ops import gated_scan, pattern_attention
-    from megatron_ratplus.parallel.cp_attention import attend_slices, pack_public
-    from megatron_ratplus.parallel.cp_scan import compose_and_correct, scan_slices
     from megatron_ratplus.patterns import parse_pattern
 
     pattern, heads, dim = parse_pattern(pattern), 4, 64

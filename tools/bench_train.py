@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 
 import torch
@@ -19,10 +20,11 @@ from megatron_ratplus import distributed
 from megatron_ratplus.config import preset
 from megatron_ratplus.data.corpus import embedded_splits
 from megatron_ratplus.data.datasets import TokenWindows, collate
-from megatron_ratplus.data.tokenizer import ByteTokenizer
+from megatron_ratplus.data.tokenizer import ByteTokenizer, padded_vocab_size
 from megatron_ratplus.model import build_model
-from megatron_ratplus.parallel.data_parallel import wrap_model
-from megatron_ratplus.training.arguments import parse_args
+from megatron_ratplus.training.arguments import parse_flags
+from megatron_ratplus.training.config import TrainingConfig
+from megatron_ratplus.training.data_parallel import wrap_model
 from megatron_ratplus.training.optimizer import build_optimizer
 from megatron_ratplus.training.steps import train_step
 
@@ -30,12 +32,14 @@ from megatron_ratplus.training.steps import train_step
 def time_steps(recurrence: bool, patterns, args, batches) -> float:
     """Median seconds of one iteration made of a train_step per pattern."""
     torch.manual_seed(0)
-    config = preset(args.preset, recurrence=recurrence, seq_length=args.seq_length, vocab_size=384)
+    config = preset(args.preset, recurrence=recurrence, seq_length=args.seq_length,
+                    vocab_size=padded_vocab_size(ByteTokenizer.vocab_size))
     model = wrap_model([build_model(config)], config)
-    opt_args = parse_args(["--micro-batch-size", str(args.micro_batch_size),
-                           "--global-batch-size", str(args.global_batch_size)])
-    opt_args.lr = 1e-3
-    optimizer = build_optimizer(model, opt_args)
+    with tempfile.TemporaryDirectory() as save:  # the optimizer settings of a training run; nothing is saved
+        training = TrainingConfig.from_flags(parse_flags([
+            "--micro-batch-size", str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size),
+            "--lr", "1e-3", "--save", save]))
+    optimizer = build_optimizer(model, training)
     times = []
     for i in range(args.repeats + 2):
         start = time.perf_counter()

@@ -1,28 +1,41 @@
-"""GPU check of the RAT+ Triton kernels: correctness at realistic sizes, then timings.
+"""GPU check of megatron-ratplus on one GPU (sized for an H200, < 8 minutes): one JSON report.
 
-1. correctness (bf16, d_h 128) of every kernel against its reference op evaluated in fp32 on the
-   same inputs: gated scan (T = 32K), shared-gate k/v scan, pattern attention forward and
-   gradients (T up to 32K), top-k block attention, decode over a compact cache;
-2. timings with CUDA events (warm-up, then the median of repeats): scan GB/s next to a measured
-   device copy bandwidth; pattern attention forward and backward against dense causal
+1. kernel correctness (bf16, d_h 128) of every Triton kernel against its reference op evaluated
+   in fp32 on the same inputs: gated scan (T = 32K), shared-gate k/v scan, pattern attention
+   forward and gradients (T up to 32K), top-k block attention, decode over a compact cache;
+2. the training path (tools/gpu_check_train.py): a 12-layer d 768 model for 30 iterations at
+   sequence 4096 with --transformer-impl local, then transformer_engine, then FP8, loss curves
+   side by side; a checkpoint at iteration 15 resumed to 30 with the distributed optimizer;
+   FP8's precision boundaries; the context-parallel building blocks timed; DALI vs the plain loader;
+3. kernel timings with CUDA events (warm-up, then the median of repeats): scan GB/s next to a
+   measured device copy bandwidth; pattern attention forward and backward against dense causal
    scaled_dot_product_attention (flash backend) at T = 8K, 32K, 128K for D = 16 and 64; decode
    step latency at context 32K, sparse (D = 16) against dense.
 
-Prints one table and writes JSON (--json PATH, else $OUT/gpu_check.json, else ./gpu_check.json).
-Imports only ratplus_kernels and megatron_ratplus.{ops, patterns}: no megatron-core needed.
---dry-run runs every section at toy sizes on CPU under Triton's interpreter (a smoke test).
+Every section is guarded: one that fails is reported and the others still run; one that cannot
+run here (no Transformer Engine, no DALI) is skipped with its reason. The JSON is rewritten
+after every section, so a run cut short keeps what it measured.
 
-Usage: tools/gpu_check.sh [--json PATH] [--dry-run]
+--wheels DIR installs the wheels in DIR (megatron-core, Transformer Engine, DALI...) with pip,
+offline, before the sections that need them. --dry-run runs at toy sizes on CPU under Triton's
+interpreter: the kernel sections and the CPU-capable training sections (a run and its resume),
+skipping the GPU-only ones with a reason.
+
+Usage: tools/gpu_check.sh [--json PATH] [--dry-run] [--wheels DIR] [--sections a,b,...]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,7 +73,9 @@ DRY_RUN = Sizes(dtype="float32", head_dim=16, heads=2, check_heads=2, scan_check
 
 
 def import_kernels():
-    """ratplus_kernels from an install, else straight from this checkout's kernels/ folder."""
+    """ratplus_kernels from an install, else straight from this checkout's kernels/ folder
+    (and this checkout's megatron_ratplus and tools/ first on the path)."""
+    sys.path.insert(0, str(ROOT / "tools"))
     sys.path.insert(0, str(ROOT))
     if importlib.util.find_spec("ratplus_kernels") is None:
         spec = importlib.util.spec_from_file_location("ratplus_kernels", ROOT / "kernels" / "__init__.py",
@@ -96,6 +111,14 @@ class Timer:
         return statistics.median(times)
 
 
+def kernel_attention(q, k, v, pattern: str):
+    """The kernels' path for a sparse pattern (the backend's, without its device choice)."""
+    from megatron_ratplus.backend import kernel_attention as kernel
+    from megatron_ratplus.patterns import parse_pattern
+
+    return kernel(q, k, v, parse_pattern(pattern))
+
+
 def rel_error(got, want) -> float:
     return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-6)).item()
 
@@ -120,7 +143,6 @@ def correctness(torch, device, dtype, s: Sizes):
     from megatron_ratplus.ops import pattern_attention as ref_attention
     from megatron_ratplus.ops.decode import decode_attention as ref_decode
     from megatron_ratplus.patterns import parse_pattern
-    from ratplus_kernels.attention import pattern_attention
     from ratplus_kernels.decode import decode_attention
     from ratplus_kernels.scan import gated_scan, gated_scan_kv
 
@@ -156,7 +178,7 @@ def correctness(torch, device, dtype, s: Sizes):
 
     for pattern, seq_len in s.attn_check + s.topk_check:
         qkv = [torch.randn(seq_len, 1, s.check_heads, s.head_dim, device=device).to(dtype) for _ in range(3)]
-        compare(f"attention {pattern} T={seq_len}", lambda q, k, v: pattern_attention(q, k, v, pattern),
+        compare(f"attention {pattern} T={seq_len}", lambda q, k, v: kernel_attention(q, k, v, pattern),
                 lambda q, k, v: ref_attention(q, k, v, pattern), qkv)
 
     batch, capacity = s.decode_check  # ragged query positions; a quarter of the slots empty or duplicate (-1)
@@ -206,8 +228,6 @@ def attention(torch, device, dtype, s: Sizes, timer: Timer, rows, results, seq_l
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from ratplus_kernels.attention import pattern_attention
-
     def flash(q, k, v):
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION] if device.type == "cuda" else [SDPBackend.MATH]):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -216,7 +236,7 @@ def attention(torch, device, dtype, s: Sizes, timer: Timer, rows, results, seq_l
     dense_inputs = [t.requires_grad_() for t in qkv]
     sparse_inputs = [t.detach().permute(2, 0, 1, 3).contiguous().requires_grad_() for t in qkv]
     cases = [("dense flash", flash, dense_inputs)]
-    cases += [(f"dilated:{d}", (lambda d: lambda a, b, c: pattern_attention(a, b, c, f"dilated:{d}"))(d),
+    cases += [(f"dilated:{d}", (lambda d: lambda a, b, c: kernel_attention(a, b, c, f"dilated:{d}"))(d),
                sparse_inputs) for d in s.dilations]
     repeats = s.dense_repeats.get(seq_len)
     base = {}
@@ -267,7 +287,7 @@ def decode(torch, device, dtype, s: Sizes, timer: Timer, rows, results):
 
 
 def targets(results, s: Sizes):
-    """The issue's GPU targets, evaluated on what was measured."""
+    """The GPU targets, evaluated on what was measured."""
     scan = max((results[k]["fraction_of_copy"] for k in ("scan_fwd", "scan_fwd_one_segment") if k in results),
                default=None)
     prefill = results.get("attention T=32768 dilated:16", {}).get("fwd_speedup")
@@ -279,52 +299,97 @@ def targets(results, s: Sizes):
     }
 
 
+def install_wheels(directory: str) -> dict:
+    """pip install every wheel in ``directory``, offline (dependencies from the same folder only)."""
+    wheels = sorted(str(p) for p in Path(directory).glob("*.whl"))
+    if not wheels:
+        return dict(installed=[], note=f"no wheels in {directory}")
+    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", directory, *wheels]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return dict(installed=[Path(w).name for w in wheels], returncode=result.returncode,
+                tail=(result.stdout + result.stderr).strip().splitlines()[-3:])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="where to write the JSON (default $OUT/gpu_check.json or ./gpu_check.json)")
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on CPU under TRITON_INTERPRET=1")
+    parser.add_argument("--wheels", metavar="DIR", help="pip-install the wheels in DIR first (offline)")
+    parser.add_argument("--sections", help="comma-separated section names to run (default: all)")
+    parser.add_argument("--budget-s", type=float, default=450, help="time for all sections (default 450)")
     args = parser.parse_args(argv)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    began = time.time()
+    wheels = install_wheels(args.wheels) if args.wheels else None
     import torch
 
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA device (use --dry-run for the CPU smoke test)", file=sys.stderr)
         return 2
     import_kernels()
+    import gpu_check_train as train
+
     sizes = DRY_RUN if args.dry_run else Sizes()
     device = torch.device("cpu" if args.dry_run else "cuda")
     dtype = getattr(torch, sizes.dtype)
-    began = time.time()
     path = Path(args.json or Path(os.environ.get("OUT", ".")) / "gpu_check.json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows, results, failures = [], {}, {}
+    rows, results, failures, skipped, training = [], {}, {}, {}, {}
     report = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)",
                   torch=torch.__version__, triton=__import__("triton").__version__,
-                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), sizes=asdict(sizes),
-                  timings=results, failures=failures)
+                  versions=installed_versions(),
+                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), sizes=asdict(sizes), wheels=wheels,
+                  timings=results, training=training, failures=failures, skipped=skipped)
 
     def save():  # after every section, so a run cut short by the time limit keeps what it measured
         report.update(targets=targets(results, sizes), seconds=time.time() - began)
         path.write_text(json.dumps(report, indent=2, default=str))
 
-    errors = correctness(torch, device, dtype, sizes)
-    report.update(max_relative_error=errors,
-                  correct=all(not isinstance(e, str) and e <= sizes.tol for e in errors.values()))
-    save()
     timer = Timer(torch, device, sizes)
-    sections = [("copy and scan", copy_and_scan, ())] + [(f"attention T={n}", attention, (n,)) for n in sizes.attn_lens]
-    for name, section, extra in sections + [("decode", decode, ())]:
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    ctx = train.Context(torch=torch, device=device, dry_run=args.dry_run,
+                        sizes=train.DRY_TRAIN if args.dry_run else train.TrainSizes(), work=work, timer=timer,
+                        deadline=began + args.budget_s)
+    kernel_timings = [("copy and scan", copy_and_scan, ())] + \
+        [(f"attention T={n}", attention, (n,)) for n in sizes.attn_lens] + [("decode", decode, ())]
+    sections = [("kernel correctness", None)] + [(n, f) for n, f in train.SECTIONS] + \
+        [(n, (f, extra)) for n, f, extra in kernel_timings]
+    wanted = set(args.sections.split(",")) if args.sections else {n for n, _ in sections}
+    unknown = wanted - {n for n, _ in sections}
+    if unknown:
+        print(f"gpu_check: unknown section(s) {sorted(unknown)}; choose from {[n for n, _ in sections]}",
+              file=sys.stderr)
+        return 2
+    for name, section in sections:
+        if name not in wanted:
+            continue
+        if ctx.remaining() < 20:
+            skipped[name] = f"out of time ({args.budget_s:.0f} s budget spent)"
+            continue
         try:  # one failing section must not cost the figures of the others
-            section(torch, device, dtype, sizes, timer, rows, results, *extra)
+            if section is None:
+                errors = correctness(torch, device, dtype, sizes)
+                report.update(max_relative_error=errors,
+                              correct=all(not isinstance(e, str) and e <= sizes.tol for e in errors.values()))
+            elif isinstance(section, tuple):
+                section[0](torch, device, dtype, sizes, timer, rows, results, *section[1])
+            else:
+                training[name] = section(ctx)
+        except train.Skip as why:
+            skipped[name] = str(why)
         except Exception as err:  # noqa: BLE001 - reported in the table and the JSON
             failures[name] = f"{type(err).__name__}: {err}"
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if ctx.runs:
+            report["loss_curves"] = train.loss_curves(ctx)
         save()
+    shutil.rmtree(work, ignore_errors=True)
 
     print(f"{report['device']}, torch {report['torch']}, triton {report['triton']}, {report['date']}")
     print(f"{'check':58s} {'value':>18s}  note")
+    errors = report.get("max_relative_error", {})
     for name, err in errors.items():
         if isinstance(err, str):
             print(f"{'correct: ' + name:58s} {'FAIL':>18s}  {err}")
@@ -332,12 +397,43 @@ def main(argv=None) -> int:
             print(f"{'correct: ' + name:58s} {err:18.1e}  {'ok' if err <= sizes.tol else 'FAIL'} (tol {sizes.tol:.0e})")
     for name, value, note in rows:
         print(f"{name:58s} {value:>18s}  {note}")
+    for name, out in training.items():
+        shown = {k: v for k, v in out.items() if not isinstance(v, (dict, list)) and k != "command"}
+        print(f"{'training: ' + name:58s} {'':>18s}  {shown}")
+    if report.get("loss_curves"):
+        names = list(ctx.runs)
+        print("loss by iteration: " + " / ".join(names))
+        for step, losses in report["loss_curves"].items():
+            print(f"  {step:>4s}  " + "  ".join("-" if losses[n] is None else f"{losses[n]:.4f}" for n in names))
+    for name, why in skipped.items():
+        print(f"{'skipped: ' + name:58s} {'-':>18s}  {why}")
     for name, err in failures.items():
         print(f"{'FAILED: ' + name:58s} {'-':>18s}  {err}")
     for name, met in report["targets"].items():
         print(f"{'target: ' + name:58s} {str(met):>18s}")
     print(f"wrote {path} ({report['seconds']:.0f} s)")
-    return 0 if report["correct"] and not failures else 1
+    return 0 if report.get("correct", "kernel correctness" not in wanted) and not failures else 1
+
+
+def installed_versions() -> dict:
+    """Versions of the optional stack, from package metadata (no import: TE/DALI imports are slow)."""
+    from importlib import metadata
+
+    candidates = {"megatron-core": ("megatron-core", "megatron_core"),
+                  "transformer-engine": ("transformer-engine", "transformer_engine"),
+                  "nvidia-dali": ("nvidia-dali-cuda120", "nvidia-dali-cuda130", "nvidia-dali"),
+                  "apex": ("apex",)}
+    found = {}
+    for label, names in candidates.items():
+        found[label] = None
+        for name in names:
+            try:
+                found[label] = metadata.version(name)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return found
+
 
 if __name__ == "__main__":
     sys.exit(main())

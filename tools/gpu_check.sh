@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU check of the Triton kernels (issue 6): correctness at realistic sizes, then timings.
-# Needs torch + triton and one CUDA GPU, not megatron-core; finishes in < 8 min on one H200.
-# Usage: tools/gpu_check.sh [--json PATH]   (default $OUT/gpu_check.json, else ./gpu_check.json)
+# One GPU check of megatron-ratplus on a single H200, under 8 minutes, JSON out (see tools/gpu_check.py):
+# kernel correctness, the training path (local / Transformer Engine / FP8 runs, checkpoint resume
+# with the distributed optimizer, FP8 precision boundaries, context-parallel building blocks,
+# DALI loader), then kernel timings. Sections are guarded: a failing one does not stop the others.
+# Usage: tools/gpu_check.sh [--json PATH] [--wheels DIR] [--sections a,b]  (default JSON: $OUT/gpu_check.json)
 #        tools/gpu_check.sh --dry-run       (toy sizes on CPU under the Triton interpreter)
 set -euo pipefail
 cd "$(dirname "$0")/.."

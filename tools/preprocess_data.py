@@ -1,91 +1,86 @@
-"""Build a megatron indexed dataset (PREFIX.bin / PREFIX.idx) from jsonl or plain-text files.
+"""Build megatron indexed datasets (PREFIX.bin / PREFIX.idx) from a corpus, at FineWeb scale.
 
-Each jsonl line is one document (its --json-key field); each other file is one document.
-Every document ends with the tokenizer's end-of-document token. Byte-level tokens by default,
-or a local HF `tokenizers` file with --tokenizer-file.
+Inputs (by file name): ``.jsonl``/``.json`` (one JSON object per line), the same compressed
+as ``.gz`` (gzip) or ``.zst`` (zstandard), ``.parquet`` (pyarrow; one row per document) and
+any other file as one plain-text document. ``--json-keys`` names the text field(s); with more
+than one key each key gets its own dataset PREFIX_KEY. ``--partitions N`` deals the documents
+round-robin into N shards PREFIX[_KEY]_0 .. _N-1 (a blend of equal weights reads them back).
 
-    python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus
+Tokenizers: byte-level (default), a local HF ``tokenizer.json`` (``--tokenizer-type
+huggingface``) or a SentencePiece model (``--tokenizer-type sentencepiece --tokenizer-model
+tokenizer.model``, e.g. LLaMA-2's). ``--workers N`` tokenizes in N processes; the output keeps
+the input order whatever N is. Every document ends with the end-of-document token unless
+``--no-append-eod``.
+
+Bad input, decided once for a 100B-token job that should not die on one bad line:
+- a bad record (not UTF-8, not JSON, not an object, a missing/null/non-string text field, a
+  lone surrogate, an empty text) is skipped and counted; the counts and the first place of each
+  kind are reported at the end;
+- a bad file (missing, corrupt or truncated compressed stream, a parquet file without the
+  text column, an unreadable parquet file) or a tokenizer that cannot be loaded stops the run:
+  ``preprocess_data.py: error: ...``, exit status 2, and nothing is written (outputs go to
+  temporary files renamed into place only when everything succeeded).
+
+    python tools/preprocess_data.py --input shard-*.parquet --output-prefix data/fineweb \\
+        --tokenizer-type sentencepiece --tokenizer-model tokenizer.model --workers 64
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
-import numpy as np
-import torch
-from tqdm import tqdm
+from megatron_ratplus.data.preprocess import build
+from megatron_ratplus.data.tokenizer import DataError
 
-from megatron_ratplus.data.tokenizer import DataError, build_tokenizer
-
-
-def iter_documents(paths, json_key: str):
-    for path in paths:
-        if path.endswith((".jsonl", ".json")):
-            with open(path, encoding="utf-8") as f:
-                for line_no, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                        yield record[json_key]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise DataError(f"{path}:{line_no}: not a JSON object with a '{json_key}' field") from None
-        else:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                yield f.read()
+PROG = "preprocess_data.py"
 
 
-def build(paths, output_prefix: str, tokenizer_spec: str = "byte", json_key: str = "text") -> dict:
-    """Tokenize ``paths`` into ``output_prefix``.bin/.idx; returns counts."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+def tokenizer_spec(args) -> str:
+    """The tokenizer spec (megatron_ratplus.data.tokenizer.build_tokenizer) the flags name."""
+    if args.tokenizer_file:
+        if args.tokenizer_type not in (None, "huggingface"):
+            raise DataError("--tokenizer-file is a tokenizer.json: use --tokenizer-model with this --tokenizer-type")
+        return f"json:{args.tokenizer_file}"
+    kind = args.tokenizer_type or "byte"
+    if kind == "byte":
+        if args.tokenizer_model:
+            raise DataError("--tokenizer-model needs --tokenizer-type huggingface or sentencepiece")
+        return "byte"
+    if not args.tokenizer_model:
+        raise DataError(f"--tokenizer-type {kind} needs --tokenizer-model PATH")
+    return f"{'json' if kind == 'huggingface' else 'sentencepiece'}:{args.tokenizer_model}"
 
-    for path in paths:
-        if not os.path.isfile(path):
-            raise DataError(f"input file not found: {path}")
-    for ext in (".bin", ".idx"):
-        if os.path.exists(output_prefix + ext):
-            raise DataError(f"{output_prefix + ext} exists; refusing to overwrite it")
-    tokenizer = build_tokenizer(tokenizer_spec)
-    dtype = np.uint16 if tokenizer.vocab_size < 2 ** 16 else np.int32
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    tmp_bin = output_prefix + ".bin.tmp"
-    builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
-    docs = tokens = 0
-    try:
-        for text in tqdm(iter_documents(paths, json_key), desc="documents", unit="doc", file=sys.stderr):
-            ids = tokenizer.encode(text) + [tokenizer.eod]
-            builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
-            docs += 1
-            tokens += len(ids)
-        if docs == 0:
-            raise DataError("the input holds no documents")
-        builder.finalize(output_prefix + ".idx")
-    except BaseException:
-        builder.data_file.close()
-        for path in (tmp_bin, output_prefix + ".idx"):
-            if os.path.exists(path):
-                os.remove(path)
-        raise
-    os.replace(tmp_bin, output_prefix + ".bin")
-    return {"documents": docs, "tokens": tokens, "vocab_size": tokenizer.vocab_size}
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise DataError(message)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, help="jsonl or text files")
+    parser = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", nargs="+", required=True, help="jsonl[.gz|.zst], parquet or text files")
     parser.add_argument("--output-prefix", required=True)
-    parser.add_argument("--tokenizer-file", default=None, help="HF tokenizers JSON file (default: bytes)")
-    parser.add_argument("--json-key", default="text")
-    args = parser.parse_args(argv)
+    parser.add_argument("--tokenizer-type", choices=["byte", "huggingface", "sentencepiece"])
+    parser.add_argument("--tokenizer-model", help="tokenizer.json (huggingface) or tokenizer.model (sentencepiece)")
+    parser.add_argument("--tokenizer-file", help="same as --tokenizer-type huggingface --tokenizer-model FILE")
+    parser.add_argument("--json-keys", nargs="+", default=["text"], help="text field(s) / parquet column(s)")
+    parser.add_argument("--append-eod", default=True, action=argparse.BooleanOptionalAction,
+                        help="end every document with the end-of-document token (default: on)")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--partitions", type=int, default=1, help="output shards per key")
+    parser.add_argument("--no-progress-bar", dest="progress", action="store_false")
     try:
-        stats = build(args.input, args.output_prefix, args.tokenizer_file or "byte", args.json_key)
+        args = parser.parse_args(argv)
+        stats = build(args.input, args.output_prefix, tokenizer_spec(args), args.json_keys, args.append_eod,
+                      args.workers, args.partitions, args.progress)
     except (DataError, OSError) as err:
-        print(f"preprocess_data: error: {err}", file=sys.stderr)
+        print(f"{PROG}: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
-    print(f"wrote {args.output_prefix}.bin/.idx: {stats['documents']} documents, {stats['tokens']} tokens")
+    outputs = ", ".join(f"{p}.bin/.idx" for p in stats["outputs"])
+    print(f"wrote {outputs}: {stats['documents']} documents, {stats['tokens']} tokens")
+    for reason, count in sorted(stats["skipped"].items()):
+        print(f"skipped {count} records: {reason} (first at {stats['first_skipped'][reason]})")
     return 0
 
 

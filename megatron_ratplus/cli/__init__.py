@@ -1,8 +1,11 @@
-"""Console scripts. Each turns user errors into one line on stderr and a non-zero exit."""
+"""Console scripts. Each parses with megatron_ratplus.errors.ArgumentParser and runs under
+:func:`run_cli`, which turns a UserError into one line on stderr and exit status 2."""
 
 import sys
 import warnings
 from typing import Callable
+
+from megatron_ratplus.errors import UserError
 
 # megatron-core warns at import time that apex / Transformer Engine are missing; on CPU that is
 # expected, and megatron_ratplus.optional reports a missing dependency when a feature needs it.
@@ -11,11 +14,11 @@ warnings.filterwarnings("ignore", message="full scope is deprecated")
 warnings.filterwarnings("ignore", category=FutureWarning, module="(torch.distributed|megatron)")
 
 
-def run_cli(prog: str, main: Callable[[], object], user_errors: tuple) -> int:
-    """Call ``main``; a user error becomes ``prog: error: message`` and exit status 2."""
+def run_cli(prog: str, main: Callable[[], object]) -> int:
+    """Call ``main``; a UserError becomes ``prog: error: message`` and exit status 2."""
     try:
         main()
-    except user_errors as err:
+    except UserError as err:
         print(f"{prog}: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,20 +14,12 @@ import sys
 
 from megatron_ratplus.checkpoint import CheckpointError
 from megatron_ratplus.cli import run_cli
-from megatron_ratplus.data.tokenizer import DataError
-
-
-class ConvertUsageError(ValueError):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise ConvertUsageError(message)
+from megatron_ratplus.data.datasets import DEFAULT_SEED, DEFAULT_SPLIT
+from megatron_ratplus.errors import ArgumentParser, UserError
 
 
 def build_parser():
-    p = _Parser(prog="ratplus-convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="ratplus-convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="the authors' checkpoint file")
     p.add_argument("--output", required=True, help="new save directory (must not hold a checkpoint)")
     p.add_argument("--num-attention-heads", type=int, help="default: hidden size / 128 (every paper model)")
@@ -41,33 +33,33 @@ def build_parser():
 
 def convert(args) -> str:
     from megatron_ratplus import checkpoint, distributed
-    from megatron_ratplus.config import preset
+    from megatron_ratplus.config import model_config
     from megatron_ratplus.convert import authors_shape, load_authors_state, to_megatron
     from megatron_ratplus.data.tokenizer import build_tokenizer, padded_vocab_size
     from megatron_ratplus.model import build_model
 
     if os.path.isdir(args.output) and checkpoint.latest_checkpoint(args.output):
-        raise ConvertUsageError(f"{args.output} already holds a checkpoint; refusing to overwrite it")
+        raise UserError(f"{args.output} already holds a checkpoint; refusing to overwrite it")
     state = load_authors_state(args.input, args.trust_pickle)
     layers, hidden, vocab, recurrence = authors_shape(state)
     tokenizer = build_tokenizer(args.tokenizer_file or "byte")
     if tokenizer.vocab_size > vocab:
-        raise ConvertUsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the checkpoint only {vocab} "
-                                f"embeddings (pass the model's --tokenizer-file)")
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the checkpoint only {vocab} "
+                        f"embeddings (pass the model's --tokenizer-file)")
     heads = args.num_attention_heads or max(1, hidden // 128)
     padded = padded_vocab_size(vocab)
     weights = to_megatron(state, heads, padded)
     distributed.initialize()
-    config = preset("tiny", num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                    ffn_hidden_size=state["backbone.layers.0.hidden_layer.fc1.weight"].shape[0],
-                    seq_length=args.seq_length, vocab_size=padded, recurrence=recurrence)
+    config = model_config(num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                          ffn_hidden_size=state["backbone.layers.0.hidden_layer.fc1.weight"].shape[0],
+                          seq_length=args.seq_length, vocab_size=padded, recurrence=recurrence)
     model = build_model(config)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise CheckpointError(f"weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     meta = {"model": checkpoint.model_meta(config), "tokenizer": tokenizer.spec,
-            "args": {"lr": args.pretrain_lr, "seed": 1234, "split": "98,2,0", "data_path": None,
+            "args": {"lr": args.pretrain_lr, "seed": DEFAULT_SEED, "split": DEFAULT_SPLIT, "data_path": None,
                      "converted_from": os.path.abspath(args.input)}}
     common = {"iteration": 0, "consumed_samples": 0, "nan_skipped": 0}
     return checkpoint.save(args.output, 0, [model], None, common, meta)
@@ -78,7 +70,7 @@ def main(argv=None) -> int:
         path = convert(build_parser().parse_args(argv if argv is not None else sys.argv[1:]))
         print(f"wrote {path}")
 
-    return run_cli("ratplus-convert", run, (ConvertUsageError, CheckpointError, DataError))
+    return run_cli("ratplus-convert", run)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,16 @@ import argparse
 import sys
 from typing import List, Optional
 
+from megatron_ratplus.cli import run_cli
+from megatron_ratplus.errors import ArgumentParser, UserError
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ratplus-generate", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="ratplus-generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--load", required=True, help="checkpoint directory (from ratplus-pretrain)")
     parser.add_argument("--pattern", default=None,
                         help="attention pattern or composition, e.g. dense, dilated:16,w=256,p=4, "
-                             "'cycle(dense;dilated:64)', 'dense|dilated:16' (default: the checkpoint's)")
+                             "'cycle(dense;dilated:64)', 'dense|dilated:16' (default: dense)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
     parser.add_argument("--prompt-file", help="a text file with one prompt per line")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -36,10 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _prompts(args) -> List[str]:
     prompts = list(args.prompt)
     if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompts += [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as err:
+            raise UserError(f"cannot read --prompt-file {args.prompt_file}: {err.strerror}") from None
     if not prompts:
-        raise ValueError("give at least one --prompt or a --prompt-file")
+        raise UserError("give at least one --prompt or a --prompt-file")
     return prompts
 
 
@@ -48,14 +54,14 @@ def _stop_tokens(tokenizer, stops) -> List[int]:
     for text in stops:
         encoded = tokenizer.encode(text.encode().decode("unicode_escape"))
         if len(encoded) != 1:
-            raise ValueError(f"--stop '{text}' is {len(encoded)} tokens; a stop string must be one token")
+            raise UserError(f"--stop '{text}' is {len(encoded)} tokens; a stop string must be one token")
         ids.append(encoded[0])
     return ids
 
 
 def run(args) -> int:
     from megatron_ratplus import distributed
-    from megatron_ratplus.checkpoint import load_model  # the checkpoint side (issue 3)
+    from megatron_ratplus.checkpoint import load_model
     from megatron_ratplus.inference import SamplingConfig, generate
 
     prompts = _prompts(args)
@@ -74,12 +80,7 @@ def run(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (OSError, ValueError) as err:  # user errors: bad path, pattern, prompt or setting
-        print(f"ratplus-generate: error: {err}", file=sys.stderr)
-        return 1
+    return run_cli("ratplus-generate", lambda: run(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -4,17 +4,21 @@ A sample is megatron's GPT sample dict: ``tokens`` and ``labels`` ([seq], labels
 one), ``loss_mask`` and ``position_ids``. Two sources produce it:
 
 - the embedded corpus (an in-memory token stream cut into windows), and
-- megatron indexed datasets (``.bin``/``.idx``) through megatron-core's ``GPTDataset``,
-  validated up front because GPTDataset loops forever on an empty split and reads corrupt
-  files silently.
+- megatron indexed datasets (``.bin``/``.idx``) through megatron-core's ``GPTDataset``, one
+  prefix or a weighted blend (``BlendedMegatronDatasetBuilder``), validated up front because
+  GPTDataset loops forever on an empty split and reads corrupt files silently; the costly part
+  of the check (a scan of every token id) runs once per version of the files.
 
 ``SampleOrder`` maps the count of consumed samples to a dataset index, so the data position is
-one integer in the checkpoint and resuming reproduces the exact batches.
+one integer in the checkpoint and resuming reproduces the exact batches; ``BatchSource`` cuts
+a global batch into one data-parallel rank's micro-batches (``collate``d) by that count.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -22,6 +26,10 @@ import torch
 
 from megatron_ratplus.data.corpus import embedded_splits
 from megatron_ratplus.data.tokenizer import DataError
+
+# The data of a run that names none: the shuffling seed (also the run's seed) and megatron's
+# train/validation/test split of indexed data.
+DEFAULT_SEED, DEFAULT_SPLIT = 1234, "98,2,0"
 
 
 class TokenWindows(torch.utils.data.Dataset):
@@ -68,8 +76,77 @@ def collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
     return {key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask", "position_ids")}
 
 
+class BatchSource:
+    """This data-parallel rank's micro-batches of a global batch, from the consumed-sample count alone."""
+
+    def __init__(self, dataset, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int, shuffle: bool):
+        self.dataset, self.order = dataset, SampleOrder(len(dataset), seed, shuffle)
+        self.micro, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+
+    def microbatches(self, consumed: int, global_batch: int) -> List[Dict[str, torch.Tensor]]:
+        out = []
+        for m in range(global_batch // (self.micro * self.dp_size)):
+            start = consumed + (m * self.dp_size + self.dp_rank) * self.micro
+            out.append(collate([self.dataset[self.order(start + i)] for i in range(self.micro)]))
+        return out
+
+
+CHECK_SUFFIX = ".ratplus-check.json"
+_SCAN_CHUNK = 1 << 26  # tokens per read of the id scan
+
+
+def _token_range(prefix: str, dtype) -> Tuple[int, int]:
+    """(min, max) token id of ``prefix.bin``: one chunked pass over the file."""
+    data = np.memmap(prefix + ".bin", dtype=dtype, mode="r")
+    low, high = None, None
+    for start in range(0, len(data), _SCAN_CHUNK):
+        chunk = data[start:start + _SCAN_CHUNK]
+        low = int(chunk.min()) if low is None else min(low, int(chunk.min()))
+        high = int(chunk.max()) if high is None else max(high, int(chunk.max()))
+    return low, high
+
+
+def _file_key(prefix: str) -> dict:
+    """What identifies this version of the dataset files: size and mtime of .bin and .idx."""
+    key = {}
+    for ext in (".bin", ".idx"):
+        st = os.stat(prefix + ext)
+        key[ext] = [st.st_size, st.st_mtime_ns]
+    return key
+
+
+def _recorded_range(prefix: str, key: dict) -> Optional[Tuple[int, int]]:
+    try:
+        with open(prefix + ".idx" + CHECK_SUFFIX, encoding="utf-8") as f:
+            record = json.load(f)
+        if record.get("files") == key:
+            return int(record["min"]), int(record["max"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no record, or a stale/garbled one: scan again
+    return None
+
+
+def _record_range(prefix: str, key: dict, low: int, high: int) -> None:
+    """Write the scan's result beside the .idx (atomically); a read-only data directory just
+    means the next start scans again."""
+    path = prefix + ".idx" + CHECK_SUFFIX
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"files": key, "min": low, "max": high}, f)
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def check_indexed_dataset(prefix: str, vocab_size: int) -> int:
-    """Validate ``prefix.bin``/``prefix.idx``; returns the token count. One-line DataError otherwise."""
+    """Validate ``prefix.bin``/``prefix.idx``; returns the token count. One-line DataError otherwise.
+
+    The token-id scan reads the whole .bin (hundreds of GB at FineWeb scale), so its result
+    (min and max id) is recorded beside the .idx, keyed by the size and mtime of both files,
+    and later starts reuse it; the ids are then checked against this run's vocabulary.
+    """
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     for ext in (".bin", ".idx"):
@@ -91,10 +168,52 @@ def check_indexed_dataset(prefix: str, vocab_size: int) -> int:
         raise DataError(f"{prefix}.bin has {actual} bytes but its index describes {expected}: truncated or corrupt")
     if n_tokens == 0:
         raise DataError(f"{prefix} holds no tokens")
-    top = int(np.memmap(prefix + ".bin", dtype=dtype, mode="r").max())
-    if top >= vocab_size:
-        raise DataError(f"{prefix}.bin holds token id {top}, beyond the vocabulary size {vocab_size}")
+    key = _file_key(prefix)
+    recorded = _recorded_range(prefix, key)
+    low, high = recorded if recorded else _token_range(prefix, dtype)
+    if recorded is None:
+        _record_range(prefix, key, low, high)
+    if low < 0:
+        raise DataError(f"{prefix}.bin holds negative token id {low}: corrupt or written with another dtype")
+    if high >= vocab_size:
+        raise DataError(f"{prefix}.bin holds token id {high}, beyond the vocabulary size {vocab_size}")
     return n_tokens
+
+
+def parse_blend(data_path: List[str]) -> Tuple[List[str], Optional[List[float]]]:
+    """``--data-path`` as prefixes and weights: ``A B`` (equal shares by size) or ``0.7 A 0.3 B``
+    (Megatron-LM's weighted form: a weight before every prefix)."""
+    def weight(text):
+        try:
+            return float(text)
+        except ValueError:
+            return None
+
+    weights = [weight(w) for w in data_path[0::2]]
+    if len(data_path) % 2 or all(w is None for w in weights):
+        numbers = [p for p in data_path if weight(p) is not None]
+        if numbers:
+            raise DataError(f"--data-path mixes weights and prefixes: give a weight before every prefix "
+                            f"('0.7 A 0.3 B') or none (found '{numbers[0]}')")
+        return list(data_path), None
+    if any(w is None for w in weights) or any(weight(p) is not None for p in data_path[1::2]):
+        raise DataError("--data-path mixes weights and prefixes: give a weight before every prefix "
+                        "('0.7 A 0.3 B') or none")
+    if any(not np.isfinite(w) or w <= 0 for w in weights):
+        raise DataError(f"--data-path weights must be positive, got {', '.join(data_path[0::2])}")
+    return list(data_path[1::2]), weights
+
+
+def check_split(split: str) -> str:
+    """Megatron's split string: up to three non-negative train,valid,test shares (',' or '/')."""
+    parts = re.split(r"[,/]", split.strip()) if split and split.strip() else []
+    try:
+        shares = [float(p) for p in parts]
+    except ValueError:
+        shares = []
+    if not 1 <= len(shares) <= 3 or any(not np.isfinite(x) or x < 0 for x in shares) or sum(shares) <= 0:
+        raise DataError(f"--split '{split}' must be up to three non-negative shares like '98,2,0'")
+    return split
 
 
 class _TokenizerForMegatron:
@@ -105,13 +224,13 @@ class _TokenizerForMegatron:
         self.unique_identifiers = {"class": "ratplus", "spec": tokenizer.spec}
 
 
-def _gpt_datasets(prefixes: List[str], tokenizer, seq_length: int, seed: int, split: str,
-                  num_train: int, num_valid: int, cache_dir: Optional[str]):
+def _gpt_datasets(prefixes: List[str], weights: Optional[List[float]], tokenizer, seq_length: int, seed: int,
+                  split: str, num_train: int, num_valid: int, cache_dir: Optional[str]):
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     config = GPTDatasetConfig(
-        random_seed=seed, sequence_length=seq_length, blend=(prefixes, None), split=split,
+        random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights), split=split,
         tokenizer=_TokenizerForMegatron(tokenizer), reset_position_ids=False, reset_attention_mask=False,
         eod_mask_loss=False, create_attention_mask=False, path_to_cache=cache_dir, mmap_bin_files=True)
     train, valid, _ = BlendedMegatronDatasetBuilder(
@@ -123,18 +242,21 @@ def _gpt_datasets(prefixes: List[str], tokenizer, seq_length: int, seed: int, sp
 
 def build_datasets(data_path: Optional[List[str]], tokenizer, seq_length: int, seed: int, split: str,
                    num_train: int, num_valid: int, cache_dir: Optional[str] = None) -> Tuple:
-    """(train, valid) datasets: the embedded corpus when ``data_path`` is empty, else indexed data."""
+    """(train, valid) datasets: the embedded corpus when ``data_path`` is empty, else indexed data
+    (a list of prefixes, or a weighted blend ``[w1, prefix1, w2, prefix2, ...]``)."""
     if not data_path:
         train_tokens, valid_tokens = embedded_splits(tokenizer)
         return TokenWindows(train_tokens, seq_length), TokenWindows(valid_tokens, seq_length)
-    for prefix in data_path:
+    prefixes, weights = parse_blend(list(data_path))
+    check_split(split)
+    for prefix in prefixes:
         if check_indexed_dataset(prefix, tokenizer.vocab_size) < seq_length + 1:
             raise DataError(f"{prefix} has fewer tokens than one sample of --seq-length {seq_length} + 1")
-    return _gpt_datasets(list(data_path), tokenizer, seq_length, seed, split, num_train, num_valid, cache_dir)
+    return _gpt_datasets(prefixes, weights, tokenizer, seq_length, seed, split, num_train, num_valid, cache_dir)
 
 
 def validation_windows(tokenizer, seq_length: int, count: int, data_path: Optional[List[str]] = None,
-                       seed: int = 1234, split: str = "98,2,0") -> torch.Tensor:
+                       seed: int = DEFAULT_SEED, split: str = DEFAULT_SPLIT) -> torch.Tensor:
     """The first ``count`` validation samples as [n, seq_length + 1] token windows (inputs + last label)."""
     _, valid = build_datasets(data_path, tokenizer, seq_length, seed, split, 1, count)
     n = min(count, len(valid))

@@ -1,6 +1,7 @@
-"""Tokenizers: byte-level (the default, needs no files) and a local HF `tokenizers` JSON file.
+"""Tokenizers: byte-level (the default, needs no files), a local HF `tokenizers` JSON file and a
+SentencePiece model (LLaMA-2's tokenizer.model is one).
 
-Both expose what megatron-core's GPTDataset reads (``vocab_size``, ``eod``) plus
+All expose what megatron-core's GPTDataset reads (``vocab_size``, ``eod``) plus
 ``encode``/``decode`` and a ``spec`` string that a checkpoint stores to rebuild them.
 """
 
@@ -9,8 +10,10 @@ from __future__ import annotations
 import os
 from typing import List
 
+from megatron_ratplus.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """Bad data or tokenizer input; the message is one line meant for the user."""
 
 
@@ -58,11 +61,43 @@ class JsonTokenizer:
         return self._tok.decode([int(i) for i in ids if int(i) != self.eod])
 
 
+class SentencePieceTokenizer:
+    """A local SentencePiece model; end-of-document is its EOS piece (or one id past the vocabulary)."""
+
+    def __init__(self, path: str):
+        try:
+            import sentencepiece
+        except ImportError:
+            raise DataError("a SentencePiece model needs the 'sentencepiece' package: pip install sentencepiece") from None
+        if not os.path.isfile(path):
+            raise DataError(f"tokenizer model not found: {path}")
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        except Exception as err:  # RuntimeError/OSError with the C++ message
+            raise DataError(f"cannot read SentencePiece model {path}: {str(err).splitlines()[0]}") from None
+        self.path = os.path.abspath(path)
+        eos = self._sp.eos_id()
+        self.vocab_size = self._sp.get_piece_size() + (1 if eos < 0 else 0)
+        self.eod = eos if eos >= 0 else self.vocab_size - 1
+        self.spec = f"sentencepiece:{self.path}"
+
+    def encode(self, text: str) -> List[int]:
+        return self._sp.encode(text, out_type=int)
+
+    def decode(self, ids) -> str:
+        return self._sp.decode([int(i) for i in ids if int(i) != self.eod])
+
+
 def build_tokenizer(spec: str = "byte"):
-    """``byte`` or ``json:PATH`` (or a bare path to a tokenizer.json)."""
+    """``byte``, ``json:PATH``, ``sentencepiece:PATH``, or a bare path (``*.model``: SentencePiece,
+    otherwise a tokenizer.json)."""
     if spec in (None, "", "byte"):
         return ByteTokenizer()
-    return JsonTokenizer(spec[5:] if spec.startswith("json:") else spec)
+    if spec.startswith("sentencepiece:"):
+        return SentencePieceTokenizer(spec[len("sentencepiece:"):])
+    if spec.startswith("json:"):
+        return JsonTokenizer(spec[len("json:"):])
+    return SentencePieceTokenizer(spec) if spec.endswith(".model") else JsonTokenizer(spec)
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel: int = 1, multiple: int = 128) -> int:

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_ratplus.model import set_attention_pattern
+from megatron_ratplus.model import evaluating
 from megatron_ratplus.patterns import parse_composition
 
 
@@ -17,12 +17,8 @@ def mean_loss(model, tokens: torch.Tensor, pattern=None, batch_size: int = 8) ->
     """Mean next-token cross-entropy over [n, s + 1] token windows (inputs tokens[:, :-1])."""
     if tokens.dim() != 2 or tokens.shape[1] < 2:
         raise ValueError(f"expected token windows shaped [n, s + 1] with s >= 1, got {tuple(tokens.shape)}")
-    if pattern is not None:
-        set_attention_pattern(model, pattern)
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    try:
+    with evaluating(model, pattern):
         for start in range(0, tokens.shape[0], batch_size):
             chunk = tokens[start:start + batch_size]
             inputs, labels = chunk[:, :-1], chunk[:, 1:]
@@ -30,8 +26,6 @@ def mean_loss(model, tokens: torch.Tensor, pattern=None, batch_size: int = 8) ->
             losses = model(inputs, positions, None, labels=labels)  # [b, s], vocab-parallel under TP
             total += losses.double().sum().item()
             count += losses.numel()
-    finally:
-        model.train(was_training)
     return total / count
 
 

@@ -14,16 +14,13 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from megatron_ratplus.model import set_attention_pattern
+from megatron_ratplus.data.tokenizer import ByteTokenizer
+from megatron_ratplus.model import evaluating
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 KEY_NAMES = ("apple", "river", "falcon", "copper", "meadow", "violet", "harbor", "cinder", "quartz", "willow")
 TASKS = ("passkey", "multikey")
-
-
-def byte_encode(text: str) -> List[int]:
-    """Byte-level token ids (the project's default tokenizer: id = byte value)."""
-    return list(text.encode("utf-8"))
+BYTE_ENCODE = ByteTokenizer().encode  # the project's default tokenizer (id = byte value)
 
 
 @dataclass
@@ -48,14 +45,14 @@ def _haystack(needles: Sequence[List[int]], question: List[int], length: int, rn
     return out + hay[prev:] + question
 
 
-def passkey_sample(length: int, rng: random.Random, encode: Callable = byte_encode) -> RetrievalSample:
+def passkey_sample(length: int, rng: random.Random, encode: Callable = BYTE_ENCODE) -> RetrievalSample:
     key = str(rng.randrange(10000, 100000))
     needle = encode(f"The pass key is {key}. Remember it. {key} is the pass key. ")
     question = encode("What is the pass key? The pass key is ")
     return RetrievalSample("passkey", _haystack([needle], question, length, rng, encode), encode(key))
 
 
-def multikey_sample(length: int, rng: random.Random, keys: int = 4, encode: Callable = byte_encode
+def multikey_sample(length: int, rng: random.Random, keys: int = 4, encode: Callable = BYTE_ENCODE
                     ) -> RetrievalSample:
     names = rng.sample(KEY_NAMES, keys)
     values = [str(rng.randrange(10000, 100000)) for _ in names]
@@ -65,7 +62,7 @@ def multikey_sample(length: int, rng: random.Random, keys: int = 4, encode: Call
     return RetrievalSample("multikey", _haystack(needles, question, length, rng, encode), encode(values[target]))
 
 
-def make_samples(task: str, length: int, count: int, seed: int = 0, encode: Callable = byte_encode):
+def make_samples(task: str, length: int, count: int, seed: int = 0, encode: Callable = BYTE_ENCODE):
     """``count`` samples of one task at one context length, reproducible from ``seed``."""
     if task not in TASKS:
         raise ValueError(f"unknown retrieval task '{task}' (choose from {', '.join(TASKS)})")
@@ -77,12 +74,8 @@ def make_samples(task: str, length: int, count: int, seed: int = 0, encode: Call
 @torch.no_grad()
 def retrieval_accuracy(model, samples: Sequence[RetrievalSample], pattern=None, batch_size: int = 4) -> float:
     """Fraction of samples whose whole answer greedy decoding reproduces."""
-    if pattern is not None:
-        set_attention_pattern(model, pattern)
-    was_training = model.training
-    model.eval()
     solved = 0
-    try:
+    with evaluating(model, pattern):
         for start in range(0, len(samples), batch_size):
             chunk = samples[start:start + batch_size]
             width = max(len(s.context) + len(s.answer) - 1 for s in chunk)
@@ -95,8 +88,6 @@ def retrieval_accuracy(model, samples: Sequence[RetrievalSample], pattern=None, 
                 first = len(s.context) - 1
                 predicted = logits[i, first:first + len(s.answer)].argmax(-1)
                 solved += bool(torch.equal(predicted, torch.tensor(s.answer)))
-    finally:
-        model.train(was_training)
     return solved / len(samples)
 
 
@@ -107,7 +98,7 @@ def retrieval_table(model, patterns: Sequence, lengths: Sequence[int] = (256, 51
     rows = []
     for task in tasks:
         for length in lengths:
-            data = make_samples(task, length, samples, seed, encode or byte_encode)
+            data = make_samples(task, length, samples, seed, encode or BYTE_ENCODE)
             for pattern in patterns:
                 rows.append(dict(pattern=str(pattern), task=task, context_length=length,
                                  accuracy=retrieval_accuracy(model, data, pattern, batch_size)))

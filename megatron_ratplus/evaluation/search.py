@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from megatron_ratplus.errors import UserError
 from megatron_ratplus.evaluation.perplexity import mean_loss
 from megatron_ratplus.inference.cache import cache_bytes
 from megatron_ratplus.patterns import parse_composition, parse_pattern
@@ -22,7 +23,7 @@ from megatron_ratplus.patterns import parse_composition, parse_pattern
 DEFAULT_CANDIDATES = ("dense", "dilated:4", "dilated:16", "dilated:64")
 
 
-class BudgetError(ValueError):
+class BudgetError(UserError):
     """No composition of the candidates fits the KV-cache budget."""
 
 

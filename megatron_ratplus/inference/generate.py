@@ -12,11 +12,12 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from megatron_ratplus.errors import UserError
 from megatron_ratplus.inference.session import DecodeSession
 from megatron_ratplus.model import set_attention_pattern
 
 
-class GenerationError(ValueError):
+class GenerationError(UserError):
     """Bad generation input (empty or too long prompt, token outside the vocabulary, bad setting)."""
 
 

@@ -9,23 +9,25 @@
 W_in's rows are grouped per head ([o q k v g] of head 0, then head 1, ...) so that a
 tensor-parallel rank's contiguous slice of the column-parallel output holds whole heads. That
 makes megatron's default sharding (axis 0) of the weight reshard correctly across TP sizes;
-tools/convert_checkpoint.py permutes from the authors' [o; q; k; v; g] block layout.
+megatron_ratplus/convert.py permutes from the authors' [o; q; k; v; g] block layout
+(docs/DESIGN.md §1).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional, Union
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_ratplus import backend
 from megatron_ratplus.config import RATPlusConfig
-from megatron_ratplus.parallel import context_parallel_group, cp_gated_scan, cp_pattern_attention
+from megatron_ratplus.layers.context_parallel import context_parallel_group, cp_pattern_attention, cp_shared_gate_scan
 from megatron_ratplus.patterns import AttentionPattern, PatternError, head_runs, parse_composition
 
 
@@ -49,11 +51,15 @@ class RATPlusMixer(MegatronModule):
             raise ValueError(f"num_attention_heads ({config.num_attention_heads}) must be divisible "
                              f"by the tensor-parallel size ({tp_size})")
         self.recurrence = getattr(config, "recurrence", True)
-        self.parts = 5 if self.recurrence else 4
+        self.parts = config.mixer_parts
         self.head_dim = config.kv_channels
         self.heads_local = config.num_attention_heads // tp_size
         self.tp_rank = tp_group.rank()
         self.cp_group = context_parallel_group(pg_collection)  # None without context parallelism
+        # Selective recomputation (megatron's "core_attn" module): rerun scan + RoPE + attention
+        # in the backward instead of keeping k~, v~ and the attention inputs.
+        self.recompute_core = (config.recompute_granularity == "selective"
+                               and "core_attn" in (config.recompute_modules or ()))
         self.set_attention_pattern(parse_composition(getattr(config, "attention_pattern", "dense"))
                                    .per_layer(config.num_layers)[layer_number - 1])
 
@@ -101,10 +107,7 @@ class RATPlusMixer(MegatronModule):
         """k~, v~ = gated scan of k, v under one fp32 sigmoid gate; returns (k~, v~, final state)."""
         if self.cp_group is None:
             return backend.shared_gate_scan(k, v, gate_logits, state)
-        gate = torch.sigmoid(gate_logits.float())
-        kv = torch.stack([k, v], dim=2)  # [s, b, 2, heads, d_h]
-        kv, last = cp_gated_scan(kv, gate.unsqueeze(2).expand_as(kv), group=self.cp_group, h0=state)
-        return kv[:, :, 0], kv[:, :, 1], last
+        return cp_shared_gate_scan(k, v, gate_logits, self.cp_group, state)
 
     def rotate(self, query, key, rotary_pos_emb):
         """RoPE on q and k~ (after the recurrence); ``rotary_pos_emb``: freqs or a (q, k) pair."""
@@ -149,6 +152,13 @@ class RATPlusMixer(MegatronModule):
         query, key = self.rotate(query[None], key[None], _rope_at(rotary_pos_emb, positions[None]))
         return cache.attend(query[0], key[0], value, positions, self.core_attention.softmax_scale)
 
+    def core(self, query, key, value, gate_logits, rotary_pos_emb=None):
+        """Recurrence, RoPE, pattern attention: [s, b, heads_local, d_h] each -> attended values."""
+        if self.recurrence:
+            key, value, _ = self.recur(key, value, gate_logits)
+        query, key = self.rotate(query, key, rotary_pos_emb)
+        return self.attend(query, key, value)
+
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, inference_context=None,
                 rotary_pos_emb: Optional[torch.Tensor] = None, **unused):
         mixed, _ = self.linear_in(hidden_states)
@@ -164,11 +174,11 @@ class RATPlusMixer(MegatronModule):
             else:
                 attended = self.prefill(query, key, value, gate_logits, rotary_pos_emb, cache,
                                         inference_context.sequence_lengths)
+        elif self.recompute_core and self.training and torch.is_grad_enabled():
+            core = partial(self.core, rotary_pos_emb=rotary_pos_emb)  # the RoPE table is not an input
+            attended = tensor_parallel.checkpoint(core, False, query, key, value, gate_logits)
         else:
-            if self.recurrence:
-                key, value, _ = self.recur(key, value, gate_logits)
-            query, key = self.rotate(query, key, rotary_pos_emb)
-            attended = self.attend(query, key, value)
+            attended = self.core(query, key, value, gate_logits, rotary_pos_emb)
         gated = torch.sigmoid(out_gate) * attended
         return self.linear_out(gated.reshape(seq, batch, -1))
 

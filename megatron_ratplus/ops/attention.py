@@ -1,16 +1,16 @@
-"""Reference pattern attention (DESIGN §1, §4): causal softmax attention restricted to a pattern.
+"""Reference pattern attention (docs/DESIGN.md §2): causal softmax attention restricted to a pattern.
 
 FlexAttention has no CPU backward, and a dense T x T mask would cost as much as dense attention,
 so sparse patterns are computed block by block over a *compact* key set. For the queries of one
-block [t0, t1) the visible keys split into three disjoint groups, all gathered as contiguous
-slices:
+block [t0, t1) the visible keys are the sinks and dilated states before lo = max(0, t0 - W),
+which every query of the block sees (``patterns.may_be_seen`` at t0), and the near keys
+[lo, t1), masked per query by the rule (``patterns.visible``). Each block is one
+`scaled_dot_product_attention` call (torch's fused CPU kernel, with backward) on about
+P + t0/D + W + block keys instead of t1: total work O(T (T/D + W + P)).
 
-    sinks      j in [0, min(P, lo))                    always visible
-    dilated    chunk ends j = mD - 1 in [P, lo)        always visible (a strided view of K)
-    near       j in [lo, t1), lo = max(0, t0 - W)      masked per query by the full rule
-
-and each block is one `scaled_dot_product_attention` call (torch's fused CPU kernel, with
-backward) on about P + t0/D + W + block keys instead of t1. Total work is O(T (T/D + W + P)).
+:func:`blocked_attention` takes the keys' positions explicitly, so the same code serves one rank
+(keys 0..T-1) and a context-parallel slice, whose keys are the exchanged public tokens of
+earlier chunks plus its own slice (docs/DESIGN.md §4).
 """
 
 from __future__ import annotations
@@ -20,79 +20,77 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_ratplus.patterns import AttentionPattern, parse_pattern
+from megatron_ratplus.patterns import AttentionPattern, may_be_seen, parse_pattern, visible
 
 QUERY_BLOCK = 128
 
 
-def _near_mask(pattern: AttentionPattern, t0: int, t1: int, lo: int, device) -> torch.Tensor:
-    t = torch.arange(t0, t1, device=device).unsqueeze(1)
-    j = torch.arange(lo, t1, device=device).unsqueeze(0)
-    allowed = (t - j <= pattern.window) | (j < pattern.sinks)
-    if pattern.dilation is not None:
-        allowed |= (j + 1) % pattern.dilation == 0
-    return allowed & (j <= t)
+def _as_index(cols: torch.Tensor, device):
+    """CPU column indices as a slice when they are one contiguous run (no copy), else on ``device``."""
+    first, last = int(cols[0]), int(cols[-1])
+    return slice(first, last + 1) if last - first + 1 == len(cols) else cols.to(device)
 
 
-def _key_groups(pattern: AttentionPattern, t0: int, t1: int):
-    """The disjoint key groups of query block [t0, t1): (sinks end, dilated state range, near range)."""
-    lo = max(0, t0 - pattern.window)
-    n_sink = min(pattern.sinks, lo)
-    first = last = 0
-    if pattern.dilation:
-        first = max(0, -(-(pattern.sinks + 1) // pattern.dilation) - 1)  # first state at j >= P
-        last = max(first, lo // pattern.dilation)  # states m with (m + 1) D - 1 < lo
-    return n_sink, (first, last), (lo, t1)
+class _BlockedAttention(torch.autograd.Function):
+    """Query blocks over their compact key sets.
 
-
-class _BlockSparseAttention(torch.autograd.Function):
-    """Block loop over compact key sets.
-
-    Autograd through the slices would allocate a full-size zero gradient per slice (T/block of
-    them); instead each block's small graph is kept and its key gradients are added back into
-    the three source ranges by hand.
+    Autograd through per-block gathers would allocate a full-size zero key gradient per block
+    (T/block of them); instead each block's small graph is kept and its key gradients are added
+    back into one buffer by index.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, pattern, scale, block):
-        seq_len, dilation = q.shape[2], pattern.dilation
+    def forward(ctx, q, k, v, pattern, scale, query_start, key_positions):
         q, k, v = q.detach(), k.detach(), v.detach()
+        n_q = q.shape[0]
         blocks, outputs = [], []
         with torch.enable_grad():
-            for t0 in range(0, seq_len, block):
-                t1 = min(seq_len, t0 + block)
-                n_sink, (first, last), (lo, hi) = _key_groups(pattern, t0, t1)
-                parts = [slice(0, n_sink), slice(lo, hi)]
-                if last > first:
-                    parts.insert(1, slice((first + 1) * dilation - 1, last * dilation, dilation))
-                keys = torch.cat([k[:, :, s] for s in parts], dim=2).requires_grad_()
-                values = torch.cat([v[:, :, s] for s in parts], dim=2).requires_grad_()
-                n_far = keys.shape[2] - (hi - lo)
-                near = _near_mask(pattern, t0, t1, lo, q.device)
-                mask = torch.cat([near.new_ones(t1 - t0, n_far), near], dim=1)
-                query = q[:, :, t0:t1].detach().requires_grad_()
-                out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
-                blocks.append((t0, t1, parts, query, keys, values, out))
+            for t0 in range(query_start, query_start + n_q, QUERY_BLOCK):
+                t1 = min(query_start + n_q, t0 + QUERY_BLOCK)
+                near = (key_positions >= t0) & (key_positions < t1)
+                far = (key_positions < t0) & may_be_seen(pattern, key_positions, t0)
+                cols = torch.nonzero(near | far).flatten()
+                mask = visible(pattern, torch.arange(t0, t1).unsqueeze(1), key_positions[cols].unsqueeze(0))
+                cols = _as_index(cols, k.device)
+                rows = slice(t0 - query_start, t1 - query_start)
+                qb, kb, vb = (t.requires_grad_() for t in (q[rows], k[cols], v[cols]))
+                out = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (qb, kb, vb)),
+                                                     attn_mask=mask.to(q.device), scale=scale).permute(2, 0, 1, 3)
+                blocks.append((rows, cols, qb, kb, vb, out))
                 outputs.append(out.detach())
-        ctx.blocks = blocks
-        ctx.shape = k.shape
-        return torch.cat(outputs, dim=2)
+        ctx.blocks, ctx.shapes = blocks, (q.shape, k.shape)
+        return torch.cat(outputs)
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_q = grad_out.new_zeros(ctx.shape)
-        grad_k, grad_v = torch.zeros_like(grad_q), torch.zeros_like(grad_q)
-        for t0, t1, slices, query, keys, values, out in ctx.blocks:
-            gq, gk, gv = torch.autograd.grad(out, (query, keys, values), grad_out[:, :, t0:t1])
-            grad_q[:, :, t0:t1] = gq
-            offset = 0
-            for s in slices:
-                n = len(range(*s.indices(ctx.shape[2])))
-                grad_k[:, :, s] += gk[:, :, offset:offset + n]
-                grad_v[:, :, s] += gv[:, :, offset:offset + n]
-                offset += n
+        q_shape, k_shape = ctx.shapes
+        grad_q = grad_out.new_zeros(q_shape)
+        grad_k, grad_v = grad_out.new_zeros(k_shape), grad_out.new_zeros(k_shape)
+        for rows, cols, qb, kb, vb, out in ctx.blocks:
+            gq, gk, gv = torch.autograd.grad(out, (qb, kb, vb), grad_out[rows])
+            grad_q[rows] = gq
+            if isinstance(cols, slice):
+                grad_k[cols] += gk
+                grad_v[cols] += gv
+            else:
+                grad_k.index_add_(0, cols, gk)
+                grad_v.index_add_(0, cols, gv)
         ctx.blocks = None
-        return grad_q, grad_k, grad_v, None, None, None
+        return grad_q, grad_k, grad_v, None, None, None, None
+
+
+def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: AttentionPattern,
+                      softmax_scale: Optional[float] = None, query_start: int = 0,
+                      key_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention of queries at positions query_start.. over keys at ``key_positions`` under the rule.
+
+    q [s_q, b, heads, d_h]; k, v [s_k, b, heads, d_h]; ``key_positions``: [s_k] ascending global
+    positions (a CPU tensor; default 0..s_k-1) that must include every key the queries may see.
+    Returns [s_q, b, heads, d_h]. Top-k selection is not applied (see ops.topk).
+    """
+    if key_positions is None:
+        key_positions = torch.arange(k.shape[0])
+    return _BlockedAttention.apply(q, k, v, pattern, softmax_scale, query_start, key_positions)
 
 
 def pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern,
@@ -102,13 +100,12 @@ def pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"pattern_attention: expected q, k, v as [s, b, heads, d_h], got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    qh, kh, vh = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, h, s, d]
     if pattern.kind == "topk":
         from megatron_ratplus.ops.topk import topk_block_attention
 
-        out = topk_block_attention(qh, kh, vh, pattern, softmax_scale)
-    elif pattern.is_dense:
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=softmax_scale)
-    else:
-        out = _BlockSparseAttention.apply(qh, kh, vh, pattern, softmax_scale, QUERY_BLOCK)
-    return out.permute(2, 0, 1, 3)
+        qh, kh, vh = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, h, s, d]
+        return topk_block_attention(qh, kh, vh, pattern, softmax_scale).permute(2, 0, 1, 3)
+    if pattern.is_dense:
+        qh, kh, vh = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=softmax_scale).permute(2, 0, 1, 3)
+    return blocked_attention(q, k, v, pattern, softmax_scale)

@@ -1,4 +1,4 @@
-"""Reference gated scan: h_t = g_t * h_{t-1} + (1 - g_t) * x_t along dim 0 (DESIGN §4).
+"""Reference gated scan: h_t = g_t * h_{t-1} + (1 - g_t) * x_t along dim 0 (docs/DESIGN.md §3).
 
 The scan is an affine recurrence h_t = a_t * h_{t-1} + b_t. Autograd through T elementwise
 steps would keep T graph nodes and run T Python iterations each way, so this is a custom
@@ -15,7 +15,7 @@ the Triton kernel use).
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -104,3 +104,17 @@ def gated_scan(x: torch.Tensor, g: torch.Tensor, h0: Optional[torch.Tensor] = No
     if h0 is not None and h0.shape != x.shape[1:]:
         raise ValueError(f"gated_scan: h0 {tuple(h0.shape)} must be shaped like x[0] {tuple(x.shape[1:])}")
     return _GatedScan.apply(x, g, h0)
+
+
+def shared_gate_scan(k: torch.Tensor, v: torch.Tensor, gate_logits: torch.Tensor, state: Optional[torch.Tensor] = None,
+                     scan: Callable = gated_scan) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RAT+'s recurrence (docs/DESIGN.md §1): k and v [s, b, heads, d_h] scanned under one fp32
+    sigmoid(gate_logits); ``state`` and the final state are [b, 2, heads, d_h] (keys, values).
+
+    ``scan`` is any function with :func:`gated_scan`'s contract (the context-parallel scan is one).
+    Returns (k~, v~, final state).
+    """
+    gate = torch.sigmoid(gate_logits.float())
+    kv = torch.stack([k, v], dim=2)  # [s, b, 2, heads, d_h]
+    kv, last = scan(kv, gate.unsqueeze(2).expand_as(kv), state)
+    return kv[:, :, 0], kv[:, :, 1], last

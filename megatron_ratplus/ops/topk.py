@@ -1,13 +1,15 @@
-"""Reference top-k block attention (DESIGN §1 "Top-k block").
+"""Reference top-k block attention (docs/DESIGN.md §2, top-k).
 
 Candidate keys are all positions, or with ``d=D`` only the dilated states j = mD - 1. They are
 cut into blocks of B candidates; each block is summarised by the mean (or max) of its keys. A
 query t scores the blocks that lie wholly before its own block, keeps the K best, and attends
 their candidates, the visible candidates of its own block, its window and the sinks.
 
-The selection is a discrete choice (no gradient flows through it); the attention over the
-selected keys is differentiable. This reference materialises a [b, h, T, T] mask: it is the
-readable ground truth for tests and the Triton kernel, not a fast path.
+The selection (:func:`select_blocks`) is a discrete choice (no gradient flows through it) and
+is shared with the Triton path: the backend selects here and hands the indices to the kernel.
+The attention over the selected keys is differentiable. :func:`topk_allowed_mask` materialises
+a [b, h, T, T] mask: it is the readable ground truth for tests, the kernel and the decode
+cache, not a fast path.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_ratplus.patterns import AttentionPattern
+from megatron_ratplus.patterns import AttentionPattern, visible
+
+SELECT_CHUNK = 4096  # queries scored at once: bounds the [chunk, blocks] score matrix
 
 
 def _pool_blocks(keys: torch.Tensor, block: int, pool: str) -> torch.Tensor:
@@ -34,6 +38,43 @@ def _pool_blocks(keys: torch.Tensor, block: int, pool: str) -> torch.Tensor:
     return padded.view(b, h, n_blocks, block, d).amax(3)
 
 
+def _own_block(pattern: AttentionPattern, query_pos: torch.Tensor) -> torch.Tensor:
+    """Block of the last candidate visible to each query position (-1: none yet)."""
+    n_visible = (query_pos + 1) // (pattern.dilation or 1)
+    return torch.div(n_visible - 1, pattern.block, rounding_mode="floor")
+
+
+@torch.no_grad()
+def select_blocks(q: torch.Tensor, k: torch.Tensor, pattern: AttentionPattern,
+                  softmax_scale: Optional[float] = None, query_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[b, h, Tq, K'] indices of each query's K' = min(K, blocks) best earlier blocks (-1 where fewer exist).
+
+    q: [b, h, Tq, d] at positions ``query_pos`` ([b, Tq]; default 0..Tq-1); k: [b, h, Tk, d] at
+    positions 0..Tk-1. Scores are q . pooled block key (fp32), over blocks wholly before the
+    query's own block.
+    """
+    b, h, n_q = q.shape[:3]
+    dilation = pattern.dilation or 1
+    if query_pos is None:
+        query_pos = torch.arange(n_q, device=q.device).expand(b, n_q)
+    candidates = k[:, :, dilation - 1::dilation]
+    n_blocks = -(-candidates.shape[2] // pattern.block)
+    kk = min(pattern.topk, n_blocks)
+    if kk == 0:
+        return torch.empty((b, h, n_q, 0), dtype=torch.long, device=q.device)
+    pooled = _pool_blocks(candidates.float(), pattern.block, pattern.pool)
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    own = _own_block(pattern, query_pos).view(b, 1, n_q, 1)
+    block_ids = torch.arange(n_blocks, device=q.device)
+    chosen = []
+    for t0 in range(0, n_q, SELECT_CHUNK):
+        rows = slice(t0, t0 + SELECT_CHUNK)
+        scores = torch.einsum("bhtd,bhnd->bhtn", q[:, :, rows].float(), pooled) * scale
+        best = scores.masked_fill(block_ids >= own[:, :, rows], float("-inf")).topk(kk, dim=-1)
+        chosen.append(torch.where(best.values > float("-inf"), best.indices, -1))
+    return torch.cat(chosen, dim=2)
+
+
 def topk_allowed_mask(q: torch.Tensor, k: torch.Tensor, pattern: AttentionPattern,
                       softmax_scale: Optional[float] = None,
                       query_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -48,38 +89,23 @@ def topk_allowed_mask(q: torch.Tensor, k: torch.Tensor, pattern: AttentionPatter
     dilation = pattern.dilation or 1
     if query_pos is None:
         query_pos = torch.arange(n_q, device=q.device).expand(b, n_q)
-    t = query_pos.view(b, 1, n_q, 1)
+    best = select_blocks(q, k, pattern, softmax_scale, query_pos)
+    n_blocks = -(-(n_k // dilation) // pattern.block)
+    own = _own_block(pattern, query_pos).view(b, 1, n_q, 1)
+    # column n_blocks collects the -1 picks (fewer than K earlier blocks); no key reads it
+    selected = torch.zeros(b, h, n_q, n_blocks + 1, dtype=torch.bool, device=q.device)
+    selected.scatter_(-1, torch.where(best >= 0, best, n_blocks), True)
+    selected[..., :n_blocks] |= torch.arange(n_blocks, device=q.device) == own
+
     pos = torch.arange(n_k, device=q.device)
     is_state = (pos + 1) % dilation == 0
-    state_index = torch.where(is_state, (pos + 1) // dilation - 1, torch.full_like(pos, -1))
-    key_block = torch.where(is_state, state_index // pattern.block, torch.full_like(pos, -1))
-
-    candidates = k[:, :, dilation - 1::dilation]
-    pooled = _pool_blocks(candidates, pattern.block, pattern.pool) if candidates.shape[2] else None
-    n_visible = (t + 1) // dilation  # candidates visible to each query
-    own_block = torch.div(n_visible - 1, pattern.block, rounding_mode="floor")  # -1: none yet
-
-    if pooled is None:
-        selected = torch.zeros(b, h, n_q, 1, dtype=torch.bool, device=q.device)
-    else:
-        scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-        scores = torch.einsum("bhtd,bhnd->bhtn", q.float(), pooled.float()) * scale
-        n_blocks = scores.shape[-1]
-        block_ids = torch.arange(n_blocks, device=q.device)
-        earlier = block_ids < own_block  # [b, 1, Tq, n_blocks]
-        scores = scores.masked_fill(~earlier, float("-inf"))
-        selected = torch.zeros_like(scores, dtype=torch.bool)
-        kk = min(pattern.topk, n_blocks)
-        if kk:
-            best = scores.topk(kk, dim=-1).indices
-            selected.scatter_(-1, best, True)
-            selected &= earlier  # fewer than K earlier blocks: drop the -inf picks
-        selected |= block_ids == own_block
+    key_block = torch.where(is_state, ((pos + 1) // dilation - 1) // pattern.block, -1)
     gather_index = key_block.clamp(min=0).view(1, 1, 1, n_k).expand(b, h, n_q, n_k)
     by_block = selected.gather(-1, gather_index) & (key_block >= 0)
+    t = query_pos.view(b, 1, n_q, 1)
     j = pos.view(1, 1, 1, n_k)
-    rule = (t - j <= pattern.window) | (j < pattern.sinks)
-    return (by_block | rule) & (j <= t)
+    # the dilated states are candidates here, visible only through their block
+    return (by_block & (j <= t)) | visible(pattern, t, j, states=False)
 
 
 def topk_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: AttentionPattern,

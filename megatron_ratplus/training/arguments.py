@@ -1,37 +1,26 @@
-"""ratplus-pretrain's flags: Megatron-LM's names where one exists, a YAML config file, validation.
+"""ratplus-pretrain's flags: Megatron-LM's names where one exists, and a YAML config file.
 
-Precedence: built-in defaults < the checkpoint's model shape (with --load) < YAML (--config)
-< command line. Every problem becomes a UsageError with one line for the user.
+Precedence: built-in defaults < YAML (--config) < command line; the flag values then become a
+TrainingConfig (training/config.py), which checks them and adds the checkpoint's shape. Every
+problem is a UserError with one line for the user.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from typing import List, Optional
+from typing import Dict, List, Optional
 
-import torch
 import yaml
 
 from megatron_ratplus.config import PRESETS
-from megatron_ratplus.patterns import PatternError, parse_pattern
-
-
-class UsageError(ValueError):
-    """A bad flag, config key or value; the message is one line for the user."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print usage and exit; we want one line
-        raise UsageError(message)
-
-
-# Model-shape flags: None means "from the checkpoint (with --load) or the preset".
-MODEL_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length")
+from megatron_ratplus.data.datasets import DEFAULT_SEED, DEFAULT_SPLIT
+from megatron_ratplus.errors import ArgumentParser, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ratplus-pretrain", description="Pretrain a RAT+ model on megatron-core "
+    """The flags; model-shape flags default to None: "from the checkpoint (with --load) or the preset"."""
+    p = ArgumentParser(prog="ratplus-pretrain", description="Pretrain a RAT+ model on megatron-core "
                 "(default: the tiny preset on the embedded corpus, on CPU).")
     p.add_argument("--config", help="YAML file of flag values (keys as flag names, - or _)")
 
@@ -59,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--adam-eps", type=float, default=1e-8)
     t.add_argument("--clip-grad", type=float, default=1.0)
     t.add_argument("--bf16", action="store_true", help="bf16 compute with fp32 master weights")
-    t.add_argument("--seed", type=int, default=1234)
+    t.add_argument("--seed", type=int, default=DEFAULT_SEED)
     t.add_argument("--max-nan-steps", type=int, default=3,
                    help="stop after this many non-finite losses in a row (each is skipped)")
 
@@ -72,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = p.add_argument_group("data")
     d.add_argument("--data-path", nargs="+", help="indexed dataset prefixes (.bin/.idx); default: embedded corpus")
-    d.add_argument("--split", default="98,2,0")
+    d.add_argument("--split", default=DEFAULT_SPLIT)
     d.add_argument("--tokenizer-file", help="HF tokenizers JSON file (default: byte-level)")
     d.add_argument("--data-cache-path")
 
@@ -80,9 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--save", default="checkpoints/ratplus-tiny")
     c.add_argument("--load")
     c.add_argument("--save-interval", type=int, default=0, help="0: only at the end")
+    c.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM or SIGUSR1 finish the iteration, save a checkpoint and exit 0")
+    c.add_argument("--exit-duration-in-mins", type=float, help="save and exit 0 after this much wall time")
+    c.add_argument("--exit-interval", type=int, help="save and exit 0 after an iteration divisible by this")
     c.add_argument("--eval-interval", type=int, default=100)
     c.add_argument("--eval-iters", type=int, default=10)
-    c.add_argument("--log-interval", type=int, default=10)
+    c.add_argument("--log-interval", type=int, default=10, help="(accepted; not used yet)")
     c.add_argument("--tensorboard-dir", help="default: SAVE/tensorboard")
     c.add_argument("--no-progress-bar", dest="progress_bar", action="store_false")
 
@@ -98,68 +91,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     if not os.path.isfile(path):
-        raise UsageError(f"config file not found: {path}")
+        raise UserError(f"config file not found: {path}")
     try:
         with open(path, encoding="utf-8") as f:
             values = yaml.safe_load(f) or {}
     except yaml.YAMLError as err:
-        raise UsageError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(values, dict):
-        raise UsageError(f"config file {path} must hold a mapping of flag names to values")
+        raise UserError(f"config file {path} must hold a mapping of flag names to values")
     known = {a.dest: a for a in parser._actions}
     out = {}
     for key, value in values.items():
         dest = str(key).replace("-", "_")
         if dest not in known or dest in ("help", "config"):
-            raise UsageError(f"unknown config key '{key}' in {path}")
+            raise UserError(f"unknown config key '{key}' in {path}")
         out[dest] = value
     return out
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_flags(argv: Optional[List[str]] = None) -> Dict[str, object]:
+    """The flag values of ``argv`` over the YAML file's over the defaults, by destination name."""
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
     if first.config:
         parser.set_defaults(**_yaml_defaults(parser, first.config))
-    args = parser.parse_args(argv)
-    validate(args)
-    return args
-
-
-def validate(args: argparse.Namespace) -> None:
-    """Value checks that need no files (data and checkpoints are checked where they are opened)."""
-    for name in ("micro_batch_size", "global_batch_size", "eval_iters", "log_interval", "max_nan_steps"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("train_iters", "train_tokens", *MODEL_FLAGS):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.train_iters is not None and args.train_tokens is not None:
-        raise UsageError("give --train-iters or --train-tokens, not both")
-    if args.save_interval < 0 or args.eval_interval < 0:
-        raise UsageError("--save-interval and --eval-interval must be >= 0")
-    if args.lr_warmup_fraction is not None and not 0 <= args.lr_warmup_fraction < 1:
-        raise UsageError("--lr-warmup-fraction must be in [0, 1)")
-    if args.adapt_pattern and not args.load:
-        raise UsageError("--adapt-pattern continues from a pretrained checkpoint: give --load DIR")
-    for flag in ("sparse_pattern", "attention_pattern", "adapt_pattern"):
-        if getattr(args, flag):
-            try:
-                parse_pattern(getattr(args, flag))
-            except PatternError as err:
-                raise UsageError(f"--{flag.replace('_', '-')}: {err}") from None
-    if args.adapt_pattern:
-        args.joint_training = False
-    if args.bf16 and not torch.cuda.is_available():
-        raise UsageError("--bf16 needs a GPU (megatron's mixed-precision path); drop it on CPU")
-    dp_rank_batch = args.micro_batch_size * data_parallel_size(args)
-    if args.global_batch_size % dp_rank_batch:
-        raise UsageError(f"--global-batch-size {args.global_batch_size} is not divisible by "
-                         f"--micro-batch-size x data-parallel size ({dp_rank_batch})")
-
-
-def data_parallel_size(args) -> int:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size
-    return max(1, world // model_parallel)
+    flags = vars(parser.parse_args(argv))
+    flags.pop("config")
+    return flags

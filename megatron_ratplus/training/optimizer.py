@@ -19,7 +19,8 @@ from megatron.core.dist_checkpointing.optimizer import (
 )
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_ratplus.parallel.data_parallel import clip_grad_norm, zero_grads
+from megatron_ratplus.optional import log_fused_kernels
+from megatron_ratplus.training.data_parallel import clip_grad_norm, zero_grads
 
 
 def _param_groups(model_chunks, weight_decay: float):
@@ -35,7 +36,7 @@ def _param_groups(model_chunks, weight_decay: float):
 
 class TorchOptimizer:
     """AdamW with megatron-style gradient clipping (CPU path); gradients arrive already reduced
-    over data/context-parallel ranks (megatron_ratplus.parallel.data_parallel)."""
+    over data/context-parallel ranks (training/data_parallel.py)."""
 
     def __init__(self, model_chunks: List[torch.nn.Module], lr: float, weight_decay: float,
                  betas, eps: float, clip_grad: float):
@@ -87,9 +88,12 @@ class TorchOptimizer:
 
 
 def build_optimizer(model_chunks, args):
-    """megatron-core's optimizer on GPU, TorchOptimizer on CPU (chunks from data_parallel.wrap_model)."""
+    """megatron-core's optimizer on GPU, TorchOptimizer on CPU (chunks from data_parallel.wrap_model;
+    ``args``: a TrainingConfig)."""
     if torch.cuda.is_available():
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        log_fused_kernels()  # Adam from TE, else apex, else torch: megatron decides, we report it once
 
         config = OptimizerConfig(
             optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
@@ -106,7 +110,6 @@ class MegatronOptimizerAdapter:
 
     def __init__(self, optimizer, model_chunks):
         self.optimizer, self.model_chunks = optimizer, model_chunks
-        self.steps = 0
 
     @property
     def param_groups(self):
@@ -118,11 +121,7 @@ class MegatronOptimizerAdapter:
 
     def step(self):
         updated, norm, _ = self.optimizer.step()
-        self.steps += int(bool(updated))
         return bool(updated), float(norm) if norm is not None else float("nan")
-
-    def step_count(self) -> int:
-        return self.steps
 
     def init_state(self) -> None:
         """Nothing to do: megatron's optimizer builds its state while loading a sharded state dict."""
@@ -134,8 +133,10 @@ class MegatronOptimizerAdapter:
         self.optimizer.load_state_dict(state)
 
 
-def build_scheduler(optimizer, args, train_iters: int) -> OptimizerParamScheduler:
-    """Linear warmup then cosine (or linear/constant) decay to --min-lr, one step per iteration."""
+def build_scheduler(optimizer, args) -> OptimizerParamScheduler:
+    """Linear warmup then cosine (or linear/constant) decay to --min-lr, one step per iteration
+    (``args``: a TrainingConfig)."""
+    train_iters = args.train_iters
     warmup = int(round(args.lr_warmup_fraction * train_iters))
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0 if warmup else args.lr, max_lr=args.lr, min_lr=args.min_lr,

@@ -1,6 +1,6 @@
 """One optimizer step and one validation pass at an attention pattern.
 
-megatron_ratplus.parallel.schedule runs the micro-batches through megatron-core's schedules
+megatron_ratplus.training.schedule runs the micro-batches through megatron-core's schedules
 (pipelined when PP > 1, context-parallel slicing, gradients reduced); this module adds what
 RAT+ training needs around it: the step's pattern and non-finite-loss detection that every
 rank agrees on.
@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_ratplus.layers.mixer import set_attention_pattern
-from megatron_ratplus.parallel import schedule
+from megatron_ratplus.model import evaluating, set_attention_pattern
+from megatron_ratplus.training import schedule
 
 
 def _run(model_chunks, microbatches: List[dict], seq_length: int, forward_only: bool) -> float:
@@ -27,15 +27,11 @@ def _run(model_chunks, microbatches: List[dict], seq_length: int, forward_only: 
     return float(shared)
 
 
-def _set_pattern(model_chunks, pattern, training: bool) -> None:
-    for chunk in model_chunks:
-        set_attention_pattern(chunk, pattern)
-        chunk.train(training)
-
-
 def train_step(model_chunks, optimizer, microbatches: List[dict], seq_length: int, pattern) -> dict:
     """Forward, backward, clip and update at ``pattern``; a non-finite loss or norm skips the update."""
-    _set_pattern(model_chunks, pattern, training=True)
+    for chunk in model_chunks:
+        set_attention_pattern(chunk, pattern)
+        chunk.train()
     optimizer.zero_grad()
     loss = _run(model_chunks, microbatches, seq_length, forward_only=False)
     if not torch.isfinite(torch.tensor(loss)):
@@ -47,6 +43,6 @@ def train_step(model_chunks, optimizer, microbatches: List[dict], seq_length: in
 
 @torch.no_grad()
 def evaluate(model_chunks, microbatches: List[dict], seq_length: int, pattern) -> float:
-    """Mean validation token loss at ``pattern`` (the model is left in eval mode)."""
-    _set_pattern(model_chunks, pattern, training=False)
-    return _run(model_chunks, microbatches, seq_length, forward_only=True)
+    """Mean validation token loss at ``pattern``."""
+    with evaluating(model_chunks, pattern):
+        return _run(model_chunks, microbatches, seq_length, forward_only=True)

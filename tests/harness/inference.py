@@ -1,7 +1,8 @@
 """Full-forward and step-decode logits of a small RAT+ model, tensor-parallel over all ranks.
 
-``torchrun --nproc-per-node N tests/inference_harness.py OUT PATTERN WEIGHTS``: WEIGHTS (a file
-with a TP=1 state dict under "weights") is sharded per rank; rank 0 writes {full, decoded}.
+``torchrun --nproc-per-node N -m harness.inference OUT PATTERN WEIGHTS`` (conftest.torchrun):
+WEIGHTS (a file with a TP=1 state dict under "weights") is sharded per rank; rank 0 writes
+{full, decoded}.
 In-process, ``run(1, pattern)`` gives the single-process reference.
 """
 
@@ -12,14 +13,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import tensor_parallel
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from parallel_harness import SEQ, load_sharded, small_config  # noqa: E402
-
-from megatron_ratplus import distributed  # noqa: E402
-from megatron_ratplus.inference import DecodeSession  # noqa: E402
-from megatron_ratplus.model import build_model  # noqa: E402
+from harness.parallel import SEQ, load_sharded, small_config
+from megatron_ratplus import distributed
+from megatron_ratplus.inference import DecodeSession
+from megatron_ratplus.model import build_model
 
 PROMPT = 7
 

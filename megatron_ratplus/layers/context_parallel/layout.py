@@ -1,5 +1,6 @@
-"""Megatron's load-balanced context-parallel layout: the sequence is cut into 2 x CP equal chunks
-and CP rank r holds chunks r and 2 CP - 1 - r (early and late tokens, so causal work is even).
+"""Megatron's load-balanced context-parallel layout (docs/DESIGN.md §4): the sequence is cut into
+2 x CP equal chunks and CP rank r holds chunks r and 2 CP - 1 - r (early and late tokens, so
+causal work is even).
 
 Everything that must follow *global* token order under CP (the recurrence composition, which
 keys a query may see) derives it from :func:`chunk_ids` / :func:`chunk_owner`.
@@ -7,11 +8,9 @@ keys a query may see) derives it from :func:`chunk_ids` / :func:`chunk_owner`.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Tuple
 
-import torch
 from megatron.core import parallel_state
-from megatron.core.utils import get_batch_on_this_cp_rank
 
 
 def chunk_ids(rank: int, size: int) -> Tuple[int, int]:
@@ -22,14 +21,6 @@ def chunk_ids(rank: int, size: int) -> Tuple[int, int]:
 def chunk_owner(chunk: int, size: int) -> Tuple[int, int]:
     """(CP rank, local slice 0/1) holding global chunk ``chunk``."""
     return (chunk, 0) if chunk < size else (2 * size - 1 - chunk, 1)
-
-
-def slice_batch_for_cp(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """This CP rank's two slices of every [b, s, ...] tensor in ``batch`` (megatron's own slicer).
-
-    ``position_ids`` are sliced too, so they keep the global positions. A no-op without CP.
-    """
-    return get_batch_on_this_cp_rank(dict(batch))
 
 
 def context_parallel_group(pg_collection=None):

@@ -1,6 +1,7 @@
 """Run one forward/backward of a small RAT+ model on N ranks and return loss and full gradients.
 
-Two modes, both launched with ``torchrun --standalone --nproc-per-node N tests/parallel_harness.py``:
+Two modes, both launched with ``torchrun --standalone --nproc-per-node N -m harness.parallel``
+(conftest.torchrun):
 
 ``OUT TP PATTERN [REFERENCE]``: one TP layout through a plain forward/backward; rank 0 writes
 {loss, grads} with every gradient gathered back to its unsharded shape (REFERENCE: the
@@ -20,14 +21,14 @@ import sys
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron.core import parallel_state  # noqa: E402
-
-from megatron_ratplus import distributed  # noqa: E402
-from megatron_ratplus.config import preset  # noqa: E402
-from megatron_ratplus.model import build_model, set_attention_pattern  # noqa: E402
+from megatron_ratplus import distributed
+from megatron_ratplus.config import preset
+from megatron_ratplus.data.datasets import collate
+from megatron_ratplus.model import build_model, set_attention_pattern
+from megatron_ratplus.training.data_parallel import clip_grad_norm, wrap_model, zero_grads
+from megatron_ratplus.training.schedule import build_model_chunks, forward_backward
 
 SEQ, BATCH = 24, 2
 
@@ -180,7 +181,8 @@ def microbatches_for(dp_rank, dp_size):
     tokens = torch.randint(0, 256, (GLOBAL_BATCH, LONG_SEQ + 1), generator=gen)
     per_rank = GLOBAL_BATCH // dp_size
     mine = tokens[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-    return [make_microbatch(row[None, :-1], row[None, 1:]) for row in mine]
+    return [collate([{"tokens": row[:-1], "labels": row[1:], "loss_mask": torch.ones(LONG_SEQ),
+                      "position_ids": torch.arange(LONG_SEQ)}]) for row in mine]
 
 
 def one_step(chunks, wrapped, batches):
@@ -246,9 +248,6 @@ def run_layouts(out, patterns, names):
 
 
 if __name__ == "__main__" and sys.argv[1] == "--layouts":
-    from megatron_ratplus.parallel.data_parallel import clip_grad_norm, wrap_model, zero_grads  # noqa: E402
-    from megatron_ratplus.parallel.schedule import build_model_chunks, forward_backward, make_microbatch  # noqa: E402
-
     distributed.initialize()
     run_layouts(sys.argv[2], sys.argv[3].split(";"), sys.argv[4:])
     distributed.shutdown()

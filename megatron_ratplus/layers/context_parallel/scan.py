@@ -1,4 +1,4 @@
-"""The gated recurrence under context parallelism, by passing state instead of tokens.
+"""The gated recurrence under context parallelism, by passing state instead of tokens (docs/DESIGN.md §4).
 
 h_t = g_t h_{t-1} + (1 - g_t) x_t is affine in h, so a chunk of the sequence acts on its
 incoming state as h -> A h + b with A = prod of its gates and b = its final state when scanned
@@ -10,7 +10,8 @@ state entering each of its slices, and corrects them with h_t += (prod_{s<=t} g_
 The backward pass is autograd through the same steps: megatron's differentiable all-gather
 (backward: reduce-scatter) carries the adjoint of (A, b) back to the rank that produced it,
 again O(state) bytes. The two stages are separate functions so a test can run all ranks in
-one process with a plain stack in place of the all-gather.
+one process with a plain stack in place of the all-gather. The local scans go through
+``backend.gated_scan`` (the Triton kernel on CUDA), like the single-rank path.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from typing import List, Optional, Tuple
 import torch
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
-from megatron_ratplus.ops import gated_scan
-from megatron_ratplus.parallel.layout import chunk_owner
+from megatron_ratplus import backend
+from megatron_ratplus.layers.context_parallel.layout import chunk_owner
+from megatron_ratplus.ops import shared_gate_scan
 
 
 def scan_slices(x: torch.Tensor, g: torch.Tensor):
@@ -33,7 +35,7 @@ def scan_slices(x: torch.Tensor, g: torch.Tensor):
     half = x.shape[0] // 2
     states, decays, summary = [], [], []
     for piece in (slice(0, half), slice(half, None)):
-        h, last = gated_scan(x[piece], g[piece])
+        h, last = backend.gated_scan(x[piece], g[piece])
         decay = torch.cumprod(g[piece].float(), dim=0)
         states.append(h)
         decays.append(decay)
@@ -72,3 +74,9 @@ def cp_gated_scan(x: torch.Tensor, g: torch.Tensor, group, h0: Optional[torch.Te
     states, decays, summary = scan_slices(x, g)
     summaries = gather_from_sequence_parallel_region(summary.unsqueeze(0), True, group=group)
     return compose_and_correct(states, decays, summaries, h0, group.rank(), group.size())
+
+
+def cp_shared_gate_scan(k: torch.Tensor, v: torch.Tensor, gate_logits: torch.Tensor, group,
+                        state: Optional[torch.Tensor] = None):
+    """``backend.shared_gate_scan`` (k, v under one sigmoid gate) with :func:`cp_gated_scan` as the scan."""
+    return shared_gate_scan(k, v, gate_logits, state, scan=lambda x, g, h0: cp_gated_scan(x, g, group, h0))

@@ -2,35 +2,36 @@
 
 get_forward_backward_func picks the schedule from parallel_state: no pipelining, 1F1B, or the
 interleaved (virtual pipeline) one. This module supplies what the schedules leave to the caller:
-the forward step (context-parallel batch slicing, the GPTModel call) and the loss function,
-which follows megatron's convention: the local token sum over the CP group's token count, so
-that the schedule's x CP scaling and the gradient average over data x context parallel ranks
+the model chunks per virtual stage, the forward step (context-parallel batch slicing, the
+GPTModel call) and the loss function, which follows megatron's convention: the local token sum
+over the CP group's token count, so that the schedule's x CP scaling and the gradient average over data x context parallel ranks
 give the gradient of the global token mean.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_ratplus.model import build_model
-from megatron_ratplus.parallel.layout import slice_batch_for_cp
 
-__all__ = ["build_model_chunks", "configure_schedules", "forward_backward", "make_microbatch"]
+__all__ = ["build_model_chunks", "configure_schedules", "forward_backward", "slice_batch_for_cp"]
 
 
-def build_model_chunks(config, backend: str = "local") -> List[torch.nn.Module]:
+def build_model_chunks(config, transformer_impl: Optional[str] = None) -> List[torch.nn.Module]:
     """This rank's model chunks, one per virtual pipeline stage (one without interleaving), each
-    with the embedding / output layer only where its stage is the first / last."""
+    with the embedding / output layer only where its stage is the first / last;
+    ``transformer_impl`` as model.build_model takes it (None: TE where usable, else local)."""
     vpp = config.virtual_pipeline_model_parallel_size
     stages = [None] if not vpp else range(vpp)
-    return [build_model(config, backend,
+    return [build_model(config, transformer_impl,
                         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
                         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
                         vp_stage=vp) for vp in stages]
@@ -52,11 +53,12 @@ def configure_schedules(config, wrapped: Sequence[torch.nn.Module]) -> None:
         config.batch_p2p_comm = False
 
 
-def make_microbatch(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor = None) -> Dict:
-    """A [b, s] micro-batch dict as the forward step expects it (global positions included)."""
-    positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-    mask = torch.ones_like(tokens, dtype=torch.float) if loss_mask is None else loss_mask.float()
-    return {"tokens": tokens, "labels": labels, "loss_mask": mask, "position_ids": positions}
+def slice_batch_for_cp(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """This CP rank's two slices of every [b, s, ...] tensor in ``batch`` (megatron's own slicer).
+
+    ``position_ids`` are sliced too, so they keep the global positions. A no-op without CP.
+    """
+    return get_batch_on_this_cp_rank(dict(batch))
 
 
 def _loss(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -75,8 +77,8 @@ def forward_step(data_iterator, model):
 
 def forward_backward(model: Sequence[torch.nn.Module], microbatches: List[Dict], seq_length: int,
                      micro_batch_size: int, forward_only: bool = False) -> float:
-    """Run ``microbatches`` (this data-parallel rank's, full length, from :func:`make_microbatch`)
-    through the schedule, ``model`` being data_parallel.wrap_model's chunks; gradients end
+    """Run ``microbatches`` (this data-parallel rank's, full length, as
+    megatron_ratplus.data.collate makes them) through the schedule, ``model`` being data_parallel.wrap_model's chunks; gradients end
     reduced (see :func:`configure_schedules`). Returns the mean loss over data-parallel ranks (0.0 off the last stage)."""
     model = list(model)
     configure_schedules(model[0].config, model)

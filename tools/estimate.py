@@ -1,0 +1,130 @@
+"""Estimate a RAT+ run before launching it: parameters, FLOPs, memory per GPU, time.
+
+Reads the same model/batch/parallel flags as ratplus-pretrain (and its --config YAML; keys the
+estimate does not need, such as data paths, are ignored), plus the cluster: --gpus,
+--gpu-memory-gb, --mfu, --peak-tflops. Exit status 0 when the layout fits, 1 when it does not
+(the reason is printed), 2 on a usage error.
+
+    python tools/estimate.py --config examples/configs/pretrain_1.5b_100b.yaml --gpus 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import yaml
+
+from megatron_ratplus.config import PRESETS, preset
+from megatron_ratplus.errors import UserError
+from megatron_ratplus.estimate import Layout, iterations_for_tokens, report
+from megatron_ratplus.patterns import PatternError, split_pattern_list
+
+PROG = "estimate.py"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="ratplus-pretrain YAML run config")
+    p.add_argument("--preset", default="1.5b", choices=sorted(PRESETS))
+    for flag in ("--num-layers", "--hidden-size", "--num-attention-heads", "--ffn-hidden-size", "--seq-length",
+                 "--vocab-size"):
+        p.add_argument(flag, type=int)
+    p.add_argument("--no-recurrence", action="store_true")
+    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--global-batch-size", type=int, default=512)
+    p.add_argument("--train-iters", type=int)
+    p.add_argument("--train-tokens", type=int)
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--context-parallel-size", type=int, default=1)
+    p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument("--use-distributed-optimizer", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="(the estimate assumes bf16 unless --fp32)")
+    p.add_argument("--fp32", action="store_true", help="fp32 training (weights, grads, activations)")
+    p.add_argument("--recompute", action="store_true", help="full activation recomputation")
+    p.add_argument("--joint-training", default=True, action=argparse.BooleanOptionalAction)
+    p.add_argument("--sparse-pattern", default="dilated:64")
+    p.add_argument("--attention-pattern", default="dense")
+    p.add_argument("--adapt-pattern")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs in the job (data parallel = gpus / TP / PP / CP)")
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0)
+    p.add_argument("--overhead-gb", type=float, default=4.0, help="CUDA context, NCCL, fragmentation")
+    p.add_argument("--mfu", type=float, default=0.4)
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="per GPU (H100 SXM bf16 dense: 989)")
+    return p
+
+
+def _config_defaults(parser, path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must hold a mapping of flag names to values")
+    known = {a.dest for a in parser._actions}
+    return {k.replace("-", "_"): v for k, v in values.items() if k.replace("-", "_") in known}
+
+
+def run(argv=None) -> int:
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.config:
+        parser.set_defaults(**_config_defaults(parser, first.config))
+    args = parser.parse_args(argv)
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size
+    if args.gpus < 1 or args.gpus % model_parallel:
+        raise UserError(f"--gpus {args.gpus} is not a multiple of TP x PP x CP = {model_parallel}")
+    overrides = {k: getattr(args, k) for k in ("num_layers", "hidden_size", "num_attention_heads",
+                                                  "ffn_hidden_size", "seq_length", "vocab_size")
+                 if getattr(args, k) is not None}
+    try:
+        config = preset(args.preset, recurrence=not args.no_recurrence, **overrides)
+        if args.adapt_pattern:
+            patterns = [args.adapt_pattern]
+        elif args.joint_training:
+            patterns = [args.sparse_pattern, "dense"]
+        else:
+            patterns = [args.attention_pattern]
+        for p in patterns:
+            split_pattern_list(p)
+    except (ValueError, PatternError) as err:
+        raise UserError(str(err).splitlines()[0]) from None
+    layout = Layout(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                    args.context_parallel_size, args.gpus // model_parallel,
+                    args.sequence_parallel, args.use_distributed_optimizer)
+    if args.train_iters is not None:
+        iters = args.train_iters
+    elif args.train_tokens is not None:
+        iters = iterations_for_tokens(args.train_tokens, args.global_batch_size, config.seq_length)
+    else:
+        raise UserError("give --train-iters or --train-tokens")
+    text, fits, reason = report(config, layout, args.micro_batch_size, args.global_batch_size, iters,
+                                gpu_memory_gb=args.gpu_memory_gb, patterns=patterns, bf16=not args.fp32,
+                                recompute=args.recompute, mfu=args.mfu, peak_tflops=args.peak_tflops,
+                                overhead_gb=args.overhead_gb)
+    if text:
+        print(text)
+    print("fits" if fits else f"does not fit: {reason}")
+    return 0 if fits else 1
+
+
+def main(argv=None) -> int:
+    try:
+        return run(argv)
+    except UserError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
