@@ -303,7 +303,8 @@ def load_model(path: str, pattern=None, **config_overrides):
     """(model, config, tokenizer) from a checkpoint, for evaluation and generation.
 
     Initialises a one-rank process group if none exists; ``pattern`` switches every layer's
-    attention pattern (any string of the pattern grammar).
+    attention pattern (any string of the pattern grammar); by default the model attends with the
+    pattern the checkpoint records (an adapted model keeps its own; dense otherwise).
     """
     from megatron.core import parallel_state
 
@@ -315,7 +316,8 @@ def load_model(path: str, pattern=None, **config_overrides):
     meta = read_meta(path)
     if not parallel_state.model_parallel_is_initialized():
         distributed.initialize()
-    config = model_config(**{**meta["model"], **config_overrides})
+    recorded = {"attention_pattern": meta["attention_pattern"]} if "attention_pattern" in meta else {}
+    config = model_config(**{**meta["model"], **recorded, **config_overrides})
     model = build_model(config)
     load(meta["path"], [model])
     model.eval()

@@ -55,28 +55,40 @@ def authors_shape(state: Dict[str, torch.Tensor]) -> Tuple[int, int, int, bool]:
 
 
 def to_megatron(state: Dict[str, torch.Tensor], heads: int, padded_vocab: int) -> Dict[str, torch.Tensor]:
-    """Our GPTModel state dict (TP = 1) from the authors' tensors."""
+    """Our GPTModel state dict (TP = 1) from the authors' tensors; every source tensor must be used
+    (a tensor left over means a layout this converter does not know, so it refuses)."""
     layers, hidden, vocab, recurrence = authors_shape(state)
     if hidden % heads:
         raise CheckpointError(f"hidden size {hidden} is not divisible by --num-attention-heads {heads}")
+    used = set()
+
+    def take(key: str) -> torch.Tensor:
+        if key not in state:
+            raise CheckpointError(f"the checkpoint has no {key}")
+        used.add(key)
+        return state[key]
+
     parts = 5 if recurrence else 4
-    wte = state["embedding.wte.weight"]
-    head = state.get("head.lm_head.weight")
-    if head is not None and not torch.equal(head, wte):
+    wte = take("embedding.wte.weight")
+    if "head.lm_head.weight" in state and not torch.equal(take("head.lm_head.weight"), wte):
         raise CheckpointError("head.lm_head.weight differs from embedding.wte.weight; only tied heads convert")
     out = {"embedding.word_embeddings.weight": torch.cat([wte, wte.new_zeros(padded_vocab - vocab, hidden)]),
-           "decoder.final_layernorm.weight": state["backbone.ln.weight"]}
+           "decoder.final_layernorm.weight": take("backbone.ln.weight")}
     for i in range(layers):
         src, dst = f"backbone.layers.{i}.", f"decoder.layers.{i}."
-        w_in = state[src + "seq_layer.in_proj.weight"]
+        w_in = take(src + "seq_layer.in_proj.weight")
         if src + "seq_layer.fgate_proj.weight" in state:
-            w_in = torch.cat([w_in, state[src + "seq_layer.fgate_proj.weight"]])
+            w_in = torch.cat([w_in, take(src + "seq_layer.fgate_proj.weight")])
         if w_in.shape != (parts * hidden, hidden):
             raise CheckpointError(f"layer {i}: in_proj has shape {tuple(w_in.shape)}, expected {(parts * hidden, hidden)}")
-        out[dst + "input_layernorm.weight"] = state[src + "seq_layer.input_norm.weight"]
+        out[dst + "input_layernorm.weight"] = take(src + "seq_layer.input_norm.weight")
         out[dst + "self_attention.linear_in.weight"] = interleave_heads(w_in, parts, heads)
-        out[dst + "self_attention.linear_out.weight"] = state[src + "seq_layer.out_proj.weight"]
-        out[dst + "pre_mlp_layernorm.weight"] = state[src + "hidden_layer.ln.weight"]
-        out[dst + "mlp.linear_fc1.weight"] = state[src + "hidden_layer.fc1.weight"]
-        out[dst + "mlp.linear_fc2.weight"] = state[src + "hidden_layer.fc2.weight"]
+        out[dst + "self_attention.linear_out.weight"] = take(src + "seq_layer.out_proj.weight")
+        out[dst + "pre_mlp_layernorm.weight"] = take(src + "hidden_layer.ln.weight")
+        out[dst + "mlp.linear_fc1.weight"] = take(src + "hidden_layer.fc1.weight")
+        out[dst + "mlp.linear_fc2.weight"] = take(src + "hidden_layer.fc2.weight")
+    unused = sorted(set(state) - used)
+    if unused:
+        raise CheckpointError(f"the checkpoint has tensors this converter does not map: {unused[0]} "
+                              f"({len(unused)} in all)")
     return out

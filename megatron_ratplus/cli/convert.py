@@ -54,6 +54,10 @@ def convert(args) -> str:
                           ffn_hidden_size=state["backbone.layers.0.hidden_layer.fc1.weight"].shape[0],
                           seq_length=args.seq_length, vocab_size=padded, recurrence=recurrence)
     model = build_model(config)
+    needed = model.state_dict()
+    for key, value in weights.items():
+        if key in needed and needed[key].shape != value.shape:
+            raise CheckpointError(f"{key} would get shape {tuple(value.shape)}, the model needs {tuple(needed[key].shape)}")
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:

@@ -47,19 +47,23 @@ def _train(config: TrainingConfig, exits: ExitConditions) -> str:
     model_config = config.model_config()
     distributed.initialize(config.tensor_model_parallel_size, config.pipeline_model_parallel_size,
                            config.context_parallel_size, config.virtual_pipeline_model_parallel_size, seed=config.seed)
-    checkpoint.lock_save_dir(config.save)  # before anything writes there (TensorBoard, checkpoints)
     torch.manual_seed(config.seed)
     train_iters, seq_length, global_batch = config.train_iters, config.seq_length, config.global_batch_size
 
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    rank_batch = config.micro_batch_size * dp_size  # samples of one micro-batch over the data-parallel ranks
-    eval_samples = config.eval_iters * rank_batch
+    # The validation set in samples, as Megatron-LM counts it (--eval-iters global batches): the
+    # same samples whatever the parallel layout, so validation losses compare across layouts.
+    eval_samples = config.eval_iters * global_batch
     train_data, valid_data = build_datasets(
         config.data_path, tokenizer, seq_length, config.seed, config.split,
         train_iters * global_batch, eval_samples, config.data_cache_path)
     train_batches = BatchSource(train_data, config.micro_batch_size, dp_rank, dp_size, config.seed, shuffle=True)
     valid_batches = BatchSource(valid_data, config.micro_batch_size, dp_rank, dp_size, config.seed, shuffle=False)
-    valid_micro = valid_batches.microbatches(0, min(eval_samples, len(valid_data)) // rank_batch * rank_batch)
+    valid_count = min(eval_samples, len(valid_data)) // global_batch * global_batch
+    if not valid_count:
+        raise UserError(f"the validation split holds {len(valid_data)} windows of {seq_length} tokens, fewer than "
+                        f"one global batch ({global_batch}); lower --seq-length, or give validation more data (--split)")
+    valid_micro = valid_batches.microbatches(0, valid_count)
 
     model_chunks = wrap_model(build_model_chunks(model_config), model_config, config.use_distributed_optimizer)
     optimizer = build_optimizer(model_chunks, config)
@@ -73,8 +77,10 @@ def _train(config: TrainingConfig, exits: ExitConditions) -> str:
         start_iter, consumed, skipped = common["iteration"], common["consumed_samples"], common["nan_skipped"]
 
     steps = config.step_patterns
+    checkpoint.lock_save_dir(config.save)  # before anything writes there (TensorBoard, checkpoints)
     metrics = Metrics(config.tensorboard_dir, train_iters, start_iter, config.progress_bar)
-    meta = {"model": checkpoint.model_meta(model_config), "tokenizer": tokenizer.spec, "args": config.as_record()}
+    meta = {"model": checkpoint.model_meta(model_config), "tokenizer": tokenizer.spec, "args": config.as_record(),
+            "attention_pattern": config.attention_pattern, "training_mode": config.training_mode}
 
     def save(iteration: int) -> str:
         common = {"scheduler": scheduler.state_dict(), "iteration": iteration, "consumed_samples": consumed,
@@ -101,9 +107,6 @@ def _train(config: TrainingConfig, exits: ExitConditions) -> str:
         bad = sum(not r["updated"] for r in results)
         skipped += bad
         in_a_row = in_a_row + 1 if bad else 0
-        if in_a_row >= config.max_nan_steps:  # the run cannot go on at these settings: the user's to change
-            raise UserError(f"{in_a_row} iterations in a row had a non-finite loss or gradient; stopping "
-                            f"(last checkpoint: {last_ckpt or 'none'})")
         scalars = {"train/lr": optimizer.param_groups[0]["lr"],
                    "train/tokens_per_s": global_batch * seq_length / (time.time() - tick),
                    "train/nan_skipped": skipped}
@@ -111,6 +114,11 @@ def _train(config: TrainingConfig, exits: ExitConditions) -> str:
             suffix = f"_{name}" if name else ""
             scalars[f"train/loss{suffix}"] = r["loss"]
             scalars[f"train/grad_norm{suffix}"] = r["grad_norm"]
+        if in_a_row >= config.max_nan_steps:  # the run cannot go on at these settings: the user's to change
+            metrics.log(iteration, {**scalars, "train/nan_stop": in_a_row})
+            metrics.close(f"stopped at iteration {iteration}: {in_a_row} non-finite iterations in a row")
+            raise UserError(f"{in_a_row} iterations in a row had a non-finite loss or gradient; stopping "
+                            f"(last checkpoint: {last_ckpt or 'none'})")
         metrics.log(iteration, scalars)
         metrics.advance()
         if config.eval_interval and iteration % config.eval_interval == 0 and iteration != train_iters:
