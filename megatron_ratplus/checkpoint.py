@@ -234,7 +234,8 @@ def save(save_dir: str, iteration: int, model_chunks, optimizer, common: dict, m
     state = sharded_training_state(model_chunks, optimizer)
     state.update(common, rng_world_size=_world()[1])
     state[RNG_KEY] = _sharded_rng_state()
-    dist_checkpointing.save(state, tmp, sharded_strategy=ThreadedSaveStrategy("torch_dist", 1, thread_count=WRITER_THREADS))
+    writer = ThreadedSaveStrategy("torch_dist", 1, thread_count=WRITER_THREADS)
+    dist_checkpointing.save(state, tmp, sharded_strategy=writer)
     _barrier()
     if _is_rank0():
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:

@@ -6,7 +6,6 @@ exactly that) inside a workspace holding one shared tiny checkpoint and a few in
 workspace's files (names, sizes, mtimes) must be the same after the case as before it.
 """
 
-import json
 import os
 import shutil
 import sys

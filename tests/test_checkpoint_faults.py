@@ -70,8 +70,8 @@ def alive(pid):
 def saving_since(save_dir, start):
     """Whether a save begun after ``start`` is unfinished (its .tmp.* directory is there)."""
     try:
-        return any(name.startswith(checkpoint.TMP_PREFIX + "iter") and os.path.getmtime(os.path.join(save_dir, name)) > start
-                   for name in os.listdir(save_dir))
+        return any(name.startswith(checkpoint.TMP_PREFIX + "iter")
+                   and os.path.getmtime(os.path.join(save_dir, name)) > start for name in os.listdir(save_dir))
     except OSError:  # no save directory yet, or the directory was renamed while we looked
         return False
 
@@ -94,7 +94,8 @@ def test_sigkill_during_saves_never_costs_a_checkpoint(tmp_path, forkserver, meg
     assert reference.exitcode == 0 and checkpoint_iteration(reference_dir) == TRAIN_ITERS
     # the reference's own timing: start-up until its first save, then the time per iteration
     first = os.path.getmtime(os.path.join(reference_dir, "iter_0000001")) - started
-    per_iter = (os.path.getmtime(os.path.join(reference_dir, f"iter_{TRAIN_ITERS:07d}")) - started - first) / TRAIN_ITERS
+    last = os.path.getmtime(os.path.join(reference_dir, f"iter_{TRAIN_ITERS:07d}"))
+    per_iter = (last - started - first) / TRAIN_ITERS
 
     rng = random.Random(SEED)
     progress, mid_save, children_seen = [], 0, set()

@@ -125,7 +125,7 @@ class TrainingConfig:
             _check_interleaved_microbatches(flags, world)
         # A resumed adaptation run stays one: its pattern, no joint training (docs/DESIGN.md §6).
         continuing = meta if meta and not adapting and meta.get("training_mode") == "adaptation" else None
-        pattern = flags["adapt_pattern"] or (continuing["attention_pattern"] if continuing else flags["attention_pattern"])
+        pattern = flags["adapt_pattern"] or (continuing or flags)["attention_pattern"]
         for name, text in (("--attention-pattern", pattern), ("--sparse-pattern", flags["sparse_pattern"])):
             try:
                 parse_composition(text).resolve(shape["num_layers"], shape["num_attention_heads"])
@@ -137,9 +137,9 @@ class TrainingConfig:
             flags["lr_warmup_fraction"] = 0.0 if adapting else DEFAULT_WARMUP
         if flags["train_tokens"] is not None:
             flags["train_iters"] = max(1, flags["train_tokens"] // (flags["global_batch_size"] * shape["seq_length"]))
+        flags["train_iters"] = flags["train_iters"] or DEFAULT_ITERS
         if meta and not adapting:
             _resume_schedule(flags, meta, explicit)
-        flags["train_iters"] = flags["train_iters"] or DEFAULT_ITERS
         if flags["min_lr"] > flags["lr"]:
             raise UserError(f"--min-lr {flags['min_lr']} is above --lr {flags['lr']}")
         joint = flags["joint_training"] and not adapting and not continuing
@@ -188,8 +188,8 @@ def _resume_schedule(flags: dict, meta: dict, explicit: set) -> None:
     """The LR schedule of a resumed run, as Megatron-LM decides it: flags the user left unset
     take the checkpoint's values; a changed value needs --override-opt_param-scheduler (the
     flags' schedule, from the checkpoint's step) or --use-checkpoint-opt_param-scheduler (the
-    checkpoint's schedule, while --train-iters still ends the run); a run already past --train-iters is refused (a checkpoint's name
-    must say which iteration it holds)."""
+    checkpoint's schedule, while --train-iters still ends the run); a run already past
+    --train-iters is refused (a checkpoint's name must say which iteration it holds)."""
     saved, iteration = meta["args"], meta.get("iteration", 0)
     if flags["override_opt_param_scheduler"] and flags["use_checkpoint_opt_param_scheduler"]:
         raise UserError("give --override-opt_param-scheduler or --use-checkpoint-opt_param-scheduler, not both")
@@ -204,7 +204,8 @@ def _resume_schedule(flags: dict, meta: dict, explicit: set) -> None:
             raise UserError(f"--{name.replace('_', '-')} {flags[name]} differs from the checkpoint's {saved[name]}; "
                             f"pass --override-opt_param-scheduler to use it or --use-checkpoint-opt_param-scheduler")
     if flags["train_iters"] < iteration:
-        raise UserError(f"--load {flags['load']} is at iteration {iteration}, past --train-iters {flags['train_iters']}")
+        raise UserError(f"--load {flags['load']} is at iteration {iteration}, "
+                        f"past --train-iters {flags['train_iters']}")
 
 
 def _check_interleaved_microbatches(flags: dict, world: int) -> None:

@@ -62,7 +62,8 @@ def _train(config: TrainingConfig, exits: ExitConditions) -> str:
     valid_count = min(eval_samples, len(valid_data)) // global_batch * global_batch
     if not valid_count:
         raise UserError(f"the validation split holds {len(valid_data)} windows of {seq_length} tokens, fewer than "
-                        f"one global batch ({global_batch}); lower --seq-length, or give validation more data (--split)")
+                        f"one global batch ({global_batch}); lower --seq-length, or give validation more data "
+                        f"(--split)")
     valid_micro = valid_batches.microbatches(0, valid_count)
 
     model_chunks = wrap_model(build_model_chunks(model_config), model_config, config.use_distributed_optimizer)
