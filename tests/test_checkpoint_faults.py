@@ -135,23 +135,25 @@ def test_sigkill_during_saves_never_costs_a_checkpoint(tmp_path, forkserver, meg
 def test_second_run_on_a_save_dir_is_refused_until_the_first_dies(tmp_path, forkserver, megatron_single, capsys):
     save_dir = str(tmp_path / "shared")
     first = start_run(forkserver, save_dir, iters=100000)
-    lock_file = os.path.join(save_dir, checkpoint.LOCK_FILE)
-    deadline = time.time() + 120
-    while not (os.path.isdir(os.path.join(save_dir, "iter_0000001"))
-               and f"pid {first.pid} " in open(lock_file).read()):
-        assert time.time() < deadline and first.is_alive()
-        time.sleep(0.05)
-    events_before = sorted(os.listdir(os.path.join(save_dir, "tensorboard")))
-    rc = pretrain_cli.main(TINY + ["--train-iters", "1", "--save", save_dir, "--load", save_dir])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "in use by another run" in err[0] and str(first.pid) in err[0], err
-    assert sorted(os.listdir(os.path.join(save_dir, "tensorboard"))) == events_before  # wrote nothing there
-    assert first.is_alive()
-
-    first.kill()  # SIGKILL, as a crash would: the kernel drops its lock
-    first.join()
+    try:
+        lock_file = os.path.join(save_dir, checkpoint.LOCK_FILE)
+        deadline = time.time() + 120
+        while not (os.path.isdir(os.path.join(save_dir, "iter_0000001"))
+                   and f"pid {first.pid} " in open(lock_file).read()):
+            assert time.time() < deadline and first.is_alive()
+            time.sleep(0.05)
+        events_before = sorted(os.listdir(os.path.join(save_dir, "tensorboard")))
+        rc = pretrain_cli.main(TINY + ["--train-iters", "100000", "--save", save_dir, "--load", save_dir])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "in use by another run" in err[0] and str(first.pid) in err[0], err
+        assert sorted(os.listdir(os.path.join(save_dir, "tensorboard"))) == events_before  # wrote nothing there
+        assert first.is_alive()
+    finally:
+        first.kill()  # SIGKILL, as a crash would: the kernel drops its lock
+        first.join()
     done_before = checkpoint_iteration(save_dir) or 0
-    rc = pretrain_cli.main(TINY + ["--train-iters", str(done_before + 1), "--save", save_dir, "--load", save_dir])
+    rc = pretrain_cli.main(TINY + ["--train-iters", str(done_before + 1), "--save", save_dir, "--load", save_dir,
+                                   "--override-opt_param-scheduler"])
     assert rc == 0 and checkpoint_iteration(save_dir) == done_before + 1
 
 
@@ -163,7 +165,8 @@ def test_newest_complete_checkpoint_wins_over_a_lagging_marker(tmp_path, megatro
     os.makedirs(tmp_path / "ck" / ".tmp.iter_0000003")
     (tmp_path / "ck" / ".tmp.latest").write_text("iter_0000003")
     assert checkpoint.latest_checkpoint(save_dir).endswith("iter_0000002")
-    assert pretrain_cli.main(TINY + ["--train-iters", "3", "--save", save_dir, "--load", save_dir]) == 0
+    assert pretrain_cli.main(TINY + ["--train-iters", "3", "--save", save_dir, "--load", save_dir,
+                                     "--override-opt_param-scheduler"]) == 0
     assert checkpoint.latest_checkpoint(save_dir).endswith("iter_0000003")
     assert (tmp_path / "ck" / "latest").read_text() == "iter_0000003"
     assert not [n for n in os.listdir(save_dir) if n.startswith(checkpoint.TMP_PREFIX)]
@@ -218,7 +221,8 @@ def test_corrupt_checkpoint_is_one_line_and_exit_2(tmp_path, how, cli, capsys, m
     before = {name: os.path.getmtime(os.path.join(bad, name)) for name in os.listdir(bad)}
     capsys.readouterr()
     if cli == "pretrain":
-        rc = pretrain_cli.main(TINY + ["--train-iters", "2", "--save", bad, "--load", bad])
+        rc = pretrain_cli.main(TINY + ["--train-iters", "2", "--save", bad, "--load", bad,
+                                       "--override-opt_param-scheduler"])
     else:
         rc = eval_cli.main(["--load", bad, "--patterns", "dense", "--eval-samples", "1"])
     err = capsys.readouterr().err.strip().splitlines()

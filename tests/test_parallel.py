@@ -97,7 +97,6 @@ def test_pp2_vpp2_resume_with_optimizer_is_exact(tmp_path):
     key) resumes to the same weights and per-rank RNG states as the uninterrupted run."""
     import numpy as np
 
-    from conftest import repo_env
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
@@ -109,15 +108,14 @@ def test_pp2_vpp2_resume_with_optimizer_is_exact(tmp_path):
              "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]
 
     def run(save_dir):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "megatron_ratplus.cli.pretrain", *flags, "--save", str(save_dir), "--load", str(save_dir)]
-        result = subprocess.run(cmd, env=repo_env(), capture_output=True, text=True, timeout=400)
+        result = torchrun(2, "-m", "megatron_ratplus.cli.pretrain", *flags, "--save", save_dir, "--load", save_dir,
+                          timeout=400)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "differs" not in result.stderr  # no per-rank state in the common (rank-0) dict
 
     run(tmp_path / "full")
     (tmp_path / "resumed").mkdir()
-    os.rename(tmp_path / "full" / "iter_0000001", tmp_path / "resumed" / "iter_0000001")
+    (tmp_path / "full" / "iter_0000001").rename(tmp_path / "resumed" / "iter_0000001")
     run(tmp_path / "resumed")  # iteration 2 from the iteration-1 checkpoint, Adam moments included
 
     distributed.initialize()
