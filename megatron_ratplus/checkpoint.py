@@ -5,25 +5,40 @@ Layout of a save directory::
     SAVE/latest                 name of the newest complete checkpoint (replaced atomically)
     SAVE/iter_0000100/          dist_checkpointing files + ratplus.json (model shape, tokenizer, progress)
 
-A save writes ``SAVE/.tmp.iter_0000100`` first, renames it into place when every rank is done,
-and only then moves the ``latest`` marker; an existing checkpoint directory is never written
-into. Sharded tensors reshard on load, so a TP=2 checkpoint loads at TP=1 and back (the padded
-vocabulary does not depend on the TP size, see data.tokenizer.padded_vocab_size).
+A save writes ``SAVE/.tmp.iter_0000100`` first (ratplus.json last), renames it into place when
+every rank is done, and only then moves the ``latest`` marker; an existing checkpoint directory
+is never written into. A process killed between the rename and the marker leaves a complete
+``iter_*`` newer than ``latest``: :func:`latest_checkpoint` takes the newest complete one, so
+the resume continues from it. Sharded tensors reshard on load, so a TP=2 checkpoint loads at
+TP=1 and back (the padded vocabulary does not depend on the TP size: see
+data.tokenizer.padded_vocab_size); each rank's RNG states are sharded state of their own
+(restored on the same world size). One run at a time writes a save directory (:func:`lock_save_dir`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
+import re
 import shutil
+import socket
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
+    _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_ratplus.config import SHAPE_KEYS
@@ -31,10 +46,35 @@ from megatron_ratplus.errors import UserError
 
 META_FILE = "ratplus.json"
 LATEST = "latest"
+LOCK_FILE = ".lock"
+TMP_PREFIX = ".tmp."
+ITER_DIR = re.compile(r"iter_(\d{7})$")
+META_KEYS = ("model", "tokenizer", "args")  # what every reader of ratplus.json relies on
+RNG_KEY = "rng_state"
+WRITER_THREADS = 2
 
 
 class CheckpointError(UserError):
     """A checkpoint path that cannot be used; the message is one line for the user."""
+
+
+class ThreadedSaveStrategy(TorchDistSaveShardedStrategy):
+    """megatron's torch_dist format, written by threads of this process.
+
+    megatron's own strategy writes through a spawned multiprocessing Manager (kept for the life
+    of the process) and forked writer processes; a run killed with SIGKILL leaves the Manager
+    and its resource tracker behind. torch's FileSystemWriter writes the same files (one per
+    thread) in this process, so nothing outlives it; the planner and key translation are
+    megatron's, so its torch_dist loader reads the result unchanged.
+    """
+
+    def save(self, sharded_state_dict, checkpoint_dir) -> None:
+        pyt_state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
+        torch.distributed.checkpoint.save(
+            mcore_to_pyt_state_dict(pyt_state, False),
+            storage_writer=FileSystemWriter(checkpoint_dir, thread_count=self.thread_count),
+            planner=MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
+                                     flatten_state_dict=False))
 
 
 def _is_rank0() -> bool:
@@ -51,16 +91,75 @@ def iteration_dir(save_dir: str, iteration: int) -> str:
 
 
 def latest_checkpoint(path: str) -> Optional[str]:
-    """The checkpoint a path names: a checkpoint directory itself, or a save dir's ``latest``."""
+    """The checkpoint a path names: a checkpoint directory itself, or a save dir's newest complete
+    ``iter_*`` (the ``latest`` marker's, or a newer one whose save died before the marker moved)."""
     if os.path.isfile(os.path.join(path, META_FILE)):
         return path
+    candidates = []
     marker = os.path.join(path, LATEST)
     if os.path.isfile(marker):
-        with open(marker, encoding="utf-8") as f:
-            target = os.path.join(path, f.read().strip())
-        if os.path.isfile(os.path.join(target, META_FILE)):
-            return target
+        with open(marker, encoding="utf-8", errors="replace") as f:
+            candidates.append(f.read().strip())
+    if os.path.isdir(path):
+        candidates += [name for name in os.listdir(path) if ITER_DIR.match(name)]
+    complete = [name for name in candidates if name and os.path.isfile(os.path.join(path, name, META_FILE))]
+    if not complete:
+        return None
+    return os.path.join(path, max(complete, key=lambda name: (bool(ITER_DIR.match(name)), name)))
+
+
+_held_locks = {}  # real path of a save dir -> its open lock file, held by this process
+
+
+def _take_lock(save_dir: str) -> Optional[str]:
+    """flock SAVE/.lock for this process (re-entrant); None, or why the directory cannot be had."""
+    key = os.path.realpath(save_dir)
+    if key in _held_locks:
+        return None
+    if os.path.exists(save_dir) and not os.path.isdir(save_dir):
+        return f"save directory {save_dir} is a file"
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+        handle = open(os.path.join(save_dir, LOCK_FILE), "a+", encoding="utf-8")
+    except OSError as err:
+        return f"cannot use save directory {save_dir}: {err.strerror}"
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown process"
+        handle.close()
+        return f"save directory {save_dir} is in use by another run ({owner}); one run per save directory"
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    _held_locks[key] = handle
     return None
+
+
+def lock_save_dir(save_dir: str) -> None:
+    """Make ``save_dir`` this run's alone until :func:`unlock_save_dir` or the process ends, then
+    clear the debris of crashed saves. Collective: rank 0 takes the lock, every rank raises the
+    same CheckpointError if it is taken. The lock is an flock, which the kernel drops when its
+    holder dies, so a crashed or killed run never leaves a stale lock behind."""
+    error = _take_lock(save_dir) if _is_rank0() else None
+    if dist.is_initialized():
+        verdict = [error]
+        dist.broadcast_object_list(verdict, src=0)
+        error = verdict[0]
+    if error:
+        raise CheckpointError(error)
+    if _is_rank0():
+        for debris in [os.path.join(save_dir, n) for n in os.listdir(save_dir) if n.startswith(TMP_PREFIX)]:
+            shutil.rmtree(debris) if os.path.isdir(debris) else os.remove(debris)
+    _barrier()
+
+
+def unlock_save_dir(save_dir: str) -> None:
+    handle = _held_locks.pop(os.path.realpath(save_dir), None)
+    if handle is not None:
+        handle.close()
 
 
 def read_meta(path: str) -> dict:
@@ -73,44 +172,62 @@ def read_meta(path: str) -> dict:
     try:
         with open(os.path.join(ckpt, META_FILE), encoding="utf-8") as f:
             meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"unreadable checkpoint metadata in {ckpt}: {err}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"unreadable checkpoint metadata in {ckpt}: {str(err).splitlines()[0]}") from None
+    missing = [key for key in META_KEYS if not isinstance(meta, dict) or not isinstance(meta.get(key), (dict, str))]
+    missing += [f"model.{key}" for key in SHAPE_KEYS if not missing and key not in meta["model"]]
+    if missing:
+        raise CheckpointError(f"checkpoint metadata {os.path.join(ckpt, META_FILE)} lacks {', '.join(missing)}")
     meta["path"] = ckpt
     return meta
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _world() -> tuple:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _sharded_rng_state() -> ShardedObject:
+    """This rank's RNG states as its own shard of a world-sized object (as Megatron-LM saves them):
+    ranks differ, so they belong in no common (rank-0) state."""
+    rank, world = _world()
+    return ShardedObject(RNG_KEY, rng_state(), (world,), (rank,), replica_id=0)
 
 
 def sharded_training_state(model_chunks, optimizer, is_loading: bool = False) -> dict:
-    """The sharded tensors of a training state (model chunks and optimizer), megatron's key layout.
+    """The sharded tensors of a training state in megatron's key layout: ``model`` (or ``model0``,
+    ``model1``, ... per virtual pipeline stage, whose local key names coincide) and ``optimizer``,
+    which finds its parameters' shards in the whole nested model state.
 
     ``is_loading``: the template of a load; megatron's distributed optimizer then asks for its
     Adam moments too (before its first step it has none to describe), as Megatron-LM does."""
     if len(model_chunks) == 1:
-        model_state = {"model": model_chunks[0].sharded_state_dict()}
+        state = {"model": model_chunks[0].sharded_state_dict()}
     else:
-        model_state = {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
-    flat_model = {}
-    for chunk_state in model_state.values():
-        flat_model.update(chunk_state)
-    state = dict(model_state)
+        state = {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(flat_model, is_loading=is_loading)
+        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading)
     return state
 
 
 def save(save_dir: str, iteration: int, model_chunks, optimizer, common: dict, meta: dict) -> str:
     """Write checkpoint ``iteration`` atomically; returns its directory."""
     final = iteration_dir(save_dir, iteration)
-    tmp = os.path.join(save_dir, f".tmp.{os.path.basename(final)}")
+    tmp = os.path.join(save_dir, TMP_PREFIX + os.path.basename(final))
     if os.path.exists(final):
         raise CheckpointError(f"{final} exists; refusing to overwrite a checkpoint")
     if _is_rank0():
@@ -119,14 +236,16 @@ def save(save_dir: str, iteration: int, model_chunks, optimizer, common: dict, m
         os.makedirs(tmp)
     _barrier()
     state = sharded_training_state(model_chunks, optimizer)
-    state.update(common)
-    dist_checkpointing.save(state, tmp)
+    state.update(common, rng_world_size=_world()[1])
+    state[RNG_KEY] = _sharded_rng_state()
+    writer = ThreadedSaveStrategy("torch_dist", 1, thread_count=WRITER_THREADS)
+    dist_checkpointing.save(state, tmp, sharded_strategy=writer)
     _barrier()
     if _is_rank0():
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
             json.dump({**meta, "iteration": iteration}, f, indent=2)
         os.rename(tmp, final)
-        marker_tmp = os.path.join(save_dir, f".{LATEST}.tmp")
+        marker_tmp = os.path.join(save_dir, TMP_PREFIX + LATEST)
         with open(marker_tmp, "w", encoding="utf-8") as f:
             f.write(os.path.basename(final))
         os.replace(marker_tmp, os.path.join(save_dir, LATEST))
@@ -134,23 +253,41 @@ def save(save_dir: str, iteration: int, model_chunks, optimizer, common: dict, m
     return final
 
 
+def _first_failure(err: BaseException) -> str:
+    """One line naming what went wrong (a CheckpointException's first rank failure, unwrapped)."""
+    if isinstance(err, CheckpointException) and err.failures:
+        err = next(iter(err.failures.values()))[0]
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
 def load(path: str, model_chunks, optimizer=None) -> dict:
-    """Load model (and optimizer) state in place; returns the common (non-tensor) state."""
+    """Load model (and optimizer) state in place; returns the common (non-tensor) state.
+
+    With the optimizer (a resume), this rank's RNG states are restored too when the checkpoint
+    was written by as many ranks; on another world size the run keeps its seeded RNG.
+    """
     ckpt = read_meta(path)["path"]
     if optimizer is not None:
         optimizer.init_state()
     template = sharded_training_state(model_chunks, optimizer, is_loading=True)
-    try:  # megatron calls keys this model asks for and the checkpoint lacks "unexpected"
+    try:
+        same_world = dist_checkpointing.load_common_state_dict(ckpt).get("rng_world_size") == _world()[1]
+        if optimizer is not None and same_world:
+            template[RNG_KEY] = _sharded_rng_state()
+        # megatron calls keys this model asks for and the checkpoint lacks "unexpected"
         state, _, absent = dist_checkpointing.load(template, ckpt, strict=StrictHandling.RETURN_UNEXPECTED)
-    except CheckpointException as err:  # torch's, a BaseException: its last line holds the reason
-        raise CheckpointError(f"cannot load {ckpt}: {str(err).strip().splitlines()[-1].strip()}") from None
-    except Exception as err:  # dist_checkpointing reports shape/key mismatches as many error types
-        raise CheckpointError(f"cannot load {ckpt}: {str(err).splitlines()[0]}") from None
+    # Truncated or mismatched files surface as many error types; torch's CheckpointException
+    # (wrapping every rank's failure) derives from BaseException, not Exception.
+    except (Exception, CheckpointException) as err:
+        raise CheckpointError(f"cannot load {ckpt}: {_first_failure(err)}") from None
     # Saved with the other --transformer-impl, a checkpoint may lack only Transformer Engine's
     # FP8 metadata (``_extra_state``), which then starts fresh (docs/DESIGN.md §7).
     absent = sorted(key for key in absent if not key.endswith("._extra_state"))
     if absent:
         raise CheckpointError(f"cannot load {ckpt}: it has no {absent[0]} ({len(absent)} keys missing)")
+    if RNG_KEY in template:
+        set_rng_state(state.pop(RNG_KEY))
     names = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
     for name, chunk in zip(names, model_chunks):
         while hasattr(chunk, "module"):  # DDP / Float16Module wrappers: the latter's load_state_dict returns None
@@ -173,7 +310,8 @@ def load_model(path: str, pattern=None, **config_overrides):
     """(model, config, tokenizer) from a checkpoint, for evaluation and generation.
 
     Initialises a one-rank process group if none exists; ``pattern`` switches every layer's
-    attention pattern (any string of the pattern grammar).
+    attention pattern (any string of the pattern grammar); by default the model attends with the
+    pattern the checkpoint records (an adapted model keeps its own; dense otherwise).
     """
     from megatron.core import parallel_state
 
@@ -186,8 +324,9 @@ def load_model(path: str, pattern=None, **config_overrides):
     if not parallel_state.model_parallel_is_initialized():
         distributed.initialize()
     tokenizer = build_tokenizer(meta["tokenizer"])
+    recorded = {"attention_pattern": meta["attention_pattern"]} if "attention_pattern" in meta else {}
     # checkpoints written before real_vocab_size was recorded: the tokenizer's vocabulary is the real one
-    config = model_config(**{"real_vocab_size": tokenizer.vocab_size, **meta["model"], **config_overrides})
+    config = model_config(**{"real_vocab_size": tokenizer.vocab_size, **meta["model"], **recorded, **config_overrides})
     model = build_model(config)
     load(meta["path"], [model])
     model.eval()

@@ -103,7 +103,8 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint.dist_checkpointing, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        pretrain(MICRO + ["--train-iters", "2", "--save", str(save_dir), "--load", str(save_dir)])
+        pretrain(MICRO + ["--train-iters", "2", "--save", str(save_dir), "--load", str(save_dir),
+                          "--override-opt_param-scheduler"])
     assert checkpoint.latest_checkpoint(str(save_dir)) == good
     assert not os.path.exists(save_dir / "iter_0000002")
     model, config, _ = checkpoint.load_model(str(save_dir))
@@ -131,9 +132,16 @@ def test_single_nan_step_is_skipped_and_repeated_nans_stop(tmp_path, monkeypatch
     assert common["nan_skipped"] == 1 and last.endswith("iter_0000003")
 
     poison["calls"], poison["bad"] = 0, lambda n: True
-    rc = pretrain_cli.main(MICRO + ["--train-iters", "9", "--save", str(save_dir), "--load", str(save_dir)])
+    rc = pretrain_cli.main(MICRO + ["--train-iters", "9", "--save", str(save_dir), "--load", str(save_dir),
+                                    "--override-opt_param-scheduler"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "non-finite" in err[-1] and "iter_0000003" in err[-1], err
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(save_dir / "tensorboard"))
+    events.Reload()
+    stops = events.Scalars("train/nan_stop")
+    assert [(e.step, e.value) for e in stops] == [(6, 3.0)]  # iterations 4-6 were non-finite: the stop is logged
     assert checkpoint.latest_checkpoint(str(save_dir)).endswith("iter_0000003")
     checkpoint.load_model(str(save_dir))  # still loadable
 

@@ -17,7 +17,7 @@ from megatron_ratplus.config import PRESETS, preset
 from megatron_ratplus.errors import UserError
 from megatron_ratplus.estimate import Layout, iterations_for_tokens, report
 from megatron_ratplus.patterns import PatternError, split_pattern_list
-from megatron_ratplus.training.arguments import yaml_defaults
+from megatron_ratplus.training.arguments import yaml_argv
 
 PROG = "estimate.py"
 
@@ -61,10 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv=None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     first, _ = parser.parse_known_args(argv)
-    if first.config:
-        parser.set_defaults(**yaml_defaults(parser, first.config, strict=False))
-    args = parser.parse_args(argv)
+    args = parser.parse_args((yaml_argv(parser, first.config, strict=False) if first.config else []) + argv)
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size
     if args.gpus < 1 or args.gpus % model_parallel:
         raise UserError(f"--gpus {args.gpus} is not a multiple of TP x PP x CP = {model_parallel}")

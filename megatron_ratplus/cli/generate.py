@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load", required=True, help="checkpoint directory (from ratplus-pretrain)")
     parser.add_argument("--pattern", default=None,
                         help="attention pattern or composition, e.g. dense, dilated:16,w=256,p=4, "
-                             "'cycle(dense;dilated:64)', 'dense|dilated:16' (default: dense)")
+                             "'cycle(dense;dilated:64)', 'dense|dilated:16' (default: the checkpoint's)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
     parser.add_argument("--prompt-file", help="a text file with one prompt per line")
     parser.add_argument("--max-new-tokens", type=int, default=64)

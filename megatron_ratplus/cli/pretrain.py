@@ -11,5 +11,5 @@ def main(argv=None) -> int:
     return run_cli("ratplus-pretrain", lambda: pretrain(argv if argv is not None else sys.argv[1:]))
 
 
-if __name__ == "__main__":  # dist_checkpointing's writer spawns processes that re-import this module
+if __name__ == "__main__":  # python -m megatron_ratplus.cli.pretrain (torchrun -m)
     sys.exit(main())

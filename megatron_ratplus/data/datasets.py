@@ -171,10 +171,10 @@ def check_indexed_dataset(prefix: str, vocab_size: int) -> int:
     key = _file_key(prefix)
     recorded = _recorded_range(prefix, key)
     low, high = recorded if recorded else _token_range(prefix, dtype)
+    if low < 0:  # refused before recording: a refused file leaves nothing behind
+        raise DataError(f"{prefix}.bin holds negative token id {low}: corrupt or written with another dtype")
     if recorded is None:
         _record_range(prefix, key, low, high)
-    if low < 0:
-        raise DataError(f"{prefix}.bin holds negative token id {low}: corrupt or written with another dtype")
     if high >= vocab_size:
         raise DataError(f"{prefix}.bin holds token id {high}, beyond the vocabulary size {vocab_size}")
     return n_tokens

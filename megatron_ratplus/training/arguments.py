@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Dict, List, Optional
 
 import yaml
@@ -39,10 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-iters", type=int)
     t.add_argument("--train-tokens", type=int, help="alternative to --train-iters")
     t.add_argument("--lr", type=float, help="peak learning rate (default 3e-3; 0.1x the checkpoint's with --adapt-pattern)")
-    t.add_argument("--min-lr", type=float, default=1e-5)
+    t.add_argument("--min-lr", type=float, help="default 1e-5")
     t.add_argument("--lr-warmup-fraction", type=float, help="default 0.05 (0 with --adapt-pattern)")
-    t.add_argument("--lr-decay-style", default="cosine", choices=["cosine", "linear", "constant"])
-    t.add_argument("--weight-decay", type=float, default=0.1)
+    t.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], help="default cosine")
+    t.add_argument("--weight-decay", type=float, help="default 0.1")
     t.add_argument("--adam-beta1", type=float, default=0.9)
     t.add_argument("--adam-beta2", type=float, default=0.95)
     t.add_argument("--adam-eps", type=float, default=1e-8)
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = p.add_argument_group("checkpoints and logging")
     c.add_argument("--save", default="checkpoints/ratplus-tiny")
     c.add_argument("--load")
+    c.add_argument("--override-opt_param-scheduler", action="store_true",
+                   help="on resume, take the LR schedule from these flags, not the checkpoint")
+    c.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
+                   help="on resume, keep the checkpoint's LR schedule whatever the flags say")
     c.add_argument("--save-interval", type=int, default=0, help="0: only at the end")
     c.add_argument("--exit-signal-handler", action="store_true",
                    help="on SIGTERM or SIGUSR1 finish the iteration, save a checkpoint and exit 0")
@@ -114,8 +119,9 @@ def _add_gpu_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-memory-gb", type=float, default=80.0, help="GPU memory --dry-run plans for")
 
 
-def yaml_defaults(parser: argparse.ArgumentParser, path: str, strict: bool = True) -> dict:
-    """Flag values from a YAML file of ``parser``'s flag names (``-`` or ``_``), by destination.
+def yaml_argv(parser: argparse.ArgumentParser, path: str, strict: bool = True) -> List[str]:
+    """The YAML file's values as command-line words, so argparse checks their types and choices
+    exactly as it checks the command line's (``lr: true`` or ``micro_batch_size: 2.0`` fail).
 
     ``strict``: an unknown key is an error; otherwise keys ``parser`` does not know are skipped
     (tools/estimate.py reads the run configs, which also hold training-only keys).
@@ -125,27 +131,45 @@ def yaml_defaults(parser: argparse.ArgumentParser, path: str, strict: bool = Tru
     try:
         with open(path, encoding="utf-8") as f:
             values = yaml.safe_load(f) or {}
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must hold a mapping of flag names to values")
-    known = {a.dest for a in parser._actions} - {"help", "config"}
-    out = {}
+    known = {a.dest: a for a in parser._actions}
+    words = []
     for key, value in values.items():
         dest = str(key).replace("-", "_")
-        if dest in known:
-            out[dest] = value
-        elif strict:
-            raise UserError(f"unknown config key '{key}' in {path}")
-    return out
+        if dest not in known or dest in ("help", "config"):
+            if strict:
+                raise UserError(f"unknown config key '{key}' in {path}")
+            continue
+        action, where = known[dest], f"config key '{key}' in {path}"
+        if value is None:
+            if action.default is not None:
+                raise UserError(f"{where} is null; give a value (default {action.default}) or drop the key")
+            continue
+        if action.nargs == 0:  # store_true / store_false: the YAML value is the destination's value
+            if not isinstance(value, bool):
+                raise UserError(f"{where} must be true or false, got {value!r}")
+            words += [action.option_strings[0]] if value != action.default else []
+            continue
+        items = value if isinstance(value, list) and action.nargs == "+" else [value]
+        if any(isinstance(item, (bool, list, dict)) or item is None for item in items):
+            raise UserError(f"{where} must be {'a list of values' if action.nargs == '+' else 'one value'}, "
+                            f"got {value!r}")
+        words += [action.option_strings[0], *map(str, items)]
+    try:
+        parser.parse_args(words)
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
+    return words
 
 
 def parse_flags(argv: Optional[List[str]] = None) -> Dict[str, object]:
     """The flag values of ``argv`` over the YAML file's over the defaults, by destination name."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     first, _ = parser.parse_known_args(argv)
-    if first.config:
-        parser.set_defaults(**yaml_defaults(parser, first.config))
-    flags = vars(parser.parse_args(argv))
+    flags = vars(parser.parse_args((yaml_argv(parser, first.config) if first.config else []) + argv))
     flags.pop("config")
     return flags

@@ -20,12 +20,13 @@ import torch
 
 from megatron_ratplus import checkpoint
 from megatron_ratplus.config import SHAPE_KEYS, RATPlusConfig, model_config, preset_settings
-from megatron_ratplus.data.tokenizer import build_tokenizer, padded_vocab_size
 from megatron_ratplus.data.dali import require_dali
+from megatron_ratplus.data.datasets import check_split
+from megatron_ratplus.data.tokenizer import build_tokenizer, padded_vocab_size
 from megatron_ratplus.errors import UserError
 from megatron_ratplus.layers.specs import resolve_transformer_impl
 from megatron_ratplus.optional import require
-from megatron_ratplus.patterns import PatternError, parse_pattern
+from megatron_ratplus.patterns import PatternError, parse_composition
 from megatron_ratplus.precision import check_fp8_shapes
 from megatron_ratplus.training.parallel_layout import validate_parallel_config, virtual_pipeline_size
 
@@ -69,6 +70,7 @@ class TrainingConfig:
     sparse_pattern: str
     attention_pattern: str          # the pattern the model trains at without joint training
     adapt_pattern: Optional[str]
+    training_mode: str              # "joint", "single" (one pattern) or "adaptation"; checkpoints record it
     # data
     data_path: Optional[Tuple[str, ...]]
     split: str
@@ -77,6 +79,7 @@ class TrainingConfig:
     # checkpoints and logging
     save: str
     load: Optional[str]             # None when there is nothing to load yet
+    override_opt_param_scheduler: bool   # on resume: the flags' LR schedule (Megatron-LM's flag)
     save_interval: int
     eval_interval: int
     eval_iters: int
@@ -118,6 +121,11 @@ class TrainingConfig:
         flags = dict(flags)
         _check_values(flags)
         flags["transformer_impl"] = _check_gpu_flags(flags)
+        # schedule flags left unset on a resume take the checkpoint's values (see _resume_schedule)
+        explicit = {name for name in SCHEDULE_FLAGS if flags[name] is not None}
+        explicit |= {"train_iters"} if flags["train_tokens"] is not None else set()
+        for name, default in SCHEDULE_DEFAULTS.items():
+            flags[name] = default if flags[name] is None else flags[name]
         load = flags["load"]
         if load and _same_dir(load, flags["save"]) and not checkpoint.latest_checkpoint(load):
             load = None  # --load SAVE --save SAVE on a first run (SLURM requeue style): start fresh
@@ -130,20 +138,37 @@ class TrainingConfig:
         shape = _model_shape(flags, meta, build_tokenizer(tokenizer).vocab_size)
         vpp = virtual_pipeline_size(shape["num_layers"], flags["pipeline_model_parallel_size"],
                                     flags["num_layers_per_virtual_pipeline_stage"])
-        validate_parallel_config(int(os.environ.get("WORLD_SIZE", "1")), flags["tensor_model_parallel_size"],
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        validate_parallel_config(world, flags["tensor_model_parallel_size"],
                                  flags["pipeline_model_parallel_size"], flags["context_parallel_size"], vpp,
                                  shape["num_layers"], shape["num_attention_heads"], shape["seq_length"],
                                  sequence_parallel=flags["sequence_parallel"])
+        if vpp:
+            _check_interleaved_microbatches(flags, world)
+        # A resumed adaptation run stays one: its pattern, no joint training (docs/DESIGN.md §6).
+        continuing = meta if meta and not adapting and meta.get("training_mode") == "adaptation" else None
+        pattern = flags["adapt_pattern"] or (continuing or flags)["attention_pattern"]
+        for name, text in (("--attention-pattern", pattern), ("--sparse-pattern", flags["sparse_pattern"])):
+            try:
+                parse_composition(text).resolve(shape["num_layers"], shape["num_attention_heads"])
+            except PatternError as err:
+                raise UserError(f"{name}: {err}") from None
         if flags["lr"] is None:
             flags["lr"] = ADAPTATION_LR_FACTOR * meta["args"]["lr"] if adapting else DEFAULT_LR
         if flags["lr_warmup_fraction"] is None:
             flags["lr_warmup_fraction"] = 0.0 if adapting else DEFAULT_WARMUP
         if flags["train_tokens"] is not None:
             flags["train_iters"] = max(1, flags["train_tokens"] // (flags["global_batch_size"] * shape["seq_length"]))
+        flags["train_iters"] = flags["train_iters"] or DEFAULT_ITERS
+        if meta and not adapting:
+            _resume_schedule(flags, meta, explicit)
+        if flags["min_lr"] > flags["lr"]:
+            raise UserError(f"--min-lr {flags['min_lr']} is above --lr {flags['lr']}")
+        joint = flags["joint_training"] and not adapting and not continuing
         values = {**flags, **shape,
-                  "train_iters": flags["train_iters"] or DEFAULT_ITERS,
-                  "joint_training": flags["joint_training"] and not adapting,
-                  "attention_pattern": flags["adapt_pattern"] or flags["attention_pattern"],
+                  "joint_training": joint,
+                  "training_mode": "adaptation" if adapting or continuing else "joint" if joint else "single",
+                  "attention_pattern": pattern,
                   "data_path": tuple(flags["data_path"]) if flags["data_path"] else None,
                   "tokenizer": tokenizer, "load": load,
                   "tensorboard_dir": flags["tensorboard_dir"] or os.path.join(flags["save"], "tensorboard"),
@@ -190,8 +215,57 @@ class TrainingConfig:
         return record
 
 
+# LR-schedule flags: a resume keeps the checkpoint's unless overridden (Megatron-LM's rule).
+SCHEDULE_FLAGS = ("lr", "min_lr", "lr_warmup_fraction", "lr_decay_style", "train_iters", "weight_decay")
+SCHEDULE_DEFAULTS = {"min_lr": 1e-5, "lr_decay_style": "cosine", "weight_decay": 0.1}  # argparse gives None
+
+
+def _resume_schedule(flags: dict, meta: dict, explicit: set) -> None:
+    """The LR schedule of a resumed run, as Megatron-LM decides it: flags the user left unset
+    take the checkpoint's values; a changed value needs --override-opt_param-scheduler (the
+    flags' schedule, from the checkpoint's step) or --use-checkpoint-opt_param-scheduler (the
+    checkpoint's schedule, while --train-iters still ends the run); a run already past
+    --train-iters is refused (a checkpoint's name must say which iteration it holds)."""
+    saved, iteration = meta["args"], meta.get("iteration", 0)
+    if flags["override_opt_param_scheduler"] and flags["use_checkpoint_opt_param_scheduler"]:
+        raise UserError("give --override-opt_param-scheduler or --use-checkpoint-opt_param-scheduler, not both")
+    for name in SCHEDULE_FLAGS:
+        if name not in saved:
+            continue
+        if name not in explicit:
+            flags[name] = saved[name]
+        elif flags["use_checkpoint_opt_param_scheduler"]:  # its scheduler keeps its own decay length
+            flags[name] = saved[name] if name != "train_iters" else flags[name]
+        elif flags[name] != saved[name] and not flags["override_opt_param_scheduler"]:
+            raise UserError(f"--{name.replace('_', '-')} {flags[name]} differs from the checkpoint's {saved[name]}; "
+                            f"pass --override-opt_param-scheduler to use it or --use-checkpoint-opt_param-scheduler")
+    if flags["train_iters"] < iteration:
+        raise UserError(f"--load {flags['load']} is at iteration {iteration}, "
+                        f"past --train-iters {flags['train_iters']}")
+
+
+def _check_interleaved_microbatches(flags: dict, world: int) -> None:
+    """megatron's interleaved schedule needs a multiple of the pipeline size in micro-batches per
+    global batch; checked at start-up, not at the first step (validation runs whole global
+    batches, so it then fits too)."""
+    pp = flags["pipeline_model_parallel_size"]
+    dp = max(1, world // (flags["tensor_model_parallel_size"] * pp * flags["context_parallel_size"]))
+    count = flags["global_batch_size"] // (flags["micro_batch_size"] * dp)
+    if count % pp:
+        raise UserError(f"the interleaved pipeline needs a multiple of --pipeline-model-parallel-size {pp} "
+                        f"micro-batches per global batch; --global-batch-size / (--micro-batch-size x "
+                        f"data-parallel size) gives {count}")
+
+
 def _same_dir(a: str, b: str) -> bool:
     return os.path.abspath(a) == os.path.abspath(b)
+
+
+_RULES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "in [0, 1)": lambda v: 0 <= v < 1}
+RANGES = {"lr": "> 0", "min_lr": ">= 0", "weight_decay": ">= 0", "adam_eps": "> 0", "adam_beta1": "in [0, 1)",
+          "adam_beta2": "in [0, 1)", "clip_grad": ">= 0", "seed": ">= 0", "tensor_model_parallel_size": ">= 1",
+          "pipeline_model_parallel_size": ">= 1", "context_parallel_size": ">= 1",
+          "num_layers_per_virtual_pipeline_stage": ">= 1"}
 
 
 def _check_values(flags: dict) -> None:
@@ -216,9 +290,15 @@ def _check_values(flags: dict) -> None:
     for name in ("sparse_pattern", "attention_pattern", "adapt_pattern"):
         if flags[name]:
             try:
-                parse_pattern(flags[name])
+                parse_composition(flags[name])
             except PatternError as err:
                 raise UserError(f"--{name.replace('_', '-')}: {err}") from None
+    for name, rule in RANGES.items():
+        if flags[name] is not None and not _RULES[rule](flags[name]):
+            raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {flags[name]}")
+    check_split(flags["split"])  # even where the embedded corpus ignores it
+    if os.path.exists(flags["save"]) and not os.path.isdir(flags["save"]):
+        raise UserError(f"--save {flags['save']} is a file, not a directory")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     model_parallel = (flags["tensor_model_parallel_size"] * flags["pipeline_model_parallel_size"]
                       * flags["context_parallel_size"])
@@ -287,4 +367,7 @@ def _model_shape(flags: dict, meta: Optional[dict], vocab: int) -> dict:
                         f"{vocab} tokens split over {tp} tensor-parallel ranks")
     shape["vocab_size"], shape["real_vocab_size"] = padded, vocab
     full = preset_settings(flags["preset"], **shape)
+    if full["hidden_size"] % full["num_attention_heads"]:
+        raise UserError(f"--hidden-size {full['hidden_size']} is not divisible by "
+                        f"--num-attention-heads {full['num_attention_heads']}")
     return {key: full[key] for key in SHAPE_KEYS}

@@ -36,8 +36,11 @@ MAX_SHOWN_LOSS = 50.0
 
 def train(config: TrainingConfig) -> str:
     """Train as ``config`` says; returns the final checkpoint directory (or the one saved on an early exit)."""
-    with ExitConditions.from_config(config) as exits:
-        return _train(config, exits)
+    try:
+        with ExitConditions.from_config(config) as exits:
+            return _train(config, exits)
+    finally:
+        checkpoint.unlock_save_dir(config.save)
 
 
 def _train(config: TrainingConfig, exits: ExitConditions) -> str:
@@ -49,14 +52,20 @@ def _train(config: TrainingConfig, exits: ExitConditions) -> str:
     train_iters, seq_length, global_batch = config.train_iters, config.seq_length, config.global_batch_size
 
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    rank_batch = config.micro_batch_size * dp_size  # samples of one micro-batch over the data-parallel ranks
-    eval_samples = config.eval_iters * rank_batch
+    # The validation set in samples, as Megatron-LM counts it (--eval-iters global batches): the
+    # same samples whatever the parallel layout, so validation losses compare across layouts.
+    eval_samples = config.eval_iters * global_batch
     train_data, valid_data = build_datasets(
         config.data_path, tokenizer, seq_length, config.seed, config.split,
         train_iters * global_batch, eval_samples, config.data_cache_path)
     train_batches = BatchSource(train_data, config.micro_batch_size, dp_rank, dp_size, config.seed, shuffle=True)
     valid_batches = BatchSource(valid_data, config.micro_batch_size, dp_rank, dp_size, config.seed, shuffle=False)
-    valid_micro = valid_batches.microbatches(0, min(eval_samples, len(valid_data)) // rank_batch * rank_batch)
+    valid_count = min(eval_samples, len(valid_data)) // global_batch * global_batch
+    if not valid_count:
+        raise UserError(f"the validation split holds {len(valid_data)} windows of {seq_length} tokens, fewer than "
+                        f"one global batch ({global_batch}); lower --seq-length, or give validation more data "
+                        f"(--split)")
+    valid_micro = valid_batches.microbatches(0, valid_count)
 
     model_chunks = wrap_model(build_model_chunks(model_config, config.transformer_impl), model_config,
                               config.use_distributed_optimizer, config.overlap_grad_reduce, config.overlap_param_gather)
@@ -68,10 +77,10 @@ def _train(config: TrainingConfig, exits: ExitConditions) -> str:
     elif config.load:
         common = checkpoint.load(config.load, model_chunks, optimizer)
         scheduler.load_state_dict(common["scheduler"])
-        checkpoint.set_rng_state(common["rng"])
         start_iter, consumed, skipped = common["iteration"], common["consumed_samples"], common["nan_skipped"]
 
     steps = config.step_patterns
+    checkpoint.lock_save_dir(config.save)  # before anything writes there (TensorBoard, checkpoints)
     metrics = Metrics(config.tensorboard_dir, train_iters, start_iter, config.progress_bar)
     throughput = Throughput(model_config, [p for _, p in steps], global_batch * seq_length, seq_length,
                             dist.get_world_size())
@@ -79,11 +88,12 @@ def _train(config: TrainingConfig, exits: ExitConditions) -> str:
         from megatron_ratplus.data.dali import dali_batches
 
         dali = dali_batches(train_batches, consumed, global_batch, train_iters - start_iter)
-    meta = {"model": checkpoint.model_meta(model_config), "tokenizer": tokenizer.spec, "args": config.as_record()}
+    meta = {"model": checkpoint.model_meta(model_config), "tokenizer": tokenizer.spec, "args": config.as_record(),
+            "attention_pattern": config.attention_pattern, "training_mode": config.training_mode}
 
     def save(iteration: int) -> str:
         common = {"scheduler": scheduler.state_dict(), "iteration": iteration, "consumed_samples": consumed,
-                  "rng": checkpoint.rng_state(), "nan_skipped": skipped}
+                  "nan_skipped": skipped}
         with params_gathered(model_chunks, config.overlap_param_gather):
             return checkpoint.save(config.save, iteration, model_chunks, optimizer, common, meta)
 
@@ -109,14 +119,16 @@ def _train(config: TrainingConfig, exits: ExitConditions) -> str:
         bad = sum(not r["updated"] for r in results)
         skipped += bad
         in_a_row = in_a_row + 1 if bad else 0
-        if in_a_row >= config.max_nan_steps:  # the run cannot go on at these settings: the user's to change
-            raise UserError(f"{in_a_row} iterations in a row had a non-finite loss or gradient; stopping "
-                            f"(last checkpoint: {last_ckpt or 'none'})")
         scalars = {"train/lr": optimizer.param_groups[0]["lr"], "train/nan_skipped": skipped}
         for (name, _), r in zip(steps, results):
             suffix = f"_{name}" if name else ""
             scalars[f"train/loss{suffix}"] = r["loss"]
             scalars[f"train/grad_norm{suffix}"] = r["grad_norm"]
+        if in_a_row >= config.max_nan_steps:  # the run cannot go on at these settings: the user's to change
+            metrics.log(iteration, {**scalars, "train/nan_stop": in_a_row})
+            metrics.close(f"stopped at iteration {iteration}: {in_a_row} non-finite iterations in a row")
+            raise UserError(f"{in_a_row} iterations in a row had a non-finite loss or gradient; stopping "
+                            f"(last checkpoint: {last_ckpt or 'none'})")
         if iteration % config.log_interval == 0 or iteration == train_iters:
             scalars.update(throughput.report())
             metrics.message(console_line(iteration, train_iters, scalars))
