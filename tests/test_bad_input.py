@@ -138,7 +138,6 @@ BAD = [
     ("cp_0", "pretrain", P + ["--context-parallel-size", "0"]),
     ("vpp_layers_0", "pretrain", P + ["--num-layers-per-virtual-pipeline-stage", "0"]),
     ("tp2_one_rank", "pretrain", P + ["--tensor-model-parallel-size", "2"]),
-    ("bf16_on_cpu", "pretrain", P + ["--bf16"]),
     ("unknown_flag", "pretrain", P + ["--learning-rate", "1"]),
     ("attention_pattern_bogus", "pretrain", P + ["--no-joint-training", "--attention-pattern", "bogus:1"]),
     ("sparse_pattern_zero", "pretrain", P + ["--sparse-pattern", "dilated:0"]),

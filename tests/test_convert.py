@@ -201,7 +201,7 @@ FLAGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2
 
 def _pretrain(save, iters, tp):
     flags = [*FLAGS, "--tensor-model-parallel-size", str(tp), "--train-iters", str(iters), "--save", str(save),
-             "--load", str(save)]
+             "--load", str(save), "--override-opt_param-scheduler"]  # each resume runs to a later --train-iters
     if tp == 1:  # in this process: one launch less
         assert pretrain_cli.main(flags) == 0
         return

@@ -151,7 +151,7 @@ def test_checkpoint_loads_across_transformer_impls(megatron_single, monkeypatch,
     tokens = torch.randint(0, config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(3))
     want = forward(source, tokens)
     assert (forward(target, tokens) - want).abs().max() > 1e-3
-    checkpoint.save(str(tmp_path), 1, [source], None, {"iteration": 1}, {"model": {}})
+    checkpoint.save(str(tmp_path), 1, [source], None, {"iteration": 1}, _meta(config))
     common = checkpoint.load(str(tmp_path), [target])
     assert common["iteration"] == 1
     torch.testing.assert_close(forward(target, tokens), want, rtol=0, atol=0)
@@ -159,9 +159,14 @@ def test_checkpoint_loads_across_transformer_impls(megatron_single, monkeypatch,
         assert not hasattr(target.decoder.final_layernorm, "loaded_extra_state")  # absent: starts fresh
 
 
+def _meta(config) -> dict:
+    """The metadata a checkpoint must carry (checkpoint.read_meta checks it)."""
+    return {"model": checkpoint.model_meta(config), "tokenizer": "byte", "args": {}}
+
+
 def test_checkpoint_missing_a_real_weight_is_still_an_error(megatron_single, tmp_path):
     small, big = build_model(preset("tiny", num_layers=1)), build_model(preset("tiny", num_layers=2))
-    checkpoint.save(str(tmp_path), 1, [small], None, {}, {"model": {}})
+    checkpoint.save(str(tmp_path), 1, [small], None, {}, _meta(small.config))
     with pytest.raises(checkpoint.CheckpointError, match="cannot load .*shape mismatch") as err:
         checkpoint.load(str(tmp_path), [big])
     assert "\n" not in str(err.value)
@@ -170,7 +175,7 @@ def test_checkpoint_missing_a_real_weight_is_still_an_error(megatron_single, tmp
 def test_without_the_keys_map_the_fused_norms_are_missing(megatron_single, monkeypatch, tmp_path):
     """The TE spec's sharded_state_dict_keys_map is what lets a local checkpoint load: drop it and fail."""
     config = preset("tiny", num_layers=1)
-    checkpoint.save(str(tmp_path), 1, [build_model(config, "local")], None, {}, {"model": {}})
+    checkpoint.save(str(tmp_path), 1, [build_model(config, "local")], None, {}, _meta(config))
     monkeypatch.setattr(specs, "TE_TO_LOCAL_CHECKPOINT_KEYS", {})
     with pytest.raises(checkpoint.CheckpointError,
                        match=r"it has no decoder\.layers\.mlp\.linear_fc1\.layer_norm_weight \(2 keys missing\)"):
