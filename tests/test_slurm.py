@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, repo_env
 from megatron_ratplus.config import preset
 from megatron_ratplus.estimate import Layout, memory_per_gpu
-from megatron_ratplus.training.arguments import _yaml_defaults, build_parser
+from megatron_ratplus.training.arguments import build_parser, yaml_argv
 
 CONFIGS = os.path.join(REPO, "examples", "configs")
 SLURM = os.path.join(REPO, "examples", "slurm")
@@ -33,8 +33,7 @@ SHAPES = {"1.5b": (24, 2048, 16), "2.6b": (28, 2560, 20), "7.6b": (32, 4096, 32)
 
 def load_config(name):
     parser = build_parser()
-    parser.set_defaults(**_yaml_defaults(parser, os.path.join(CONFIGS, name)))
-    return parser.parse_args([])
+    return parser.parse_args(yaml_argv(parser, os.path.join(CONFIGS, name)))
 
 
 def sbatch_gpus(script):
