@@ -87,7 +87,7 @@ def free_port():
 
 TINY = ("--preset tiny --num-layers 1 --hidden-size 32 --num-attention-heads 2 --seq-length 32 "
         "--micro-batch-size 2 --global-batch-size 4 --tensor-model-parallel-size 1 --context-parallel-size 1 "
-        "--no-sequence-parallel --eval-iters 1 --eval-interval 0 --no-progress-bar --split 90,10,0")
+        "--no-sequence-parallel --no-use-distributed-optimizer --eval-iters 1 --eval-interval 0 --no-progress-bar --split 90,10,0")
 
 
 @pytest.fixture(scope="module")

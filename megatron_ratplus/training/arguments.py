@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--context-parallel-size", type=int, default=1)
     par.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=False,
                      help="(--no-sequence-parallel overrides a run config's true)")
-    par.add_argument("--use-distributed-optimizer", action="store_true")
+    par.add_argument("--use-distributed-optimizer", action=argparse.BooleanOptionalAction, default=False,
+                     help="megatron's distributed optimizer (GPUs; --no-use-distributed-optimizer overrides "
+                          "a run config's true)")
     _add_gpu_flags(p)
     return p
 
