@@ -7,14 +7,11 @@ every request and rank 0 writes {logprobs, texts}. In-process, ``run(1, pattern)
 single-process reference.
 """
 
-import os
-import sys
 
 import torch
-import torch.distributed as dist
 
+from harness import run_tensor_parallel
 from harness.parallel import SEQ, load_sharded, small_config
-from megatron_ratplus import distributed
 from megatron_ratplus.evaluation.scoring import continuation_logprobs, greedy_until
 from megatron_ratplus.model import build_model
 
@@ -41,9 +38,4 @@ def run(tp, pattern, weights=None):
 
 
 if __name__ == "__main__":
-    out, pattern, reference = sys.argv[1:4]
-    distributed.initialize(tensor_parallel=int(os.environ["WORLD_SIZE"]))
-    logprobs, texts, _ = run(dist.get_world_size(), pattern, torch.load(reference)["weights"])
-    if dist.get_rank() == 0:
-        torch.save({"logprobs": logprobs, "texts": texts}, out)
-    distributed.shutdown()
+    run_tensor_parallel(run, ("logprobs", "texts"))

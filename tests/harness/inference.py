@@ -6,15 +6,12 @@ WEIGHTS (a file with a TP=1 state dict under "weights") is sharded per rank; ran
 In-process, ``run(1, pattern)`` gives the single-process reference.
 """
 
-import os
-import sys
 
 import torch
-import torch.distributed as dist
 from megatron.core import tensor_parallel
 
+from harness import run_tensor_parallel
 from harness.parallel import SEQ, load_sharded, small_config
-from megatron_ratplus import distributed
 from megatron_ratplus.inference import DecodeSession
 from megatron_ratplus.model import build_model
 
@@ -37,9 +34,4 @@ def run(tp, pattern, weights=None):
 
 
 if __name__ == "__main__":
-    out, pattern, reference = sys.argv[1:4]
-    distributed.initialize(tensor_parallel=int(os.environ["WORLD_SIZE"]))
-    full, decoded, _ = run(dist.get_world_size(), pattern, torch.load(reference)["weights"])
-    if dist.get_rank() == 0:
-        torch.save({"full": full, "decoded": decoded}, out)
-    distributed.shutdown()
+    run_tensor_parallel(run, ("full", "decoded"))
