@@ -9,11 +9,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # The Triton kernels live in the top-level kernels/ folder; "kernels" alone would clash with
-    # the PyPI package of that name, so they install as ratplus_kernels.
+    # The Triton kernels live in kernels/ratplus_kernels/. kernels/ itself has no __init__.py, so
+    # it is never a regular package named "kernels" and cannot shadow the PyPI package of that
+    # name (which transformers imports), whatever the current directory.
     packages=find_packages(include=["megatron_ratplus", "megatron_ratplus.*"])
-    + ["ratplus_kernels"] + [f"ratplus_kernels.{p}" for p in find_packages("kernels")],
-    package_dir={"ratplus_kernels": "kernels"},
+    + find_packages("kernels", include=["ratplus_kernels", "ratplus_kernels.*"]),
+    package_dir={"ratplus_kernels": "kernels/ratplus_kernels"},
     install_requires=[
         "torch>=2.6,<2.15",
         "megatron-core>=0.16.1,<0.17",

@@ -7,8 +7,8 @@ name and a few overrides describe a model completely.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Optional
+from dataclasses import dataclass, field, fields
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,9 @@ class RATPlusConfig(TransformerConfig):
     real_vocab_size: Optional[int] = None
     seq_length: int = 4096
     rotary_base: int = 10000
+    # megatron's default "full" is deprecated and warns on every config; the empty list is its
+    # new spelling of the same thing (capture the whole layer, if CUDA graphs are on at all).
+    cuda_graph_scope: List = field(default_factory=list)
 
     def __post_init__(self):
         parse_composition(self.attention_pattern).resolve(self.num_layers, self.num_attention_heads)  # fail early

@@ -12,6 +12,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
+# This checkout's Triton kernels (kernels/ratplus_kernels) before any installed copy.
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -32,7 +34,7 @@ REPO = os.path.dirname(TESTS)
 def repo_env():
     """Environment for subprocesses: this checkout's packages first, and the test harnesses."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([REPO, TESTS, env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "kernels"), TESTS, env.get("PYTHONPATH", "")])
     return env
 
 

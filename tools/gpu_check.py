@@ -73,16 +73,10 @@ DRY_RUN = Sizes(dtype="float32", head_dim=16, heads=2, check_heads=2, scan_check
 
 
 def import_kernels():
-    """ratplus_kernels from an install, else straight from this checkout's kernels/ folder
-    (and this checkout's megatron_ratplus and tools/ first on the path)."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    sys.path.insert(0, str(ROOT))
-    if importlib.util.find_spec("ratplus_kernels") is None:
-        spec = importlib.util.spec_from_file_location("ratplus_kernels", ROOT / "kernels" / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT / "kernels")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["ratplus_kernels"] = module
-        spec.loader.exec_module(module)
+    """This checkout's megatron_ratplus, tools/ and ratplus_kernels (its kernels/ folder) first
+    on the path, installed or not."""
+    for path in (ROOT / "kernels", ROOT / "tools", ROOT):
+        sys.path.insert(0, str(path))
 
 
 class Timer:

@@ -2,16 +2,9 @@
 :func:`run_cli`, which turns a UserError into one line on stderr and exit status 2."""
 
 import sys
-import warnings
 from typing import Callable
 
 from megatron_ratplus.errors import UserError
-
-# megatron-core warns at import time that apex / Transformer Engine are missing; on CPU that is
-# expected, and megatron_ratplus.optional reports a missing dependency when a feature needs it.
-warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed.*")
-warnings.filterwarnings("ignore", message="full scope is deprecated")
-warnings.filterwarnings("ignore", category=FutureWarning, module="(torch.distributed|megatron)")
 
 
 def run_cli(prog: str, main: Callable[[], object]) -> int:

@@ -15,7 +15,7 @@ The rule: query t may attend key j <= t iff (j + 1) % D == 0 (a dilated state), 
 (window, which always holds for j = t), or j < P (sinks). Top-k additionally keeps only the K
 best earlier key blocks plus the query's own block. This module is the rule's one PyTorch home
 (:func:`visible`, :func:`may_be_seen`): the reference ops, context parallelism and the decode
-cache call it, and ``kernels/_common.py`` holds its Triton twin.
+cache call it, and ``kernels/ratplus_kernels/_common.py`` holds its Triton twin.
 """
 
 from __future__ import annotations
