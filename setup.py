@@ -18,7 +18,7 @@ setup(
     install_requires=[
         "torch>=2.6,<2.15",
         "megatron-core>=0.16.1,<0.17",
-        "triton>=3.2",
+        "triton>=3.6",  # the oldest the kernels target (the GPU image's); tested with the pinned one
         "tensorboard>=2.14",
         "numpy>=1.24",
         "psutil>=5.9",  # dist_checkpointing's writer needs it
@@ -26,14 +26,15 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "gpu": ["transformer-engine[pytorch]>=2.0"],
+        "gpu": ["transformer-engine[pytorch]>=2.9,<2.12"],  # the range megatron-core 0.16.1 accepts
         "dali": ["nvidia-dali-cuda120>=1.40"],
         "eval": ["lm-eval>=0.4,<0.5", "matplotlib>=3.7", "tokenizers>=0.15"],
         "data": ["pyarrow>=14", "zstandard>=0.22", "sentencepiece>=0.2", "tokenizers>=0.15"],
-        "hf": ["transformers>=5.0", "safetensors>=0.4", "tokenizers>=0.15"],
+        "hf": ["transformers>=5.0,<6", "safetensors>=0.4", "tokenizers>=0.15",
+               "accelerate>=1.0"],  # lm-eval's `--model hf` imports accelerate
         "dev": ["pytest>=8.0", "pytest-timeout>=2.2", "matplotlib>=3.7", "tokenizers>=0.15",
-                "pyarrow>=14", "zstandard>=0.22", "sentencepiece>=0.2", "transformers>=5.0", "safetensors>=0.4",
-                "lm-eval>=0.4,<0.5"],
+                "pyarrow>=14", "zstandard>=0.22", "sentencepiece>=0.2", "transformers>=5.0,<6", "safetensors>=0.4",
+                "accelerate>=1.0", "lm-eval>=0.4,<0.5"],
     },
     entry_points={"console_scripts": [
         "ratplus-pretrain=megatron_ratplus.cli.pretrain:main",

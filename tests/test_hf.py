@@ -5,6 +5,7 @@ scores or samples padded vocabulary ids, and converts back to identical tensors.
 import ast
 import json
 import os
+import subprocess
 
 import pytest
 import torch
@@ -268,3 +269,47 @@ def test_hf_import_bad_inputs(tmp_path, capsys, exported):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("ratplus-convert: error:") and needle in err[0], err
         assert not out.exists()
+
+
+@pytest.mark.integration
+def test_stock_lm_eval_cli_scores_the_export_as_our_model(exported, tmp_path):
+    """The README's command, `lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True`,
+    run as a user runs it (the console script, from the repository root, offline) on a local
+    multiple-choice task: every per-choice log-likelihood it logs equals our model's."""
+    from transformers import AutoTokenizer
+
+    root, _ = exported
+    docs = [{"question": f"q{i} " + "xy" * i, "choices": [f"a{i}", "bb", "ccc d"], "label": i % 3} for i in range(4)]
+    with open(tmp_path / "docs.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(d) + "\n" for d in docs)
+    (tmp_path / "mc.yaml").write_text(
+        "task: local_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'docs.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: \"Q: {{question}}\\nA:\"\ndoc_to_target: label\ndoc_to_choice: '{{choices}}'\n"
+        "metric_list:\n  - metric: acc\n", encoding="utf-8")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cmd = ["lm_eval", "--model", "hf", "--model_args", f"pretrained={root / 'hf'},trust_remote_code=True",
+           "--tasks", "local_mc", "--include_path", str(tmp_path), "--device", "cpu", "--batch_size", "2",
+           "--log_samples", "--output_path", str(tmp_path / "out")]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    samples = [json.loads(line) for path in (tmp_path / "out").rglob("samples_local_mc_*.jsonl")
+               for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(samples) == len(docs)
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "hf"), trust_remote_code=True)
+    model, _, _ = checkpoint.load_model(str(root / "ours"))
+    checked = 0
+    for sample in samples:
+        doc = sample["doc"]
+        context = tokenizer(f"Q: {doc['question']}\nA:", add_special_tokens=False)["input_ids"]
+        for choice, resp in zip(doc["choices"], sample["resps"]):
+            target = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+            tokens = torch.tensor([context + target])
+            with torch.no_grad():
+                logits = model(tokens, torch.arange(tokens.shape[1])[None], None).float()
+            logp = torch.log_softmax(logits[0, len(context) - 1:-1], -1)
+            ours = logp.gather(1, torch.tensor(target)[:, None]).sum().item()
+            assert float(resp[0][0]) == pytest.approx(ours, abs=1e-4)  # lm-eval logs them as text
+            checked += 1
+    assert checked == 3 * len(docs)

@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# One-step set-up on a fresh machine: install megatron-ratplus with its test dependencies.
-# Without an NVIDIA GPU, torch is pinned to the CPU build first (an unpinned torch would pull
-# a multi-GB CUDA build); with one, pip's own torch resolution is used.
+# One-step set-up on a fresh machine: install megatron-ratplus with its test dependencies at the
+# exact versions the suite last passed with (constraints.txt; tools/refresh_pins.sh remakes it).
+# Without an NVIDIA GPU the pinned torch is the CPU build (an unpinned torch would pull a
+# multi-GB CUDA build). With one, torch, triton and the CUDA libraries come from pip's own CUDA
+# resolution and everything else is pinned.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if ! command -v nvidia-smi >/dev/null 2>&1; then
-  "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "torch==2.13.0"
+PINS=constraints.txt
+if command -v nvidia-smi >/dev/null 2>&1; then
+  PINS=$(mktemp)
+  trap 'rm -f "$PINS"' EXIT
+  grep -viE '^(torch|triton|nvidia-)[a-z0-9-]*==' constraints.txt > "$PINS"
+else
+  "$PY" -m pip install -q -c "$PINS" torch
 fi
-"$PY" -m pip install -q -e ".[dev]"
+"$PY" -m pip install -q -c "$PINS" -e ".[dev]"
