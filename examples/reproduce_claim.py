@@ -14,7 +14,7 @@ iteration over the same tokens, so (c) spends about twice the compute of (b) for
 Default size: the tiny preset, 300 iterations each (meant to finish on a 2-core CPU within an
 hour); ``--scale N`` multiplies the iterations and the evaluation windows.
 
-    python examples/reproduce_claim.py [--scale 1] [--out docs/RESULTS.md] [--workdir runs/claim]
+    python3 examples/reproduce_claim.py [--scale 1] [--out docs/RESULTS.md] [--workdir runs/claim]
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def write_results(results, args, seconds: float) -> str:
     lines = [
         "# Results: train dense, infer sparse (small-scale reproduction)",
         "",
-        f"Produced by `python examples/reproduce_claim.py {' '.join(sys.argv[1:])}` on "
+        f"Produced by `python3 examples/reproduce_claim.py {' '.join(sys.argv[1:])}` on "
         f"{datetime.date.today().isoformat()} ({seconds / 60:.0f} min). Validation perplexity of the embedded "
         f"corpus, context {args.seq_length}, preset `{args.preset}`, {args.iters * args.scale} iterations per "
         "model, same data and seed; each trained model is switched to each pattern with no retraining.",

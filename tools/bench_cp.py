@@ -18,7 +18,7 @@
     which for dense is every token) and CP2 rank 0 with the ring. Rank 1 is stood in for by an
     exchange that hands back a fresh buffer of the sent size, as a real receive allocates.
 
-Usage: python tools/bench_cp.py [--seq-len 16384] [--repeats 3] [--skip-timing] [--skip-memory]
+Usage: python3 tools/bench_cp.py [--seq-len 16384] [--repeats 3] [--skip-timing] [--skip-memory]
 """
 
 from __future__ import annotations

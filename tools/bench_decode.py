@@ -7,7 +7,7 @@ layer's cache attends through ``backend.decode_attention`` (the reference op on 
 decode kernel on CUDA; docs/DESIGN.md §5). Cache bytes are read from the live cache tensors and
 compared with the formula (P + W + 1 + floor(T/D) slots per head, plus the recurrent state).
 
-Usage: python tools/bench_decode.py [--context 8192] [--new-tokens 32] [--batch 1] [--hidden 256]
+Usage: python3 tools/bench_decode.py [--context 8192] [--new-tokens 32] [--batch 1] [--hidden 256]
        [--heads 4] [--layers 4] [--patterns dense,dilated:16,dilated:64]
 """
 

@@ -4,7 +4,7 @@ Builds the tiny model on CPU (fp32), runs one forward with a saved-tensors hook 
 every distinct storage autograd keeps for the backward (parameters excluded): that is the
 activation memory alive at the start of the backward, the peak the estimate models.
 
-    python tools/bench_estimate.py [--layers 4] [--micro-batches 1 2 4 8]
+    python3 tools/bench_estimate.py [--layers 4] [--micro-batches 1 2 4 8]
 """
 
 from __future__ import annotations

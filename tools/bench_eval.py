@@ -8,7 +8,7 @@ batched, against the same requests one at a time. Generation: prompts of ragged 
 ``--new-tokens`` greedy tokens each through the sparse decode cache
 (``evaluation.scoring.greedy_until``). Each case is timed best of ``--repeats``.
 
-Usage: python tools/bench_eval.py [--requests 64] [--prompts 16] [--new-tokens 32]
+Usage: python3 tools/bench_eval.py [--requests 64] [--prompts 16] [--new-tokens 32]
        [--patterns dense,dilated:16] [--batch-size 16] [--threads 2]
 """
 

@@ -6,7 +6,7 @@
     8 heads of 64, forward and backward;
 (c) the peak extra memory of each (max RSS growth, each case in a fresh subprocess).
 
-Usage: python tools/bench_ops.py [--repeats N] [--seq-len T]
+Usage: python3 tools/bench_ops.py [--repeats N] [--seq-len T]
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Writes a synthetic .jsonl.gz corpus of English-like documents (word lengths and 
 a Zipf law), trains a small SentencePiece BPE model on part of it, and times
 megatron_ratplus.data.preprocess.build for each tokenizer and worker count.
 
-    python tools/bench_preprocess.py [--documents 20000] [--workers 1 2]
+    python3 tools/bench_preprocess.py [--documents 20000] [--workers 1 2]
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Same model size for both (the tiny preset unless flags say otherwise); a "step" 
 backward, clip and AdamW update of one global batch through megatron-core's schedule.
 Target: RAT+ dense step at most 1.25x the baseline's time.
 
-Usage: python tools/bench_train.py [--seq-length 256] [--global-batch-size 16] [--repeats 10]
+Usage: python3 tools/bench_train.py [--seq-length 256] [--global-batch-size 16] [--repeats 10]
 """
 
 from __future__ import annotations
