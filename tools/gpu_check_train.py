@@ -97,7 +97,8 @@ def need_gpu(ctx: Context) -> None:
 def need_te(ctx: Context) -> None:
     need_gpu(ctx)
     if not have("transformer_engine.pytorch"):
-        raise Skip("Transformer Engine is not installed (give --wheels DIR with its wheels)")
+        raise Skip("Transformer Engine is not installed: TE and FP8 are verified where a cluster image "
+                   "provides them (NGC PyTorch containers do), or give --wheels DIR with its wheels")
 
 
 def need_megatron() -> None:
@@ -330,7 +331,8 @@ def section_dali(ctx: Context) -> dict:
     """Iterations of token batches to the GPU: DALI's prefetching pipeline against the plain loader."""
     need_gpu(ctx)
     if not have("nvidia.dali"):
-        raise Skip("nvidia-dali is not installed (give --wheels DIR with its wheel)")
+        raise Skip("nvidia-dali is not installed: DALI is verified where a cluster image provides it "
+                   "(NGC PyTorch containers do), or give --wheels DIR with its wheel)")
     torch = ctx.torch
     from megatron_ratplus import distributed
     from megatron_ratplus.data.dali import dali_batches

@@ -137,8 +137,9 @@ def _calls(dtype: torch.dtype, head_dim: int):
             ("scan, one segment", scan(1)), ("scan, 4 segments", scan(4))]
 
 
-def record_launches(dtypes=(torch.bfloat16, torch.float32), head_dims=(64, 128)):
-    """Every kernel launch our launchers make at their CUDA tiles, recorded instead of run."""
+def record_launches(dtypes=(torch.bfloat16, torch.float32), head_dims=(64, 128), only: str = ""):
+    """Every kernel launch our launchers make at their CUDA tiles, recorded instead of run
+    (``only``: the launcher calls whose case name starts with it)."""
     launches, case = [], [""]
 
     def record(self, *args, grid, warmup, **kwargs):
@@ -151,6 +152,8 @@ def record_launches(dtypes=(torch.bfloat16, torch.float32), head_dims=(64, 128))
         for dtype in dtypes:
             for head_dim in head_dims:
                 for name, call in _calls(dtype, head_dim):
+                    if not name.startswith(only):
+                        continue
                     case[0] = f"{name} {str(dtype).split('.')[-1]} d_h={head_dim}"
                     call()
     return launches
@@ -176,7 +179,8 @@ def compile_launch(launch: Launch, target_name: str, cache: dict) -> Result:
     target = GPUTarget("cuda", capability, 32)
     src, options, constexprs = _specialise(launch, target)
     shown = {launch.kernel.arg_names[k[0]]: v for k, v in constexprs.items() if launch.kernel.arg_names[k[0]].isupper()}
-    result = Result(launch.kernel.__name__, launch.case, target_name, json.dumps(shown, sort_keys=True),
+    name = f"{launch.kernel.__module__.rsplit('.', 1)[-1]}.{launch.kernel.__name__}"
+    result = Result(name, launch.case, target_name, json.dumps(shown, sort_keys=True),
                     options.num_warps, options.num_stages, limit=limit)
     key = hashlib.sha256(f"{src.hash()}-{target_name}-{sorted(options.__dict__.items())}".encode()).hexdigest()
     if key not in cache:
