@@ -23,6 +23,7 @@ import contextlib  # noqa: E402
 import hashlib  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
+import multiprocessing  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
@@ -174,54 +175,71 @@ def _ptxas_numbers(log: str):
     return (int(regs[-1]) if regs else -1), (spills[-1] if spills else -1)
 
 
-def compile_launch(launch: Launch, target_name: str, cache: dict) -> Result:
+def _plan(launch: Launch, target_name: str):
+    """(cache key, the Result without its compiled figures, what to compile) of one launch on one target."""
     capability, limit = TARGETS[target_name]
     target = GPUTarget("cuda", capability, 32)
     src, options, constexprs = _specialise(launch, target)
-    shown = {launch.kernel.arg_names[k[0]]: v for k, v in constexprs.items() if launch.kernel.arg_names[k[0]].isupper()}
+    names = launch.kernel.arg_names
+    shown = {names[k[0]]: v for k, v in constexprs.items() if names[k[0]].isupper()}  # the tile constexprs
     name = f"{launch.kernel.__module__.rsplit('.', 1)[-1]}.{launch.kernel.__name__}"
     result = Result(name, launch.case, target_name, json.dumps(shown, sort_keys=True),
                     options.num_warps, options.num_stages, limit=limit)
     key = hashlib.sha256(f"{src.hash()}-{target_name}-{sorted(options.__dict__.items())}".encode()).hexdigest()
-    if key not in cache:
-        found = {}
-        log = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(log), mock.patch.object(triton.knobs.nvidia, "dump_ptxas_log", True), \
-                    mock.patch.object(triton.knobs.compilation, "always_compile", True):
-                compiled = triton.compile(src, target=target, options=options.__dict__)
-            found["shared"] = compiled.metadata.shared
-            found["registers"], found["spill_bytes"] = _ptxas_numbers(log.getvalue())
-        except Exception as err:  # noqa: BLE001 - an out-of-resources or codegen failure is the finding
-            found["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
-        cache[key] = found
-    for name, value in cache[key].items():
-        setattr(result, name, value)
-    return result
+    return key, result, (src, target, options)
+
+
+def _compile(job) -> tuple:
+    """(key, figures) of one compile: shared bytes, and ptxas's registers and spills from its log."""
+    key, (src, target, options) = job
+    found, log = {}, io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), mock.patch.object(triton.knobs.nvidia, "dump_ptxas_log", True), \
+                mock.patch.object(triton.knobs.compilation, "always_compile", True):
+            compiled = triton.compile(src, target=target, options=options.__dict__)
+        found["shared"] = compiled.metadata.shared
+        found["registers"], found["spill_bytes"] = _ptxas_numbers(log.getvalue())
+    except Exception as err:  # noqa: BLE001 - an out-of-resources or codegen failure is the finding
+        found["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+    return key, found
 
 
 def _cache_path() -> Path:
     return Path(triton.knobs.cache.dir) / "ratplus_aot_results.json"
 
 
-def compile_all(launches, targets=tuple(TARGETS)):
-    """One Result per distinct (launch, target); identical specialisations compile once."""
+_JOBS: list = []  # what the forked workers compile (inherited, not pickled: sources hold JIT functions)
+
+
+def _compile_nth(index: int) -> tuple:
+    return _compile(_JOBS[index])
+
+
+def compile_all(launches, targets=tuple(TARGETS), workers=None):
+    """One Result per distinct compiled kernel: identical specialisations compile once, in
+    ``workers`` processes (default: one per CPU), and results are cached by source hash."""
     path = _cache_path()
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
         cache = {}
-    results, seen = [], set()
-    for launch in launches:
-        for target in targets:
-            result = compile_launch(launch, target, cache)
-            key = (result.kernel, result.target, result.constexprs, result.num_warps, result.shared, result.registers,
-                   result.error)
-            if key not in seen:  # the same compiled kernel reached from two cases: listed once
-                seen.add(key)
-                results.append(result)
+    plans = [_plan(launch, target) for launch in launches for target in targets]
+    todo = {key: what for key, _, what in plans if key not in cache}
+    _JOBS[:] = list(todo.items())
+    if len(_JOBS) > 1:
+        with multiprocessing.get_context("fork").Pool(min(workers or os.cpu_count() or 1, len(_JOBS))) as pool:
+            cache.update(pool.imap_unordered(_compile_nth, range(len(_JOBS))))
+    else:
+        cache.update(map(_compile, _JOBS))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cache))
+    results, seen = [], set()
+    for key, result, _ in plans:
+        for name, value in cache[key].items():
+            setattr(result, name, value)
+        if (key, result.case) not in seen:  # a kernel launched twice alike by one call: one row
+            seen.add((key, result.case))
+            results.append(result)
     return results
 
 
