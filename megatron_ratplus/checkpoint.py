@@ -44,6 +44,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatron_ratplus.config import SHAPE_KEYS
 from megatron_ratplus.errors import UserError
 
+EVAL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # load_model's parameter types by name
+
 META_FILE = "ratplus.json"
 LATEST = "latest"
 LOCK_FILE = ".lock"
@@ -306,12 +308,14 @@ def model_meta(config) -> dict:
     return {key: getattr(config, key) for key in SHAPE_KEYS}
 
 
-def load_model(path: str, pattern=None, **config_overrides):
+def load_model(path: str, pattern=None, dtype: str = "fp32", **config_overrides):
     """(model, config, tokenizer) from a checkpoint, for evaluation and generation.
 
     Initialises a one-rank process group if none exists; ``pattern`` switches every layer's
     attention pattern (any string of the pattern grammar); by default the model attends with the
-    pattern the checkpoint records (an adapted model keeps its own; dense otherwise).
+    pattern the checkpoint records (an adapted model keeps its own; dense otherwise). ``dtype``
+    (a key of ``EVAL_DTYPES``): the parameters' (and so the activations' and decode caches')
+    type after loading; bf16 halves memory and is the GPU's fast path (docs/DESIGN.md §8).
     """
     from megatron.core import parallel_state
 
@@ -320,6 +324,8 @@ def load_model(path: str, pattern=None, **config_overrides):
     from megatron_ratplus.data.tokenizer import build_tokenizer
     from megatron_ratplus.model import build_model, set_attention_pattern
 
+    if dtype not in EVAL_DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(EVAL_DTYPES)}, not '{dtype}'")
     meta = read_meta(path)
     if not parallel_state.model_parallel_is_initialized():
         distributed.initialize()
@@ -329,6 +335,8 @@ def load_model(path: str, pattern=None, **config_overrides):
     config = model_config(**{"real_vocab_size": tokenizer.vocab_size, **meta["model"], **recorded, **config_overrides})
     model = build_model(config)
     load(meta["path"], [model])
+    model.to(EVAL_DTYPES[dtype])  # loaded at the built dtype, then cast: the checkpoint's own dtype does not matter
+    config.params_dtype, config.bf16 = EVAL_DTYPES[dtype], dtype == "bf16"
     model.eval()
     if pattern is not None:
         set_attention_pattern(model, pattern)

@@ -179,6 +179,7 @@ def test_pattern_attention_bf16_odd_head_dim_and_scale():
     (200, "dilated:16,w=8,p=2", 64, ((32, 16, 1), (16, 32, 1))),
     (130, "dilated:7,w=5,p=3", 32, ((32, 32, 1), (32, 16, 1))),
     (150, "local:w=9,p=3", 16, TINY_BLOCKS),
+    (100, "dilated:8,w=6,p=2", 128, ((64, 32, 4), (32, 32, 4))),  # the CUDA tiles of fp32 at d_h 128
 ])
 def test_pattern_attention_larger(seq_len, pattern, head_dim, blocks):
     inputs = attention_inputs(seq_len, head_dim=head_dim, batch=1, seed=seq_len)

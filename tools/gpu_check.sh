@@ -7,4 +7,4 @@
 #        tools/gpu_check.sh --dry-run       (toy sizes on CPU under the Triton interpreter)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec timeout 470 python tools/gpu_check.py "$@"
+exec timeout 470 python3 tools/gpu_check.py "$@"

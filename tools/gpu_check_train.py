@@ -97,7 +97,8 @@ def need_gpu(ctx: Context) -> None:
 def need_te(ctx: Context) -> None:
     need_gpu(ctx)
     if not have("transformer_engine.pytorch"):
-        raise Skip("Transformer Engine is not installed (give --wheels DIR with its wheels)")
+        raise Skip("Transformer Engine is not installed: TE and FP8 are verified where a cluster image "
+                   "provides them (NGC PyTorch containers do), or give --wheels DIR with its wheels")
 
 
 def need_megatron() -> None:
@@ -317,24 +318,28 @@ def section_cp_blocks(ctx: Context) -> dict:
     return out
 
 
+def dali_source(micro: int, seq: int, samples: int):
+    """The plain loader the DALI section feeds from (one data-parallel rank); runs on CPU too."""
+    from megatron_ratplus.data.datasets import BatchSource, build_datasets
+    from megatron_ratplus.data.tokenizer import build_tokenizer
+
+    train, _ = build_datasets(None, build_tokenizer("byte"), seq, 1, "98,2,0", samples, 1, None)
+    return BatchSource(train, micro, dp_rank=0, dp_size=1, seed=1, shuffle=True)
+
+
 def section_dali(ctx: Context) -> dict:
     """Iterations of token batches to the GPU: DALI's prefetching pipeline against the plain loader."""
     need_gpu(ctx)
     if not have("nvidia.dali"):
-        raise Skip("nvidia-dali is not installed (give --wheels DIR with its wheel)")
+        raise Skip("nvidia-dali is not installed: DALI is verified where a cluster image provides it "
+                   "(NGC PyTorch containers do), or give --wheels DIR with its wheel)")
     torch = ctx.torch
-    from argparse import Namespace
-
     from megatron_ratplus import distributed
     from megatron_ratplus.data.dali import dali_batches
-    from megatron_ratplus.data.datasets import build_datasets
-    from megatron_ratplus.data.tokenizer import build_tokenizer
-    from megatron_ratplus.training.loop import BatchSource
 
     distributed.initialize()
     micro, global_batch, seq, iters = 2, 16, 4096, ctx.sizes.dali_iterations
-    train, _ = build_datasets(None, build_tokenizer("byte"), seq, 1, "98,2,0", iters * global_batch, 1, None)
-    source = BatchSource(train, Namespace(micro_batch_size=micro), shuffle=True, seed=1)
+    source = dali_source(micro, seq, iters * global_batch)
     weight = torch.randn(seq, seq // 8, device="cuda")
 
     def consume(batch):  # stands in for a step: some GPU work on every micro-batch

@@ -224,11 +224,20 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     tl.store(dv_ptr + g_off, dv, mask=g_mask)
 
 
-def _blocks(device: torch.device):
-    """(query tile, key tile, warps) for the forward pass and the backward pass."""
-    if device.type == "cuda":
+def _blocks(device: torch.device, dtype: torch.dtype, head_dim: int):
+    """(query tile, key tile, warps) for the forward pass and the backward pass.
+
+    On a GPU the tiles and their pipelined copies live in shared memory, whose size scales with
+    the bytes of one row (element size x padded head dim): rows of up to 256 bytes (bf16 up to
+    d_h 128, fp32 up to d_h 64) take the large tiles, longer rows (fp32 at d_h 128) tiles half as
+    big, so that every kernel fits the opt-in limit of sm_80 (163 KiB) and sm_90 (227 KiB);
+    tools/kernels_aot.py compiles them for both and reports the shared memory.
+    """
+    if device.type != "cuda":
+        return (16, 16, 1), (16, 16, 1)
+    if dtype.itemsize * max(16, triton.next_power_of_2(head_dim)) <= 256:
         return (128, 64, 8), (64, 64, 4)
-    return (16, 16, 1), (16, 16, 1)
+    return (64, 32, 4), (32, 32, 4)
 
 
 class _PatternAttention(torch.autograd.Function):
@@ -236,7 +245,7 @@ class _PatternAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, dil, window, sinks, scale, blocks):
         seq_len, batch, heads, head_dim = q.shape
         q, k, v = (t.contiguous() for t in (q, k, v))
-        (bm, bn, warps), bwd_blocks = blocks or _blocks(q.device)
+        (bm, bn, warps), bwd_blocks = blocks or _blocks(q.device, q.dtype, head_dim)
         out = torch.empty_like(q)
         lse = torch.empty((batch * heads, seq_len), dtype=torch.float32, device=q.device)
         block_d = max(16, triton.next_power_of_2(head_dim))

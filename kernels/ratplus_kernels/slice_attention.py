@@ -143,7 +143,7 @@ class _SliceAttention(torch.autograd.Function):
         c, batch, heads, head_dim = q.shape
         q, k, v, far_k, far_v = (t.contiguous() for t in (q, k, v, far_k, far_v))
         far_pos = far_pos.to(device=q.device, dtype=torch.int32).contiguous()
-        (bm, bn, warps), bwd_blocks = blocks or _blocks(q.device)
+        (bm, bn, warps), bwd_blocks = blocks or _blocks(q.device, q.dtype, head_dim)
         out = torch.empty_like(q)
         lse = torch.empty((batch * heads, c), dtype=torch.float32, device=q.device)
         block_d = max(16, triton.next_power_of_2(head_dim))

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated patterns or compositions, e.g. dense,dilated:16,w=256,p=4,local:w=64")
     p.add_argument("--eval-samples", type=int, default=64, help="validation windows to score")
     p.add_argument("--data-path", nargs="+", help="indexed dataset prefixes (default: the checkpoint's data)")
+    p.add_argument("--bf16", action="store_true", help="bf16 parameters and activations (as ratplus-pretrain's "
+                                                       "--bf16; default fp32); logits are scored in fp32")
     add_arguments(p)
     add_benchmark_arguments(p)
     return p
@@ -175,7 +177,7 @@ def evaluate(argv) -> dict:
         raise UserError("--eval-samples must be >= 1")
     check_arguments(args)
     train_args = read_meta(args.load)["args"]
-    model, config, tokenizer = load_model(args.load)
+    model, config, tokenizer = load_model(args.load, dtype="bf16" if args.bf16 else "fp32")
     tokens = validation_windows(tokenizer, config.seq_length, args.eval_samples,
                                 args.data_path or train_args.get("data_path"),
                                 train_args.get("seed", DEFAULT_SEED), train_args.get("split", DEFAULT_SPLIT))

@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-length", type=int, default=None,
                         help="longest prompt + new tokens allowed (default: the model's seq_length)")
     parser.add_argument("--show-cache", action="store_true", help="print the decode cache size")
+    parser.add_argument("--bf16", action="store_true", help="bf16 parameters, activations and decode cache "
+                                                            "(as ratplus-pretrain's --bf16; default fp32)")
     return parser
 
 
@@ -66,7 +68,7 @@ def run(args) -> int:
 
     prompts = _prompts(args)
     distributed.initialize()
-    model, _config, tokenizer = load_model(args.load, pattern=args.pattern)
+    model, _config, tokenizer = load_model(args.load, pattern=args.pattern, dtype="bf16" if args.bf16 else "fp32")
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               stop_tokens=_stop_tokens(tokenizer, args.stop), seed=args.seed)
     result = generate(model, [tokenizer.encode(p) for p in prompts], sampling, max_length=args.max_length)

@@ -35,11 +35,12 @@ def pattern_from_args(pattern: str, options: dict) -> str:
     unknown = sorted(set(options) - set(PATTERN_OPTIONS))
     if unknown:
         raise EvaluationError(f"unknown ratplus model argument(s): {', '.join(unknown)} (known: load, pattern, "
-                              f"{', '.join(PATTERN_OPTIONS)}, batch_size, max_length, max_gen_toks, truncate, device)")
+                              f"{', '.join(PATTERN_OPTIONS)}, batch_size, max_length, max_gen_toks, truncate, device, "
+                              f"dtype)")
     return ",".join([str(pattern)] + [f"{k}={options[k]}" for k in PATTERN_OPTIONS if k in options])
 
 
-def _load(path: str):
+def _load(path: str, dtype: str):
     from megatron.core import parallel_state
 
     from megatron_ratplus import distributed
@@ -48,7 +49,7 @@ def _load(path: str):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not parallel_state.model_parallel_is_initialized():
         distributed.initialize(tensor_parallel=world)  # torchrun: the model split over all ranks
-    model, _, tokenizer = load_model(path)
+    model, _, tokenizer = load_model(path, dtype=dtype)
     return model, tokenizer
 
 
@@ -59,17 +60,19 @@ class RatPlusLM(TemplateLM):
     ``load``: checkpoint directory, or pass ``model`` and ``tokenizer`` objects (Python use).
     ``max_length``: longest input (default the model's seq_length); ``truncate``: drop the
     oldest context tokens of longer inputs instead of failing; ``max_gen_toks``: default
-    generation budget when a task gives none.
+    generation budget when a task gives none. ``dtype``: ``fp32`` (default) or ``bf16``, the
+    parameters' type after loading (as ratplus-eval's --bf16).
     """
 
     def __init__(self, load: Optional[str] = None, pattern: str = "dense", batch_size=16,
                  max_length: Optional[int] = None, max_gen_toks: int = 256, truncate: bool = False,
-                 device: Optional[str] = None, model=None, tokenizer=None, max_batch_size=None, **pattern_options):
+                 device: Optional[str] = None, model=None, tokenizer=None, max_batch_size=None,
+                 dtype: str = "fp32", **pattern_options):
         super().__init__()
         if (load is None) == (model is None):
             raise EvaluationError("the ratplus model needs load=CHECKPOINT (or model and tokenizer objects)")
         if model is None:
-            model, tokenizer = _load(str(load))
+            model, tokenizer = _load(str(load), str(dtype))
         self.model, self.tokenizer = model.eval(), tokenizer
         # lm-eval's CLI asks for "cuda" by default; without CUDA stay put, as its HF model does
         if device and (torch.device(device).type != "cuda" or torch.cuda.is_available()):

@@ -68,7 +68,7 @@ class Exchange:
 def attend_with_lse(q, k, v, causal: bool, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of q over k, v ([s, b, heads, d_h]) -> (out [s, b, h, d], LSE [s, b, h] fp32)."""
     qh, kh, vh = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-    if q.is_cuda:
+    if q.device.type != "cpu":  # CUDA (or meta, where the tests check the arguments against the op)
         if q.dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"dense context-parallel attention on CUDA runs FlashAttention, which needs bf16 or "
                              f"fp16 activations, not {q.dtype}")
@@ -82,10 +82,13 @@ def attend_with_lse_backward(grad_out, q, k, v, out, lse, causal: bool, scale: f
     """(dq, dk, dv) of one step given the *merged* output and LSE of the queries."""
     qh, kh, vh, oh, gh = (t.permute(1, 2, 0, 3) for t in (q, k, v, out, grad_out))
     lse = lse.permute(1, 2, 0).contiguous()
-    if q.is_cuda:
-        empty = torch.empty(0, device=q.device)
+    if q.device.type != "cpu":
+        # what the forward returns for a dense call: no cumulative sequence lengths (a defined
+        # tensor there selects the variable-length kernel) and, without dropout, an unused RNG state
+        seed = torch.empty(2, dtype=torch.uint64, device=q.device)
+        offset = torch.empty((), dtype=torch.uint64, device=q.device)
         grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            gh, qh, kh, vh, oh, lse, empty, empty, q.shape[0], k.shape[0], 0.0, causal, empty, empty, scale=scale)
+            gh, qh, kh, vh, oh, lse, None, None, q.shape[0], k.shape[0], 0.0, causal, seed, offset, scale=scale)
     else:
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             gh, qh, kh, vh, oh, lse, 0.0, causal, scale=scale)
