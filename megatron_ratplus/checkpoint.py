@@ -52,6 +52,15 @@ ITER_DIR = re.compile(r"iter_(\d{7})$")
 META_KEYS = ("model", "tokenizer", "args")  # what every reader of ratplus.json relies on
 RNG_KEY = "rng_state"
 WRITER_THREADS = 2
+# Passed to every sharded_state_dict of a save and of a load, and recorded in the checkpoint as
+# dist_checkpointing content metadata, as Megatron-LM does. Megatron's distributed optimizer
+# saves its Adam state per gradient bucket ("dp_reshardable", Megatron-LM's default): every rank
+# writes its own shard with no gather, and a resume may change the data-parallel size (buckets are
+# stored without their DP padding) but not TP, PP or the spec (training/config.py refuses that).
+# "fully_reshardable" would allow those too, but all-gathers each TPxPP domain's whole Adam state
+# (12 bytes per parameter) onto every rank at each save. Without the key megatron 0.16 builds
+# ShardedTensors with flattened_range, which its own dist_checkpointing rejects.
+SHARDED_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 class CheckpointError(UserError):
@@ -220,7 +229,8 @@ def sharded_training_state(model_chunks, optimizer, is_loading: bool = False) ->
     else:
         state = {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading)
+        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading,
+                                                          metadata=dict(SHARDED_METADATA))
     return state
 
 
@@ -239,7 +249,7 @@ def save(save_dir: str, iteration: int, model_chunks, optimizer, common: dict, m
     state.update(common, rng_world_size=_world()[1])
     state[RNG_KEY] = _sharded_rng_state()
     writer = ThreadedSaveStrategy("torch_dist", 1, thread_count=WRITER_THREADS)
-    dist_checkpointing.save(state, tmp, sharded_strategy=writer)
+    dist_checkpointing.save(state, tmp, sharded_strategy=writer, content_metadata=dict(SHARDED_METADATA))
     _barrier()
     if _is_rank0():
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
