@@ -19,6 +19,7 @@ from megatron.core.dist_checkpointing.optimizer import (
     get_param_id_to_sharded_param_map,
     optim_state_to_sharding_state,
 )
+from megatron.core.optimizer import distrib_optimizer
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -170,7 +171,21 @@ class MegatronOptimizerAdapter:
         return bool(optimizer.step_with_ready_grads()), norm
 
     def init_state(self) -> None:
-        """Nothing to do: megatron's optimizer builds its state while loading a sharded state dict."""
+        """Give megatron's distributed optimizer an Adam state for a load to fill. Where Adam is
+        torch's (no TE or apex: CPU, bare GPU images) its state, step count included, exists only
+        after a step, and megatron's ``state_dict`` asserts on it; megatron's own helper takes a
+        zero-gradient step on the main weights, which the load then overwrites. The other
+        optimizers build their state while loading."""
+        if distrib_optimizer.HAVE_APEX_OR_TE:
+            return
+        for inner in self._distributed():
+            if not inner.optimizer.state:
+                inner._init_optimizer_states_with_dummy_values()
+
+    def _distributed(self) -> list:
+        """megatron's DistributedOptimizers inside the (chained) optimizer."""
+        return [inner for inner in getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+                if isinstance(inner, distrib_optimizer.DistributedOptimizer)]
 
     def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None):
         """``metadata``: the checkpoint's (checkpoint.SHARDED_METADATA); it picks the distributed
@@ -178,7 +193,18 @@ class MegatronOptimizerAdapter:
         return self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading, metadata=metadata)
 
     def load_state_dict(self, state) -> None:
-        self.optimizer.load_state_dict(state)
+        """Without autograd: fp32 parameters' main weights in the distributed optimizer are views
+        of the model's leaf parameters, which megatron copies into in place."""
+        with torch.no_grad():
+            self.optimizer.load_state_dict(state)
+        if not distrib_optimizer.HAVE_APEX_OR_TE:
+            # With torch's Adam, megatron's load leaves each parameter's step count at the one
+            # init_state's step made and puts the saved count in the param groups: restore it,
+            # or Adam's bias correction restarts (a resumed run would differ from an uninterrupted one).
+            for inner in self._distributed():
+                for group in inner.optimizer.param_groups:
+                    for param in group["params"]:
+                        inner.optimizer.state[param]["step"] = torch.tensor(float(group["step"]))
 
 
 def build_scheduler(optimizer, args) -> OptimizerParamScheduler:
