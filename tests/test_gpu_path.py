@@ -8,7 +8,16 @@ import torch.distributed as dist
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import Float16Module
 
-from megatron_ratplus import distributed, optional
+import os
+import subprocess
+import sys
+
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+from megatron_ratplus import distributed, optional, precision
+from megatron_ratplus.config import model_config
+from megatron_ratplus.errors import UserError
+from megatron_ratplus.model import build_model
 from megatron_ratplus.cli import pretrain as pretrain_cli
 from megatron_ratplus.flops import iteration_flops
 from megatron_ratplus.training import loop, pretrain, schedule, steps, throughput
@@ -180,7 +189,7 @@ def test_megatron_optimizer_adapter_passes_is_loading():
     (["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "0"],
      "--recompute-num-layers must be >= 1"),
     (["--overlap-param-gather"], "--overlap-param-gather needs --use-distributed-optimizer"),
-    (["--use-distributed-optimizer"], "--use-distributed-optimizer needs GPUs"),
+    (["--overlap-param-gather", "--use-distributed-optimizer"], "--overlap-param-gather needs GPUs"),
     (["--overlap-grad-reduce"], "--overlap-grad-reduce needs GPUs"),
     (["--dataloader-type", "dali"], "--dataloader-type dali needs nvidia.dali"),
     (["--gpu-memory-gb", "0"], "--gpu-memory-gb must be > 0"),
@@ -264,3 +273,98 @@ def test_dry_run_reports_and_exits_2_when_the_layout_does_not_fit(tmp_path, caps
     assert len(err) == 1 and "exceeds 80 GB" in err[0], err
     assert pretrain_cli.main(big + ["--dry-run", "--gpu-memory-gb", "1e6"] + save) == 0
     assert not (tmp_path / "ck").exists()
+
+
+def test_distributed_optimizer_save_and_resume_on_cpu(tmp_path, recorded):
+    """ratplus-pretrain --use-distributed-optimizer runs megatron's DistributedOptimizer on CPU,
+    saves it with the trainer's metadata and resumes it: the resumed run's losses equal the
+    uninterrupted run's (Adam moments, main weights and step counts come back)."""
+    run = MICRO + ["--train-iters", "4", "--bf16", "--no-joint-training", "--use-distributed-optimizer"]
+    pretrain(run + ["--save-interval", "2", "--save", str(tmp_path / "a")])
+    whole = [c["loss"] for c in recorded]
+    optimizer = recorded[-1]["optimizer"]
+    assert isinstance(optimizer, MegatronOptimizerAdapter)
+    assert isinstance(optimizer.optimizer.chained_optimizers[0], DistributedOptimizer)
+    resume = tmp_path / "b"
+    resume.mkdir()
+    (tmp_path / "a" / "iter_0000002").rename(resume / "iter_0000002")
+    (resume / "latest").write_text("iter_0000002")
+    recorded.clear()
+    pretrain(run + ["--save", str(resume), "--load", str(resume)])
+    assert [c["loss"] for c in recorded] == whole[2:]
+
+
+def test_resume_refuses_a_layout_the_distributed_optimizer_state_cannot_take(tmp_path, capsys):
+    """Its state is stored per gradient bucket: only the data-parallel size may change."""
+    save = tmp_path / "ck"
+    assert pretrain_cli.main(MICRO + ["--train-iters", "1", "--use-distributed-optimizer", "--save", str(save)]) == 0
+    capsys.readouterr()
+    for flags in (["--tensor-model-parallel-size", "2"], []):
+        rc = pretrain_cli.main(MICRO + ["--train-iters", "2", *flags, "--save", str(save), "--load", str(save)]
+                               + (["--use-distributed-optimizer"] if flags else []))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "may change only the data-parallel size" in err[0], err
+
+
+@pytest.mark.parametrize("capability, refused", [((9, 0), True), ((8, 0), True), ((10, 0), False), ((12, 0), False)])
+def test_mxfp8_needs_blackwell(monkeypatch, capability, refused):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    for recipe in ("delayed", "tensorwise"):
+        precision.check_fp8_recipe(recipe)
+    if refused:
+        with pytest.raises(UserError, match="mxfp8 needs compute capability 10.0"):
+            precision.check_fp8_recipe("mxfp8")
+    else:
+        precision.check_fp8_recipe("mxfp8")
+
+
+def test_mxfp8_refused_at_start_up_on_hopper(tmp_path, capsys, monkeypatch):
+    """The CLI path: with TE importable and a (pretend) Hopper GPU, one line, exit 2, no process group."""
+    real = optional.optional_import
+    monkeypatch.setattr(optional, "optional_import",
+                        lambda name: object() if name == "transformer_engine" else real(name))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(distributed, "initialize", lambda *a, **k: pytest.fail("a process group was started"))
+    rc = pretrain_cli.main(MICRO + ["--fp8-format", "hybrid", "--fp8-recipe", "mxfp8", "--bf16",
+                                    "--save", str(tmp_path / "ck")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--fp8-recipe mxfp8 needs compute capability 10.0" in err[0], err
+
+
+def test_every_parameter_is_created_where_megatron_puts_its_own(megatron_single, monkeypatch):
+    """megatron's modules put parameters on torch.cuda.current_device() unless
+    use_cpu_initialization; pointing that at 'meta' shows any parameter or buffer we create
+    elsewhere (the local spec's RMSNorm was on the CPU). The TE spec needs TE and CUDA to build."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: META)
+    config = model_config(num_layers=2, hidden_size=32, num_attention_heads=2, ffn_hidden_size=64, seq_length=16,
+                          vocab_size=128, real_vocab_size=128, use_cpu_initialization=False)
+    model = build_model(config, "local")
+    megatron_linear = model.decoder.layers[0].mlp.linear_fc1.weight
+    assert megatron_linear.device == META
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    assert len(tensors) > 8
+    wrong = [name for name, t in tensors if t.device != megatron_linear.device]
+    assert not wrong, wrong
+
+
+def test_package_import_sets_cuda_device_max_connections():
+    """Set at the first import of the package, before anything can initialise CUDA (torchrun and
+    Python users included); a value the user chose is kept."""
+    code = "import os, megatron_ratplus; print(os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS'))"
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_DEVICE_MAX_CONNECTIONS"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "CUDA_DEVICE_MAX_CONNECTIONS": "4"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "4"
+
+
+def test_sequence_parallel_refuses_other_cuda_device_max_connections(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")
+    monkeypatch.setattr(distributed, "initialize", lambda *a, **k: pytest.fail("a process group was started"))
+    rc = pretrain_cli.main(MICRO + ["--sequence-parallel", "--save", str(tmp_path / "ck")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "needs CUDA_DEVICE_MAX_CONNECTIONS=1" in err[0], err

@@ -131,6 +131,8 @@ class TrainingConfig:
             load = None  # --load SAVE --save SAVE on a first run (SLURM requeue style): start fresh
         meta = checkpoint.read_meta(load) if load else None
         adapting = bool(flags["adapt_pattern"])
+        if meta and not adapting:
+            _check_optimizer_layout(flags, meta["args"])
         if checkpoint.latest_checkpoint(flags["save"]) and not (load and not adapting and _same_dir(load, flags["save"])):
             raise UserError(f"--save {flags['save']} already holds a checkpoint; refusing to overwrite it "
                             f"(resume with --load {flags['save']}, or choose another --save)")
@@ -162,7 +164,6 @@ class TrainingConfig:
         flags["train_iters"] = flags["train_iters"] or DEFAULT_ITERS
         if meta and not adapting:
             _resume_schedule(flags, meta, explicit)
-            _check_optimizer_layout(flags, meta["args"])
         if flags["min_lr"] > flags["lr"]:
             raise UserError(f"--min-lr {flags['min_lr']} is above --lr {flags['lr']}")
         joint = flags["joint_training"] and not adapting and not continuing
