@@ -2,8 +2,8 @@
 
 GPU: megatron-core's DistributedDataParallel (bucketed, overlappable gradient reduction into
 fp32 ``main_grad`` buffers; with ``use_distributed_optimizer`` it reduce-scatters for megatron's
-distributed optimizer). CPU: megatron's optimizer asserts CUDA tensors, so the CPU path keeps
-``param.grad`` for a torch optimizer and reduces it with one all-reduce per chunk. Both average
+distributed optimizer), also on CPU with the distributed optimizer (through cpu_compat). CPU
+otherwise: ``param.grad`` for a torch optimizer, reduced with one all-reduce per chunk. Both average
 over the data x context parallel group, the convention megatron's schedules assume (they scale
 the loss by the CP size), and both are finished by megatron's own ``finalize_model_grads``,
 which also sums sequence-parallel norm gradients over TP and tied-embedding gradients over the

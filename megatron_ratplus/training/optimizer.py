@@ -157,7 +157,7 @@ class MegatronOptimizerAdapter:
         """megatron's step (ChainedOptimizer.step: prepare, norm, clip, update) with the NaN policy
         in it: megatron skips only when an fp16 grad scaler finds an inf, so with bf16 or fp32 (no
         scaler) it would update with non-finite gradients. A non-finite global norm skips the
-        update here, as TorchOptimizer does (docs/DESIGN.md §8)."""
+        update here, as TorchOptimizer does (docs/DESIGN.md §9)."""
         optimizer = self.optimizer
         if optimizer.prepare_grads():  # an fp16 grad scaler found an inf
             return False, float("nan")
