@@ -1,25 +1,26 @@
 """The GPU training path, checked on CPU: every batch and collective tensor on the rank's device,
-bf16 through megatron's Float16Module with fp32 main weights, is_loading on resume, GPU flag
-validation, throughput/memory logging at --log-interval, and --dry-run."""
-
-import pytest
-import torch
-import torch.distributed as dist
-from megatron.core.models.gpt import GPTModel
-from megatron.core.transformer.module import Float16Module
+bf16 through megatron's Float16Module with fp32 main weights, is_loading on resume, megatron's
+DistributedOptimizer saved and resumed on CPU, GPU flag validation (mxfp8's compute capability,
+CUDA_DEVICE_MAX_CONNECTIONS), parameter placement, throughput/memory logging at --log-interval,
+and --dry-run."""
 
 import os
 import subprocess
 import sys
 
+import pytest
+import torch
+import torch.distributed as dist
+from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.transformer.module import Float16Module
 
-from megatron_ratplus import distributed, optional, precision
+from megatron_ratplus import checkpoint, distributed, optional, precision
+from megatron_ratplus.cli import pretrain as pretrain_cli
 from megatron_ratplus.config import model_config
 from megatron_ratplus.errors import UserError
-from megatron_ratplus.model import build_model
-from megatron_ratplus.cli import pretrain as pretrain_cli
 from megatron_ratplus.flops import iteration_flops
+from megatron_ratplus.model import build_model
 from megatron_ratplus.training import loop, pretrain, schedule, steps, throughput
 from megatron_ratplus.training.arguments import parse_flags
 from megatron_ratplus.training.config import TrainingConfig
@@ -153,28 +154,35 @@ def test_bf16_resume_equals_uninterrupted_and_loads_with_is_loading(tmp_path, re
         return real(self, model_sharded_state_dict, is_loading=is_loading)
 
     monkeypatch.setattr(TorchOptimizer, "sharded_state_dict", spy)
-    run = MICRO + ["--train-iters", "4", "--bf16", "--no-joint-training"]
+    whole, resumed = _resume_at_iteration_2(tmp_path, recorded, ["--bf16"])
+    assert calls == [False, False, True, False]
+    assert resumed == whole[2:]
+
+
+def _resume_at_iteration_2(tmp_path, recorded, flags):
+    """Losses of a 4-iteration run saving at 2, and of a run resumed from that checkpoint."""
+    run = MICRO + ["--train-iters", "4", "--no-joint-training", *flags]
     pretrain(run + ["--save-interval", "2", "--save", str(tmp_path / "a")])
     whole = [c["loss"] for c in recorded]
-    assert calls == [False, False]
     resume = tmp_path / "b"
     resume.mkdir()
     (tmp_path / "a" / "iter_0000002").rename(resume / "iter_0000002")
     (resume / "latest").write_text("iter_0000002")
     recorded.clear()
     pretrain(run + ["--save", str(resume), "--load", str(resume)])
-    assert calls == [False, False, True, False]
-    assert [c["loss"] for c in recorded] == whole[2:]
+    return whole, [c["loss"] for c in recorded]
 
 
 def test_megatron_optimizer_adapter_passes_is_loading():
     class Inner:
-        def sharded_state_dict(self, model_sharded_state_dict, is_loading=False):
-            return {"is_loading": is_loading}
+        def sharded_state_dict(self, model_sharded_state_dict, is_loading=False, metadata=None):
+            return {"is_loading": is_loading, "metadata": metadata}
 
     adapter = MegatronOptimizerAdapter(Inner(), [])
-    assert adapter.sharded_state_dict({}, is_loading=True) == {"is_loading": True}
-    assert adapter.sharded_state_dict({}) == {"is_loading": False}
+    metadata = dict(checkpoint.SHARDED_METADATA)
+    assert adapter.sharded_state_dict({}, is_loading=True, metadata=metadata) == {"is_loading": True,
+                                                                                  "metadata": metadata}
+    assert adapter.sharded_state_dict({}) == {"is_loading": False, "metadata": None}
 
 
 @pytest.mark.parametrize("flags, needle", [
@@ -279,19 +287,11 @@ def test_distributed_optimizer_save_and_resume_on_cpu(tmp_path, recorded):
     """ratplus-pretrain --use-distributed-optimizer runs megatron's DistributedOptimizer on CPU,
     saves it with the trainer's metadata and resumes it: the resumed run's losses equal the
     uninterrupted run's (Adam moments, main weights and step counts come back)."""
-    run = MICRO + ["--train-iters", "4", "--bf16", "--no-joint-training", "--use-distributed-optimizer"]
-    pretrain(run + ["--save-interval", "2", "--save", str(tmp_path / "a")])
-    whole = [c["loss"] for c in recorded]
+    whole, resumed = _resume_at_iteration_2(tmp_path, recorded, ["--bf16", "--use-distributed-optimizer"])
     optimizer = recorded[-1]["optimizer"]
     assert isinstance(optimizer, MegatronOptimizerAdapter)
     assert isinstance(optimizer.optimizer.chained_optimizers[0], DistributedOptimizer)
-    resume = tmp_path / "b"
-    resume.mkdir()
-    (tmp_path / "a" / "iter_0000002").rename(resume / "iter_0000002")
-    (resume / "latest").write_text("iter_0000002")
-    recorded.clear()
-    pretrain(run + ["--save", str(resume), "--load", str(resume)])
-    assert [c["loss"] for c in recorded] == whole[2:]
+    assert resumed == whole[2:]
 
 
 def test_resume_refuses_a_layout_the_distributed_optimizer_state_cannot_take(tmp_path, capsys):
