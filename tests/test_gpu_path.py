@@ -5,6 +5,7 @@ CUDA_DEVICE_MAX_CONNECTIONS), parameter placement, throughput/memory logging at 
 and --dry-run."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -26,6 +27,8 @@ from megatron_ratplus.training.arguments import parse_flags
 from megatron_ratplus.training.config import TrainingConfig
 from megatron_ratplus.training.exit import ExitConditions
 from megatron_ratplus.training.optimizer import MegatronOptimizerAdapter, TorchOptimizer
+
+from conftest import torchrun
 
 MICRO = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "32",
          "--micro-batch-size", "2", "--global-batch-size", "4", "--eval-iters", "2", "--eval-interval", "0",
@@ -149,9 +152,10 @@ def test_bf16_resume_equals_uninterrupted_and_loads_with_is_loading(tmp_path, re
     calls = []
     real = TorchOptimizer.sharded_state_dict
 
-    def spy(self, model_sharded_state_dict, is_loading=False):
+    def spy(self, model_sharded_state_dict, is_loading=False, metadata=None):
         calls.append(is_loading)
-        return real(self, model_sharded_state_dict, is_loading=is_loading)
+        assert metadata == checkpoint.SHARDED_METADATA
+        return real(self, model_sharded_state_dict, is_loading=is_loading, metadata=metadata)
 
     monkeypatch.setattr(TorchOptimizer, "sharded_state_dict", spy)
     whole, resumed = _resume_at_iteration_2(tmp_path, recorded, ["--bf16"])
@@ -294,6 +298,33 @@ def test_distributed_optimizer_save_and_resume_on_cpu(tmp_path, recorded):
     assert resumed == whole[2:]
 
 
+@pytest.mark.integration
+def test_distributed_optimizer_resumes_at_two_data_parallel_ranks_and_at_one(tmp_path):
+    """DP=2 under torchrun (gloo reduce-scatters the gradients): a run resumed from its iteration-1
+    checkpoint ends with the uninterrupted run's weights, and the same checkpoint resumes at DP=1
+    (the dp_reshardable layout lets the data-parallel size change) to the same weights up to
+    reduction order."""
+    flags = MICRO + ["--train-iters", "2", "--save-interval", "1", "--no-joint-training", "--use-distributed-optimizer"]
+
+    def run(nproc, save_dir):
+        result = torchrun(nproc, "-m", "megatron_ratplus.cli.pretrain", *flags, "--save", save_dir,
+                          "--load", save_dir, timeout=400)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    run(2, tmp_path / "full")
+    for name, nproc in (("dp2", 2), ("dp1", 1)):
+        shutil.copytree(tmp_path / "full" / "iter_0000001", tmp_path / name / "iter_0000001")
+        run(nproc, tmp_path / name)
+    weights = {name: checkpoint.load_model(str(tmp_path / name / "iter_0000002"))[0].state_dict()
+               for name in ("full", "dp2", "dp1")}
+    start = checkpoint.load_model(str(tmp_path / "full" / "iter_0000001"))[0].state_dict()
+    keys = [k for k, v in weights["full"].items() if isinstance(v, torch.Tensor)]
+    assert len(keys) > 5 and any(not torch.equal(weights["full"][k], start[k]) for k in keys)
+    for key in keys:
+        assert torch.equal(weights["dp2"][key], weights["full"][key]), key
+        torch.testing.assert_close(weights["dp1"][key], weights["full"][key], rtol=1e-4, atol=1e-6)
+
+
 def test_resume_refuses_a_layout_the_distributed_optimizer_state_cannot_take(tmp_path, capsys):
     """Its state is stored per gradient bucket: only the data-parallel size may change."""
     save = tmp_path / "ck"
@@ -348,6 +379,7 @@ def test_every_parameter_is_created_where_megatron_puts_its_own(megatron_single,
     assert not wrong, wrong
 
 
+@pytest.mark.integration
 def test_package_import_sets_cuda_device_max_connections():
     """Set at the first import of the package, before anything can initialise CUDA (torchrun and
     Python users included); a value the user chose is kept."""
