@@ -54,6 +54,15 @@ ITER_DIR = re.compile(r"iter_(\d{7})$")
 META_KEYS = ("model", "tokenizer", "args")  # what every reader of ratplus.json relies on
 RNG_KEY = "rng_state"
 WRITER_THREADS = 2
+# Passed to every sharded_state_dict of a save and of a load, and recorded in the checkpoint as
+# dist_checkpointing content metadata, as Megatron-LM does. Megatron's distributed optimizer
+# saves its Adam state per gradient bucket ("dp_reshardable", Megatron-LM's default): every rank
+# writes its own shard with no gather, and a resume may change the data-parallel size (buckets are
+# stored without their DP padding) but not TP, PP or the spec (training/config.py refuses that).
+# "fully_reshardable" would allow those too, but all-gathers each TPxPP domain's whole Adam state
+# (12 bytes per parameter) onto every rank at each save. Without the key megatron 0.16 builds
+# ShardedTensors with flattened_range, which its own dist_checkpointing rejects.
+SHARDED_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 class CheckpointError(UserError):
@@ -210,6 +219,15 @@ def _sharded_rng_state() -> ShardedObject:
     return ShardedObject(RNG_KEY, rng_state(), (world,), (rank,), replica_id=0)
 
 
+def _unwrapped(chunk):
+    """The GPTModel inside megatron's DDP / Float16Module (or CPUDataParallel) wrappers: its keys are
+    the checkpoint's on every path (megatron's DDP would prefix them with ``module.``), as
+    Megatron-LM unwraps before saving."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
 def sharded_training_state(model_chunks, optimizer, is_loading: bool = False) -> dict:
     """The sharded tensors of a training state in megatron's key layout: ``model`` (or ``model0``,
     ``model1``, ... per virtual pipeline stage, whose local key names coincide) and ``optimizer``,
@@ -217,12 +235,14 @@ def sharded_training_state(model_chunks, optimizer, is_loading: bool = False) ->
 
     ``is_loading``: the template of a load; megatron's distributed optimizer then asks for its
     Adam moments too (before its first step it has none to describe), as Megatron-LM does."""
-    if len(model_chunks) == 1:
-        state = {"model": model_chunks[0].sharded_state_dict()}
+    models = [_unwrapped(chunk) for chunk in model_chunks]
+    if len(models) == 1:
+        state = {"model": models[0].sharded_state_dict()}
     else:
-        state = {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+        state = {f"model{i}": model.sharded_state_dict() for i, model in enumerate(models)}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading)
+        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading,
+                                                          metadata=dict(SHARDED_METADATA))
     return state
 
 
@@ -241,7 +261,7 @@ def save(save_dir: str, iteration: int, model_chunks, optimizer, common: dict, m
     state.update(common, rng_world_size=_world()[1])
     state[RNG_KEY] = _sharded_rng_state()
     writer = ThreadedSaveStrategy("torch_dist", 1, thread_count=WRITER_THREADS)
-    dist_checkpointing.save(state, tmp, sharded_strategy=writer)
+    dist_checkpointing.save(state, tmp, sharded_strategy=writer, content_metadata=dict(SHARDED_METADATA))
     _barrier()
     if _is_rank0():
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
@@ -292,9 +312,7 @@ def load(path: str, model_chunks, optimizer=None) -> dict:
         set_rng_state(state.pop(RNG_KEY))
     names = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
     for name, chunk in zip(names, model_chunks):
-        while hasattr(chunk, "module"):  # DDP / Float16Module wrappers: the latter's load_state_dict returns None
-            chunk = chunk.module
-        result = chunk.load_state_dict(state.pop(name), strict=False)
+        result = _unwrapped(chunk).load_state_dict(state.pop(name), strict=False)  # Float16Module's returns None
         wrong = [k for k in result.missing_keys if not k.endswith("._extra_state")] + result.unexpected_keys
         if wrong:
             raise CheckpointError(f"cannot load {ckpt}: {wrong[0]} does not match this model")

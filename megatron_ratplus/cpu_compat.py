@@ -6,8 +6,11 @@ megatron-core 0.16 hard-codes CUDA in a few places that are otherwise device-agn
 ``pin_memory=True`` plus ``Tensor.cuda()`` (RoPE slicing under context parallelism, the tied
 embedding sync across pipeline stages), and ``torch.cuda.get_rng_state()`` (the model-parallel
 RNG tracker that sequence-parallel embeddings fork; it then tracks the CPU generator's state,
-and RAT+ has no dropout to draw from it). Without CUDA each of these raises, so this module
-redirects exactly those calls to the CPU. With CUDA
+and RAT+ has no dropout to draw from it), and ``Tensor.type()`` compared with
+``"torch.cuda.FloatTensor"``/``"torch.cuda.BFloat16Tensor"`` (megatron's Float16 and distributed
+optimizers accept parameters by that name and raise ``TypeError`` otherwise; a CPU tensor's
+``type()`` here reports the CUDA name of its dtype, the only CPU-visible effect). Without CUDA each
+of these raises, so this module redirects exactly those calls to the CPU. With CUDA
 present :func:`install` does nothing, so the GPU path is never touched.
 """
 
@@ -42,6 +45,19 @@ def _cpu_device(factory):
     return wrapper
 
 
+def _cuda_type_name(real_type):
+    """``Tensor.type()`` with no argument names a dense CPU tensor by its CUDA type (the tensor
+    stands in for the CUDA one, as ``Tensor.cuda`` returns it unchanged); conversions pass through."""
+
+    @functools.wraps(real_type)
+    def type_name(self, *args, **kwargs):
+        if args or kwargs or self.device.type != "cpu" or self.is_sparse:
+            return real_type(self, *args, **kwargs)
+        return real_type(self).replace("torch.", "torch.cuda.", 1)
+
+    return type_name
+
+
 def install() -> bool:
     """Install the shim when CUDA is unavailable; returns whether it is active. Idempotent."""
     global _installed
@@ -51,6 +67,7 @@ def install() -> bool:
         torch.cuda.current_device = lambda: torch.device("cpu")
         torch.cuda.synchronize = lambda device=None: None
         torch.Tensor.cuda = lambda self, *args, **kwargs: self
+        torch.Tensor.type = _cuda_type_name(torch.Tensor.type)
         torch.cuda.get_rng_state = torch.cuda.random.get_rng_state = lambda device="cuda": torch.get_rng_state()
         for name in _FACTORIES:
             setattr(torch, name, _cpu_device(getattr(torch, name)))

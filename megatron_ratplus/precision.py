@@ -1,4 +1,4 @@
-"""FP8 start-up checks: the shapes Transformer Engine's FP8 GEMMs accept.
+"""FP8 start-up checks: the shapes Transformer Engine's FP8 GEMMs accept, and the GPU a recipe needs.
 
 Only the four GEMMs of a layer run in FP8 (docs/DESIGN.md §8): W_in, W_out, fc1, fc2. TE's FP8
 kernels need every GEMM dimension a multiple of 16 (the weight's two sizes on this tensor-
@@ -8,9 +8,14 @@ inside the first forward pass. This check says which size is wrong before anythi
 
 from __future__ import annotations
 
+import torch
+
 from megatron_ratplus.errors import UserError
 
 FP8_MULTIPLE = 16
+# TE's MXFP8 recipe (block-scaled FP8) runs only on Blackwell tensor cores; older GPUs fail in the
+# first forward pass.
+MXFP8_CAPABILITY = (10, 0)
 
 
 class FP8ShapeError(UserError):
@@ -37,3 +42,11 @@ def check_fp8_shapes(config, micro_batch_size: int = 1) -> None:
         if size % FP8_MULTIPLE:
             raise FP8ShapeError(f"FP8 needs every GEMM dimension to be a multiple of {FP8_MULTIPLE}; "
                                 f"the {name} is {size}")
+
+
+def check_fp8_recipe(recipe: str) -> None:
+    """Refuse ``--fp8-recipe mxfp8`` on a GPU below compute capability 10.0 (call with CUDA present)."""
+    capability = tuple(torch.cuda.get_device_capability())
+    if recipe == "mxfp8" and capability < MXFP8_CAPABILITY:
+        raise UserError(f"--fp8-recipe mxfp8 needs compute capability {MXFP8_CAPABILITY[0]}.{MXFP8_CAPABILITY[1]} "
+                        f"(Blackwell); this GPU has {capability[0]}.{capability[1]}: use delayed or tensorwise")

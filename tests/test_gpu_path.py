@@ -1,21 +1,34 @@
 """The GPU training path, checked on CPU: every batch and collective tensor on the rank's device,
-bf16 through megatron's Float16Module with fp32 main weights, is_loading on resume, GPU flag
-validation, throughput/memory logging at --log-interval, and --dry-run."""
+bf16 through megatron's Float16Module with fp32 main weights, is_loading on resume, megatron's
+DistributedOptimizer saved and resumed on CPU, GPU flag validation (mxfp8's compute capability,
+CUDA_DEVICE_MAX_CONNECTIONS), parameter placement, throughput/memory logging at --log-interval,
+and --dry-run."""
+
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 from megatron.core.models.gpt import GPTModel
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.transformer.module import Float16Module
 
-from megatron_ratplus import distributed, optional
+from megatron_ratplus import checkpoint, distributed, optional, precision
 from megatron_ratplus.cli import pretrain as pretrain_cli
+from megatron_ratplus.config import model_config
+from megatron_ratplus.errors import UserError
 from megatron_ratplus.flops import iteration_flops
+from megatron_ratplus.model import build_model
 from megatron_ratplus.training import loop, pretrain, schedule, steps, throughput
 from megatron_ratplus.training.arguments import parse_flags
 from megatron_ratplus.training.config import TrainingConfig
 from megatron_ratplus.training.exit import ExitConditions
 from megatron_ratplus.training.optimizer import MegatronOptimizerAdapter, TorchOptimizer
+
+from conftest import torchrun
 
 MICRO = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "32",
          "--micro-batch-size", "2", "--global-batch-size", "4", "--eval-iters", "2", "--eval-interval", "0",
@@ -139,33 +152,41 @@ def test_bf16_resume_equals_uninterrupted_and_loads_with_is_loading(tmp_path, re
     calls = []
     real = TorchOptimizer.sharded_state_dict
 
-    def spy(self, model_sharded_state_dict, is_loading=False):
+    def spy(self, model_sharded_state_dict, is_loading=False, metadata=None):
         calls.append(is_loading)
-        return real(self, model_sharded_state_dict, is_loading=is_loading)
+        assert metadata == checkpoint.SHARDED_METADATA
+        return real(self, model_sharded_state_dict, is_loading=is_loading, metadata=metadata)
 
     monkeypatch.setattr(TorchOptimizer, "sharded_state_dict", spy)
-    run = MICRO + ["--train-iters", "4", "--bf16", "--no-joint-training"]
+    whole, resumed = _resume_at_iteration_2(tmp_path, recorded, ["--bf16"])
+    assert calls == [False, False, True, False]
+    assert resumed == whole[2:]
+
+
+def _resume_at_iteration_2(tmp_path, recorded, flags):
+    """Losses of a 4-iteration run saving at 2, and of a run resumed from that checkpoint."""
+    run = MICRO + ["--train-iters", "4", "--no-joint-training", *flags]
     pretrain(run + ["--save-interval", "2", "--save", str(tmp_path / "a")])
     whole = [c["loss"] for c in recorded]
-    assert calls == [False, False]
     resume = tmp_path / "b"
     resume.mkdir()
     (tmp_path / "a" / "iter_0000002").rename(resume / "iter_0000002")
     (resume / "latest").write_text("iter_0000002")
     recorded.clear()
     pretrain(run + ["--save", str(resume), "--load", str(resume)])
-    assert calls == [False, False, True, False]
-    assert [c["loss"] for c in recorded] == whole[2:]
+    return whole, [c["loss"] for c in recorded]
 
 
 def test_megatron_optimizer_adapter_passes_is_loading():
     class Inner:
-        def sharded_state_dict(self, model_sharded_state_dict, is_loading=False):
-            return {"is_loading": is_loading}
+        def sharded_state_dict(self, model_sharded_state_dict, is_loading=False, metadata=None):
+            return {"is_loading": is_loading, "metadata": metadata}
 
     adapter = MegatronOptimizerAdapter(Inner(), [])
-    assert adapter.sharded_state_dict({}, is_loading=True) == {"is_loading": True}
-    assert adapter.sharded_state_dict({}) == {"is_loading": False}
+    metadata = dict(checkpoint.SHARDED_METADATA)
+    assert adapter.sharded_state_dict({}, is_loading=True, metadata=metadata) == {"is_loading": True,
+                                                                                  "metadata": metadata}
+    assert adapter.sharded_state_dict({}) == {"is_loading": False, "metadata": None}
 
 
 @pytest.mark.parametrize("flags, needle", [
@@ -180,7 +201,7 @@ def test_megatron_optimizer_adapter_passes_is_loading():
     (["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "0"],
      "--recompute-num-layers must be >= 1"),
     (["--overlap-param-gather"], "--overlap-param-gather needs --use-distributed-optimizer"),
-    (["--use-distributed-optimizer"], "--use-distributed-optimizer needs GPUs"),
+    (["--overlap-param-gather", "--use-distributed-optimizer"], "--overlap-param-gather needs GPUs"),
     (["--overlap-grad-reduce"], "--overlap-grad-reduce needs GPUs"),
     (["--dataloader-type", "dali"], "--dataloader-type dali needs nvidia.dali"),
     (["--gpu-memory-gb", "0"], "--gpu-memory-gb must be > 0"),
@@ -264,3 +285,118 @@ def test_dry_run_reports_and_exits_2_when_the_layout_does_not_fit(tmp_path, caps
     assert len(err) == 1 and "exceeds 80 GB" in err[0], err
     assert pretrain_cli.main(big + ["--dry-run", "--gpu-memory-gb", "1e6"] + save) == 0
     assert not (tmp_path / "ck").exists()
+
+
+def test_distributed_optimizer_save_and_resume_on_cpu(tmp_path, recorded):
+    """ratplus-pretrain --use-distributed-optimizer runs megatron's DistributedOptimizer on CPU,
+    saves it with the trainer's metadata and resumes it: the resumed run's losses equal the
+    uninterrupted run's (Adam moments, main weights and step counts come back)."""
+    whole, resumed = _resume_at_iteration_2(tmp_path, recorded, ["--bf16", "--use-distributed-optimizer"])
+    optimizer = recorded[-1]["optimizer"]
+    assert isinstance(optimizer, MegatronOptimizerAdapter)
+    assert isinstance(optimizer.optimizer.chained_optimizers[0], DistributedOptimizer)
+    assert resumed == whole[2:]
+
+
+@pytest.mark.integration
+def test_distributed_optimizer_resumes_at_two_data_parallel_ranks_and_at_one(tmp_path):
+    """DP=2 under torchrun (gloo reduce-scatters the gradients): a run resumed from its iteration-1
+    checkpoint ends with the uninterrupted run's weights, and the same checkpoint resumes at DP=1
+    (the dp_reshardable layout lets the data-parallel size change) to the same weights up to
+    reduction order."""
+    flags = MICRO + ["--train-iters", "2", "--save-interval", "1", "--no-joint-training", "--use-distributed-optimizer"]
+
+    def run(nproc, save_dir):
+        result = torchrun(nproc, "-m", "megatron_ratplus.cli.pretrain", *flags, "--save", save_dir,
+                          "--load", save_dir, timeout=400)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    run(2, tmp_path / "full")
+    for name, nproc in (("dp2", 2), ("dp1", 1)):
+        shutil.copytree(tmp_path / "full" / "iter_0000001", tmp_path / name / "iter_0000001")
+        run(nproc, tmp_path / name)
+    weights = {name: checkpoint.load_model(str(tmp_path / name / "iter_0000002"))[0].state_dict()
+               for name in ("full", "dp2", "dp1")}
+    start = checkpoint.load_model(str(tmp_path / "full" / "iter_0000001"))[0].state_dict()
+    keys = [k for k, v in weights["full"].items() if isinstance(v, torch.Tensor)]
+    assert len(keys) > 5 and any(not torch.equal(weights["full"][k], start[k]) for k in keys)
+    for key in keys:
+        assert torch.equal(weights["dp2"][key], weights["full"][key]), key
+        torch.testing.assert_close(weights["dp1"][key], weights["full"][key], rtol=1e-4, atol=1e-6)
+
+
+def test_resume_refuses_a_layout_the_distributed_optimizer_state_cannot_take(tmp_path, capsys):
+    """Its state is stored per gradient bucket: only the data-parallel size may change."""
+    save = tmp_path / "ck"
+    assert pretrain_cli.main(MICRO + ["--train-iters", "1", "--use-distributed-optimizer", "--save", str(save)]) == 0
+    capsys.readouterr()
+    for flags in (["--tensor-model-parallel-size", "2"], []):
+        rc = pretrain_cli.main(MICRO + ["--train-iters", "2", *flags, "--save", str(save), "--load", str(save)]
+                               + (["--use-distributed-optimizer"] if flags else []))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "may change only the data-parallel size" in err[0], err
+
+
+@pytest.mark.parametrize("capability, refused", [((9, 0), True), ((8, 0), True), ((10, 0), False), ((12, 0), False)])
+def test_mxfp8_needs_blackwell(monkeypatch, capability, refused):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    for recipe in ("delayed", "tensorwise"):
+        precision.check_fp8_recipe(recipe)
+    if refused:
+        with pytest.raises(UserError, match="mxfp8 needs compute capability 10.0"):
+            precision.check_fp8_recipe("mxfp8")
+    else:
+        precision.check_fp8_recipe("mxfp8")
+
+
+def test_mxfp8_refused_at_start_up_on_hopper(tmp_path, capsys, monkeypatch):
+    """The CLI path: with TE importable and a (pretend) Hopper GPU, one line, exit 2, no process group."""
+    real = optional.optional_import
+    monkeypatch.setattr(optional, "optional_import",
+                        lambda name: object() if name == "transformer_engine" else real(name))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(distributed, "initialize", lambda *a, **k: pytest.fail("a process group was started"))
+    rc = pretrain_cli.main(MICRO + ["--fp8-format", "hybrid", "--fp8-recipe", "mxfp8", "--bf16",
+                                    "--save", str(tmp_path / "ck")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--fp8-recipe mxfp8 needs compute capability 10.0" in err[0], err
+
+
+def test_every_parameter_is_created_where_megatron_puts_its_own(megatron_single, monkeypatch):
+    """megatron's modules put parameters on torch.cuda.current_device() unless
+    use_cpu_initialization; pointing that at 'meta' shows any parameter or buffer we create
+    elsewhere (the local spec's RMSNorm was on the CPU). The TE spec needs TE and CUDA to build."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: META)
+    config = model_config(num_layers=2, hidden_size=32, num_attention_heads=2, ffn_hidden_size=64, seq_length=16,
+                          vocab_size=128, real_vocab_size=128, use_cpu_initialization=False)
+    model = build_model(config, "local")
+    megatron_linear = model.decoder.layers[0].mlp.linear_fc1.weight
+    assert megatron_linear.device == META
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    assert len(tensors) > 8
+    wrong = [name for name, t in tensors if t.device != megatron_linear.device]
+    assert not wrong, wrong
+
+
+@pytest.mark.integration
+def test_package_import_sets_cuda_device_max_connections():
+    """Set at the first import of the package, before anything can initialise CUDA (torchrun and
+    Python users included); a value the user chose is kept."""
+    code = "import os, megatron_ratplus; print(os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS'))"
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_DEVICE_MAX_CONNECTIONS"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "CUDA_DEVICE_MAX_CONNECTIONS": "4"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "4"
+
+
+def test_sequence_parallel_refuses_other_cuda_device_max_connections(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")
+    monkeypatch.setattr(distributed, "initialize", lambda *a, **k: pytest.fail("a process group was started"))
+    rc = pretrain_cli.main(MICRO + ["--sequence-parallel", "--save", str(tmp_path / "ck")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "needs CUDA_DEVICE_MAX_CONNECTIONS=1" in err[0], err

@@ -20,7 +20,9 @@ class RMSNorm(torch.nn.Module):
         super().__init__()
         self.eps = eps
         self.hidden_size = hidden_size
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        # where megatron's own modules put their parameters (the rank's GPU), so the model is on one device
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from megatron_ratplus.errors import UserError
 from megatron_ratplus.layers.specs import resolve_transformer_impl
 from megatron_ratplus.optional import require
 from megatron_ratplus.patterns import PatternError, parse_composition
-from megatron_ratplus.precision import check_fp8_shapes
+from megatron_ratplus.precision import check_fp8_recipe, check_fp8_shapes
 from megatron_ratplus.training.parallel_layout import validate_parallel_config, virtual_pipeline_size
 
 DEFAULT_LR, DEFAULT_WARMUP, DEFAULT_ITERS = 3e-3, 0.05, 300
@@ -131,6 +131,8 @@ class TrainingConfig:
             load = None  # --load SAVE --save SAVE on a first run (SLURM requeue style): start fresh
         meta = checkpoint.read_meta(load) if load else None
         adapting = bool(flags["adapt_pattern"])
+        if meta and not adapting:
+            _check_optimizer_layout(flags, meta["args"])
         if checkpoint.latest_checkpoint(flags["save"]) and not (load and not adapting and _same_dir(load, flags["save"])):
             raise UserError(f"--save {flags['save']} already holds a checkpoint; refusing to overwrite it "
                             f"(resume with --load {flags['save']}, or choose another --save)")
@@ -244,6 +246,23 @@ def _resume_schedule(flags: dict, meta: dict, explicit: set) -> None:
                         f"past --train-iters {flags['train_iters']}")
 
 
+# The distributed optimizer stores its state per gradient bucket (checkpoint.SHARDED_METADATA),
+# which only the same model layout rebuilds; the data-parallel size may change.
+OPTIMIZER_LAYOUT = ("use_distributed_optimizer", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                    "num_layers_per_virtual_pipeline_stage", "transformer_impl")
+
+
+def _check_optimizer_layout(flags: dict, saved: dict) -> None:
+    """Refuse a resume whose optimizer state cannot load into this run's distributed optimizer."""
+    if not (flags["use_distributed_optimizer"] or saved.get("use_distributed_optimizer")):
+        return
+    for name in OPTIMIZER_LAYOUT:
+        if name in saved and flags[name] != saved[name]:
+            raise UserError(f"--load {flags['load']} was saved with {name} {saved[name]} and this run has "
+                            f"{flags[name]}; with --use-distributed-optimizer a resume may change only the "
+                            f"data-parallel size")
+
+
 def _check_interleaved_microbatches(flags: dict, world: int) -> None:
     """megatron's interleaved schedule needs a multiple of the pipeline size in micro-batches per
     global batch; checked at start-up, not at the first step (validation runs whole global
@@ -313,6 +332,10 @@ def _check_gpu_flags(flags: dict) -> str:
     line each, before any process group starts); returns the --transformer-impl to build.
     --dry-run plans a GPU run from anywhere: it checks consistency, not this machine."""
     impl = flags["transformer_impl"]
+    connections = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")
+    if flags["sequence_parallel"] and connections != "1":  # the package sets it unless the user did
+        raise UserError(f"--sequence-parallel needs CUDA_DEVICE_MAX_CONNECTIONS=1 (megatron's TP/SP communication "
+                        f"overlap relies on one kernel queue); it is {connections}")
     if flags["fp8_format"]:
         if impl == "local":
             raise UserError("--fp8-format needs --transformer-impl transformer_engine (FP8 runs in TE's GEMMs)")
@@ -336,16 +359,17 @@ def _check_gpu_flags(flags: dict) -> str:
         return impl or ("transformer_engine" if flags["fp8_format"] else "local")
     if flags["fp8_format"]:
         require("transformer_engine", "--fp8-format", cuda=True)
+        check_fp8_recipe(flags["fp8_recipe"])
     impl = resolve_transformer_impl(impl)
     if flags["fp8_format"] and impl != "transformer_engine":
         raise UserError("--fp8-format needs --transformer-impl transformer_engine (FP8 runs in TE's GEMMs)")
     if flags["dataloader_type"] == "dali":
         require_dali()
-    if not torch.cuda.is_available():
-        for name in ("use_distributed_optimizer", "overlap_grad_reduce", "overlap_param_gather"):
+    if not torch.cuda.is_available():  # the distributed optimizer runs on CPU (data_parallel.uses_megatron_optimizer)
+        for name in ("overlap_grad_reduce", "overlap_param_gather"):
             if flags[name]:
-                raise UserError(f"--{name.replace('_', '-')} needs GPUs (megatron's DDP and optimizer "
-                                f"are CUDA-only); drop it on CPU")
+                raise UserError(f"--{name.replace('_', '-')} needs GPUs (megatron overlaps its collectives "
+                                f"on CUDA streams); drop it on CPU")
     return impl
 
 

@@ -2,8 +2,8 @@
 
 GPU: megatron-core's DistributedDataParallel (bucketed, overlappable gradient reduction into
 fp32 ``main_grad`` buffers; with ``use_distributed_optimizer`` it reduce-scatters for megatron's
-distributed optimizer). CPU: megatron's optimizer asserts CUDA tensors, so the CPU path keeps
-``param.grad`` for a torch optimizer and reduces it with one all-reduce per chunk. Both average
+distributed optimizer), also on CPU with the distributed optimizer (through cpu_compat). CPU
+otherwise: ``param.grad`` for a torch optimizer, reduced with one all-reduce per chunk. Both average
 over the data x context parallel group, the convention megatron's schedules assume (they scale
 the loss by the CP size), and both are finished by megatron's own ``finalize_model_grads``,
 which also sums sequence-parallel norm gradients over TP and tied-embedding gradients over the
@@ -23,7 +23,13 @@ from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import Float16Module, MegatronModule, param_is_not_shared
 
-__all__ = ["wrap_model", "zero_grads", "clip_grad_norm", "params_gathered", "CPUDataParallel"]
+__all__ = ["uses_megatron_optimizer", "wrap_model", "zero_grads", "clip_grad_norm", "params_gathered", "CPUDataParallel"]
+
+
+def uses_megatron_optimizer(use_distributed_optimizer: bool) -> bool:
+    """megatron's DDP and optimizer on GPUs, and on CPU for the distributed optimizer (megatron's
+    own, through megatron_ratplus/cpu_compat.py); CPUDataParallel with the AdamW path otherwise."""
+    return torch.cuda.is_available() or use_distributed_optimizer
 
 
 class CPUDataParallel(MegatronModule):
@@ -85,14 +91,15 @@ def wrap_model(model: Union[torch.nn.Module, Sequence[torch.nn.Module]], config,
     parallelism, in Megatron-LM's order: megatron's Float16Module when ``config.bf16`` (bf16
     parameters and compute, fp32 logits out of the last stage), then the data-parallel wrapper.
 
-    GPU: megatron DDP, gradients accumulated and reduced in fp32 (pass the same
-    ``use_distributed_optimizer`` to megatron's OptimizerConfig). CPU: :class:`CPUDataParallel`
-    (training/config.py refuses the distributed optimizer and the overlap flags there).
+    GPU, and CPU with the distributed optimizer (:func:`uses_megatron_optimizer`): megatron DDP,
+    gradients accumulated and reduced in fp32 (pass the same ``use_distributed_optimizer`` to
+    megatron's OptimizerConfig). Otherwise :class:`CPUDataParallel` (training/config.py refuses
+    the overlap flags on CPU).
     """
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     if config.bf16:
         chunks = [Float16Module(config, chunk) for chunk in chunks]
-    if torch.cuda.is_available():
+    if uses_megatron_optimizer(use_distributed_optimizer):
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
             overlap_param_gather=overlap_param_gather, use_distributed_optimizer=use_distributed_optimizer,

@@ -1,15 +1,17 @@
 """Optimizer and LR schedule behind one small interface for GPU and CPU.
 
-On GPUs the optimizer is megatron-core's (``get_megatron_optimizer``: fp32 master weights,
-distributed optimizer, its clipping) over models wrapped in megatron DDP. Those hard-code CUDA,
-so on CPU :class:`TorchOptimizer` wraps ``torch.optim.AdamW`` with the same methods the loop
-uses: ``zero_grad``, ``step() -> (ok, grad_norm)``, ``param_groups``, and a
-``sharded_state_dict`` for megatron's dist_checkpointing. The LR schedule is megatron-core's
-``OptimizerParamScheduler`` in both cases.
+On GPUs, and with --use-distributed-optimizer on CPU too (through megatron_ratplus/cpu_compat.py),
+the optimizer is megatron-core's (``get_megatron_optimizer``: fp32 master weights, distributed
+optimizer, its clipping) over models wrapped in megatron DDP. Elsewhere on CPU
+:class:`TorchOptimizer` wraps ``torch.optim.AdamW`` with the same methods the loop uses:
+``zero_grad``, ``step() -> (ok, grad_norm)``, ``param_groups``, and a ``sharded_state_dict`` for
+megatron's dist_checkpointing. The LR schedule is megatron-core's ``OptimizerParamScheduler`` in
+both cases.
 """
 
 from __future__ import annotations
 
+import math
 from typing import List
 
 import torch
@@ -17,10 +19,12 @@ from megatron.core.dist_checkpointing.optimizer import (
     get_param_id_to_sharded_param_map,
     optim_state_to_sharding_state,
 )
+from megatron.core.optimizer import distrib_optimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_ratplus.optional import log_fused_kernels
-from megatron_ratplus.training.data_parallel import clip_grad_norm, zero_grads
+from megatron_ratplus.training.data_parallel import clip_grad_norm, uses_megatron_optimizer, zero_grads
 
 
 def _param_groups(model_chunks, weight_decay: float):
@@ -93,10 +97,11 @@ class TorchOptimizer:
                 self.optimizer.state[param] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param),
                                                "exp_avg_sq": torch.zeros_like(param)}
 
-    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False):
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None):
         """AdamW's moments (and fp32 main copies of bf16 parameters) sharded like their parameters;
-        the scalar step count kept as one value. ``is_loading`` is megatron's optimizer interface;
-        here :meth:`init_state` has already made the state a load fills."""
+        the scalar step count kept as one value. ``is_loading`` and ``metadata`` are megatron's
+        optimizer interface; here :meth:`init_state` has already made the state a load fills, and
+        the layout has no variants."""
         state = self.optimizer.state_dict()
         for index, (model, main) in enumerate(zip(self.model_params, self.params)):
             if main is not model:
@@ -117,9 +122,9 @@ class TorchOptimizer:
 
 
 def build_optimizer(model_chunks, args):
-    """megatron-core's optimizer on GPU, TorchOptimizer on CPU (chunks from data_parallel.wrap_model;
-    ``args``: a TrainingConfig)."""
-    if torch.cuda.is_available():
+    """megatron-core's optimizer where :func:`uses_megatron_optimizer`, else TorchOptimizer (chunks
+    from data_parallel.wrap_model; ``args``: a TrainingConfig)."""
+    if uses_megatron_optimizer(args.use_distributed_optimizer):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         log_fused_kernels()  # Adam from TE, else apex, else torch: megatron decides, we report it once
@@ -135,7 +140,7 @@ def build_optimizer(model_chunks, args):
 
 
 class MegatronOptimizerAdapter:
-    """megatron-core's optimizer over DDP-wrapped chunks, seen through TorchOptimizer's interface (GPU)."""
+    """megatron-core's optimizer over DDP-wrapped chunks, seen through TorchOptimizer's interface."""
 
     def __init__(self, optimizer, model_chunks):
         self.optimizer, self.model_chunks = optimizer, model_chunks
@@ -149,17 +154,57 @@ class MegatronOptimizerAdapter:
         self.optimizer.zero_grad()
 
     def step(self):
-        updated, norm, _ = self.optimizer.step()
-        return bool(updated), float(norm) if norm is not None else float("nan")
+        """megatron's step (ChainedOptimizer.step: prepare, norm, clip, update) with the NaN policy
+        in it: megatron skips only when an fp16 grad scaler finds an inf, so with bf16 or fp32 (no
+        scaler) it would update with non-finite gradients. A non-finite global norm skips the
+        update here, as TorchOptimizer does (docs/DESIGN.md §9)."""
+        optimizer = self.optimizer
+        if optimizer.prepare_grads():  # an fp16 grad scaler found an inf
+            return False, float("nan")
+        norm = float(optimizer.get_grad_norm())
+        if not math.isfinite(norm):
+            return False, norm
+        for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+            params = inner.get_parameters()
+            if params and inner.config.clip_grad > 0.0:
+                clip_grad_by_total_norm_fp32(params, max_norm=inner.config.clip_grad, total_norm=norm)
+        return bool(optimizer.step_with_ready_grads()), norm
 
     def init_state(self) -> None:
-        """Nothing to do: megatron's optimizer builds its state while loading a sharded state dict."""
+        """Give megatron's distributed optimizer an Adam state for a load to fill. Where Adam is
+        torch's (no TE or apex: CPU, bare GPU images) its state, step count included, exists only
+        after a step, and megatron's ``state_dict`` asserts on it; megatron's own helper takes a
+        zero-gradient step on the main weights, which the load then overwrites. The other
+        optimizers build their state while loading."""
+        if distrib_optimizer.HAVE_APEX_OR_TE:
+            return
+        for inner in self._distributed():
+            if not inner.optimizer.state:
+                inner._init_optimizer_states_with_dummy_values()
 
-    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False):
-        return self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading)
+    def _distributed(self) -> list:
+        """megatron's DistributedOptimizers inside the (chained) optimizer."""
+        return [inner for inner in getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+                if isinstance(inner, distrib_optimizer.DistributedOptimizer)]
+
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None):
+        """``metadata``: the checkpoint's (checkpoint.SHARDED_METADATA); it picks the distributed
+        optimizer's layout, the same on save and load."""
+        return self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading, metadata=metadata)
 
     def load_state_dict(self, state) -> None:
-        self.optimizer.load_state_dict(state)
+        """Without autograd: fp32 parameters' main weights in the distributed optimizer are views
+        of the model's leaf parameters, which megatron copies into in place."""
+        with torch.no_grad():
+            self.optimizer.load_state_dict(state)
+        if not distrib_optimizer.HAVE_APEX_OR_TE:
+            # With torch's Adam, megatron's load leaves each parameter's step count at the one
+            # init_state's step made and puts the saved count in the param groups: restore it,
+            # or Adam's bias correction restarts (a resumed run would differ from an uninterrupted one).
+            for inner in self._distributed():
+                for group in inner.optimizer.param_groups:
+                    for param in group["params"]:
+                        inner.optimizer.state[param]["step"] = torch.tensor(float(group["step"]))
 
 
 def build_scheduler(optimizer, args) -> OptimizerParamScheduler:
