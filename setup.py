@@ -31,9 +31,10 @@ setup(
         "eval": ["lm-eval>=0.4,<0.5", "matplotlib>=3.7", "tokenizers>=0.15"],
         "data": ["pyarrow>=14", "zstandard>=0.22", "sentencepiece>=0.2", "tokenizers>=0.15"],
         "hf": ["transformers>=5.0", "safetensors>=0.4", "tokenizers>=0.15"],
+        "serve": ["fastapi>=0.163", "uvicorn>=0.54"],
         "dev": ["pytest>=8.0", "pytest-timeout>=2.2", "matplotlib>=3.7", "tokenizers>=0.15",
                 "pyarrow>=14", "zstandard>=0.22", "sentencepiece>=0.2", "transformers>=5.0", "safetensors>=0.4",
-                "lm-eval>=0.4,<0.5"],
+                "lm-eval>=0.4,<0.5", "fastapi>=0.163", "uvicorn>=0.54", "openai>=3.51"],
     },
     entry_points={"console_scripts": [
         "ratplus-pretrain=megatron_ratplus.cli.pretrain:main",
@@ -41,5 +42,6 @@ setup(
         "ratplus-convert=megatron_ratplus.cli.convert:main",
         "ratplus-generate=megatron_ratplus.cli.generate:main",
         "ratplus-lm-eval=megatron_ratplus.cli.lm_eval_cli:main",
+        "ratplus-serve=megatron_ratplus.cli.serve:main",
     ]},
 )
