@@ -157,7 +157,8 @@ class Engine:
             if p.temperature == 0:
                 token = greedy[i]
             else:
-                token = int(sample(logits[i:i + 1], p.temperature, p.top_p, seq.generator, p.top_k)[0])
+                # on the CPU, where each sequence's own generator lives
+                token = int(sample(logits[i:i + 1].float().cpu(), p.temperature, p.top_p, seq.generator, p.top_k)[0])
             seq.add(token, None if p.logprobs is None else _logprob(logits[i], token, p.logprobs))
             self.stats.generation_tokens += 1
             seq.notify(seq)
@@ -171,5 +172,5 @@ class Engine:
 
 def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
     logp = torch.log_softmax(logits.float(), dim=-1)
-    values, ids = logp.topk(top) if top > 0 else (logp[:0], logp[:0].long())
+    values, ids = logp.topk(top)
     return TokenLogprob(token, float(logp[token]), list(zip(ids.tolist(), values.tolist())))
