@@ -5,7 +5,8 @@
 Each offered pattern gets an equal share of ``--cache-memory-gb``, allocated once as decode-cache
 rows of ``--max-model-len`` positions; requests beyond the rows wait, beyond ``--max-waiting``
 they get 429. SIGTERM (or Ctrl-C) stops admitting (503), lets running requests finish for up to
-``--drain-timeout`` seconds, cuts off the rest and exits 0.
+``--drain-timeout`` seconds, cuts off the rest and exits 0. Under ``torchrun --nproc-per-node N``
+the model is split tensor-parallel over the N ranks; rank 0 serves HTTP (serving/replica.py).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def offered_patterns(text: Optional[str], recorded: str) -> List[str]:
     return patterns
 
 
-def build_engine(model, patterns: List[str], max_model_len: int, args, dtype):
+def build_engine(model, patterns: List[str], max_model_len: int, args, dtype, announce=None):
     """One pool per pattern, each an equal share of the cache budget (at most ``--max-num-seqs`` rows)."""
     from megatron_ratplus.serving.engine import Engine
     from megatron_ratplus.serving.pool import PatternPool, row_bytes
@@ -87,7 +88,7 @@ def build_engine(model, patterns: List[str], max_model_len: int, args, dtype):
             raise UserError(f"--cache-memory-gb {args.cache_memory_gb} leaves {share / 2**30:.3g} GiB for "
                             f"'{pattern}', less than one sequence of {max_model_len} positions "
                             f"({size / 2**30:.3g} GiB)")
-        pools[pattern] = PatternPool(model, pattern, rows, max_model_len, dtype)
+        pools[pattern] = PatternPool(model, pattern, rows, max_model_len, dtype, announce)
     return Engine(pools, args.max_num_seqs, args.max_waiting, args.max_prefill_tokens)
 
 
@@ -97,17 +98,24 @@ def run(args) -> int:
 
     from megatron_ratplus import distributed
     from megatron_ratplus.checkpoint import load_model
+    from megatron_ratplus.serving import replica
     from megatron_ratplus.serving.api import ServedModel, build_app
     from megatron_ratplus.serving.server import DrainingServer
 
     check_arguments(args)
     dtype = getattr(torch, "bfloat16" if args.bf16 else DTYPES[args.dtype])
-    distributed.initialize()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    distributed.initialize(tensor_parallel=world)  # torchrun: the model split over all ranks
+    leader = torch.distributed.get_rank() == 0
     model, config, tokenizer = load_model(args.load)
     patterns = offered_patterns(args.patterns, str(config.attention_pattern))
     max_model_len = args.max_model_len or config.seq_length
     model = model.to(dtype).eval()
-    engine = build_engine(model, patterns, max_model_len, args, dtype)
+    announce = replica.announce if world > 1 and leader else None
+    engine = build_engine(model, patterns, max_model_len, args, dtype, announce)
+    if not leader:
+        replica.follow(engine.pools)
+        return 0
     served = ServedModel(args.served_model_name or os.path.basename(os.path.normpath(args.load)), patterns,
                          tokenizer, config.real_vocab_size or config.vocab_size, max_model_len)
     app = build_app(engine, served)
@@ -119,6 +127,8 @@ def run(args) -> int:
         DrainingServer(config, engine, args.drain_timeout).run()
     finally:
         engine.stop()
+        if world > 1:
+            replica.stop_followers()
     return 0
 
 

@@ -55,7 +55,7 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.retry_after = status, message, param, code, retry_after
 
     def response(self) -> JSONResponse:
-        kind = "invalid_request_error" if self.status < 500 and self.status != 429 else "server_error"
+        kind = {429: "rate_limit_error"}.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
         body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
         headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
         return JSONResponse(body, status_code=self.status, headers=headers)

@@ -123,6 +123,7 @@ class Engine:
             if pool.live:
                 tokens = torch.tensor([seq.tokens[-1] for seq in pool.live])
                 self._advance(list(pool.live), pool.step(tokens))
+        self._retire()  # finished rows free now, not at the next step
         self.stats.steps += 1
         self.stats.step_seconds += time.perf_counter() - start
 
