@@ -32,9 +32,10 @@ setup(
         "data": ["pyarrow>=14", "zstandard>=0.22", "sentencepiece>=0.2", "tokenizers>=0.15"],
         "hf": ["transformers>=5.0,<6", "safetensors>=0.4", "tokenizers>=0.15",
                "accelerate>=1.0"],  # lm-eval's `--model hf` imports accelerate
+        "serve": ["fastapi>=0.163", "uvicorn>=0.54"],
         "dev": ["pytest>=8.0", "pytest-timeout>=2.2", "matplotlib>=3.7", "tokenizers>=0.15",
                 "pyarrow>=14", "zstandard>=0.22", "sentencepiece>=0.2", "transformers>=5.0,<6", "safetensors>=0.4",
-                "accelerate>=1.0", "lm-eval>=0.4,<0.5"],
+                "accelerate>=1.0", "lm-eval>=0.4,<0.5", "fastapi>=0.163", "uvicorn>=0.54", "openai>=3.51"],
     },
     entry_points={"console_scripts": [
         "ratplus-pretrain=megatron_ratplus.cli.pretrain:main",
@@ -42,5 +43,6 @@ setup(
         "ratplus-convert=megatron_ratplus.cli.convert:main",
         "ratplus-generate=megatron_ratplus.cli.generate:main",
         "ratplus-lm-eval=megatron_ratplus.cli.lm_eval_cli:main",
+        "ratplus-serve=megatron_ratplus.cli.serve:main",
     ]},
 )

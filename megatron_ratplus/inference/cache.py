@@ -20,6 +20,7 @@ training scan accumulates it.
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -76,7 +77,7 @@ class PatternKV:
         ring_slots = slice(self.n_sink, self.n_sink + self.n_ring)
         self.keys[:, :, ring_slots] = keys.gather(2, index)
         self.values[:, :, ring_slots] = values.gather(2, index)
-        self.ring_pos = torch.where(pos >= 0, pos, torch.full_like(pos, -1))
+        self.ring_pos.copy_(torch.where(pos >= 0, pos, torch.full_like(pos, -1)))  # in place: row views write through
         if self.pattern.dilation:
             d = self.pattern.dilation
             m = seq // d
@@ -100,6 +101,21 @@ class PatternKV:
         if end is not None and bool(end.any()):
             slot = self._state_slot((t + 1) // self.pattern.dilation - 1)[end]
             self.keys[rows[end], :, slot], self.values[rows[end], :, slot] = key[end], value[end]
+
+    def rows(self, start: int, stop: int) -> "PatternKV":
+        """This store restricted to sequences [start, stop): views of the same storage, so a
+        server prefills or decodes some rows of a preallocated pool without copying it."""
+        view = copy.copy(self)
+        view.keys, view.values = self.keys[start:stop], self.values[start:stop]
+        if self.compact:
+            view.ring_pos = self.ring_pos[start:stop]
+        return view
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy sequence ``src``'s slots into row ``dst`` (a pool keeps its live rows contiguous)."""
+        self.keys[dst], self.values[dst] = self.keys[src], self.values[src]
+        if self.compact:
+            self.ring_pos[dst] = self.ring_pos[src]
 
     def slot_positions(self, t: torch.Tensor) -> torch.Tensor:
         """[b, used] position held by each slot a query at t[b] may need; -1 where a slot must not count.
@@ -152,8 +168,31 @@ class LayerCache:
                  recurrence: bool, device=None, shared: Optional[dict] = None):
         self.stores = [(a, b, PatternKV(p, batch, b - a, head_dim, capacity, dtype, device)) for p, a, b in head_runs]
         heads = head_runs[-1][2]
-        self.state = torch.zeros(batch, 2, heads, head_dim, device=device) if recurrence else None
+        self._state = torch.zeros(batch, 2, heads, head_dim, device=device) if recurrence else None
         self.shared = {} if shared is None else shared
+
+    @property
+    def state(self) -> Optional[torch.Tensor]:
+        return self._state
+
+    @state.setter
+    def state(self, value: torch.Tensor) -> None:
+        self._state.copy_(value)  # in place: a row view's mixer writes land in its pool
+
+    def rows(self, start: int, stop: int, shared: dict) -> "LayerCache":
+        """Sequences [start, stop) of this cache, sharing its storage (see PatternKV.rows)."""
+        view = copy.copy(self)
+        view.stores = [(a, b, store.rows(start, stop)) for a, b, store in self.stores]
+        view._state = None if self._state is None else self._state[start:stop]
+        view.shared = shared
+        return view
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy sequence ``src``'s slots and recurrent state into row ``dst``."""
+        for _, _, store in self.stores:
+            store.move_row(src, dst)
+        if self._state is not None:
+            self._state[dst] = self._state[src]
 
     @property
     def nbytes(self) -> int:

@@ -42,10 +42,13 @@ class SamplingConfig:
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-           generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Next token per row of [b, vocab] logits."""
+           generator: Optional[torch.Generator] = None, top_k: int = 0) -> torch.Tensor:
+    """Next token per row of [b, vocab] logits; ``top_k`` > 0 samples among the k likeliest only."""
     if temperature == 0:
         return logits.argmax(dim=-1)
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)

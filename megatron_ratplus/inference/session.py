@@ -12,6 +12,7 @@ attention, causal recurrence), and each sequence keeps its own position.
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -27,7 +28,9 @@ class DecodeSession(BaseInferenceContext):
     ``capacity``: the most positions any sequence will reach (prompt plus fed generated tokens).
     ``sequence_lengths`` [b]: tokens each sequence holds once the current forward is done (the
     prompt lengths in prefill; in a decode step the fed token sits at ``sequence_lengths - 1``).
-    As a context manager it frees the caches on exit.
+    As a context manager it frees the caches on exit. ``rows`` gives a session over some of its
+    sequences that shares the storage (a server's preallocated pool, admitting and retiring
+    sequences row by row).
     """
 
     def __init__(self, model, batch: int, capacity: int, dtype: Optional[torch.dtype] = None):
@@ -81,8 +84,23 @@ class DecodeSession(BaseInferenceContext):
 
     def formula_bytes(self) -> int:
         """The same, from the formula P + W + 1 + floor(T/D) slots per sparse head (T per dense head)."""
-        return sum(cache_bytes(m.head_patterns, self.batch, m.head_dim, self.capacity, self.dtype, m.recurrence)
-                   for m in self.mixers)
+        return formula_bytes(self.model, self.batch, self.capacity, self.dtype)
+
+    def rows(self, start: int, stop: int) -> "DecodeSession":
+        """A session over sequences [start, stop) of this one: its caches and lengths are views of
+        this session's, so its prefill and steps write into these rows and leave the others alone."""
+        view = copy.copy(self)
+        view.max_batch_size = stop - start
+        view._shared = {}
+        view.key_value_memory_dict = {n: c.rows(start, stop, view._shared) for n, c in self.key_value_memory_dict.items()}
+        view.sequence_lengths = self.sequence_lengths[start:stop]
+        return view
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy sequence ``src`` (slots, recurrent state, length) into row ``dst``."""
+        for cache in self.key_value_memory_dict.values():
+            cache.move_row(src, dst)
+        self.sequence_lengths[dst] = self.sequence_lengths[src]
 
     def _logits(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # [b, s, vocab]; megatron's inference path gathers the tensor-parallel vocabulary shards
@@ -93,7 +111,7 @@ class DecodeSession(BaseInferenceContext):
         """Right-padded prompts [b, s] of ``lengths`` tokens -> logits [b, s, vocab]."""
         if int(lengths.max()) > self.capacity or int(lengths.min()) < 1:
             raise ValueError(f"prompt lengths must be in 1..{self.capacity}")
-        self.sequence_lengths = lengths.to(self.device)
+        self.sequence_lengths.copy_(lengths)  # in place: a row view's lengths are its pool's
         self.decode_mode = False
         positions = torch.arange(tokens.shape[1], device=self.device).expand_as(tokens)
         return self._logits(tokens.to(self.device), positions)
@@ -103,8 +121,15 @@ class DecodeSession(BaseInferenceContext):
         """Feed one token per sequence (at each sequence's next position) -> logits [b, vocab]."""
         if int(self.sequence_lengths.max()) >= self.capacity:
             raise CacheFullError(f"a sequence reached the {self.capacity} positions its decode cache holds")
-        positions = self.sequence_lengths.unsqueeze(1)
-        self.sequence_lengths = self.sequence_lengths + 1
+        positions = self.sequence_lengths.clone().unsqueeze(1)
+        self.sequence_lengths += 1
         self.decode_mode = True
         self._shared.clear()
         return self._logits(tokens.to(self.device).view(-1, 1), positions)[:, 0]
+
+
+def formula_bytes(model, batch: int, capacity: int, dtype: torch.dtype) -> int:
+    """Bytes of ``batch`` sequences' decode caches for ``capacity`` positions under ``model``'s
+    current patterns, from the formula (``cache_bytes`` per mixer), before allocating them."""
+    mixers = [m for m in model.modules() if isinstance(m, RATPlusMixer)]
+    return sum(cache_bytes(m.head_patterns, batch, m.head_dim, capacity, dtype, m.recurrence) for m in mixers)

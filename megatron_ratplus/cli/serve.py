@@ -1,0 +1,140 @@
+"""ratplus-serve: an OpenAI-compatible server for a RAT+ checkpoint, one model at several patterns.
+
+    ratplus-serve --load checkpoints/ratplus-tiny --patterns dense,dilated:16 --port 8000
+
+Each offered pattern gets an equal share of ``--cache-memory-gb``, allocated once as decode-cache
+rows of ``--max-model-len`` positions; requests beyond the rows wait, beyond ``--max-waiting``
+they get 429. SIGTERM (or Ctrl-C) stops admitting (503), lets running requests finish for up to
+``--drain-timeout`` seconds, cuts off the rest and exits 0. Under ``torchrun --nproc-per-node N``
+the model is split tensor-parallel over the N ranks; rank 0 serves HTTP (serving/replica.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from megatron_ratplus.cli import run_cli
+from megatron_ratplus.errors import ArgumentParser, UserError
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="ratplus-serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--load", required=True, help="checkpoint directory (from ratplus-pretrain)")
+    parser.add_argument("--patterns", default=None,
+                        help="comma-separated patterns or compositions offered, the first is the default "
+                             "(default: the checkpoint's recorded pattern)")
+    parser.add_argument("--served-model-name", default=None, help="model id in the API (default: --load's name)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="prompt plus generated tokens per sequence (default: the model's seq_length)")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoding at once, all patterns")
+    parser.add_argument("--cache-memory-gb", type=float, default=1.0, help="decode-cache pool, all patterns")
+    parser.add_argument("--max-waiting", type=int, default=256, help="queued sequences before 429")
+    parser.add_argument("--max-prefill-tokens", type=int, default=8192,
+                        help="prompt tokens prefilled per engine step (a longer prompt goes alone)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and cache dtype")
+    parser.add_argument("--bf16", action="store_true", help="same as --dtype bfloat16")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="seconds running requests get to finish after SIGTERM")
+    return parser
+
+
+def check_arguments(args) -> None:
+    for flag in ("max_num_seqs", "max_waiting", "max_prefill_tokens"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise UserError(f"--max-model-len must be >= 2, got {args.max_model_len}")
+    if not args.cache_memory_gb > 0:
+        raise UserError(f"--cache-memory-gb must be > 0, got {args.cache_memory_gb}")
+    if not 0 <= args.port < 65536:
+        raise UserError(f"--port must be in 0..65535, got {args.port}")
+    if args.drain_timeout < 0:
+        raise UserError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
+    if not os.path.isdir(args.load):
+        raise UserError(f"--load '{args.load}' is not a directory")
+
+
+def offered_patterns(text: Optional[str], recorded: str) -> List[str]:
+    """The patterns of ``--patterns`` (each checked against the grammar), or the recorded one."""
+    from megatron_ratplus.patterns import parse_composition, split_pattern_list
+
+    patterns = split_pattern_list(text) if text else [recorded]
+    for pattern in patterns:
+        parse_composition(pattern)
+    if len(set(patterns)) != len(patterns):
+        raise UserError(f"--patterns lists a pattern twice: {text}")
+    return patterns
+
+
+def build_engine(model, patterns: List[str], max_model_len: int, args, dtype, announce=None):
+    """One pool per pattern, each an equal share of the cache budget (at most ``--max-num-seqs`` rows)."""
+    from megatron_ratplus.serving.engine import Engine
+    from megatron_ratplus.serving.pool import PatternPool, row_bytes
+
+    share = args.cache_memory_gb * 2**30 / len(patterns)
+    pools = {}
+    for pattern in patterns:
+        size = row_bytes(model, pattern, max_model_len, dtype)
+        rows = min(args.max_num_seqs, int(share // size))
+        if rows < 1:
+            raise UserError(f"--cache-memory-gb {args.cache_memory_gb} leaves {share / 2**30:.3g} GiB for "
+                            f"'{pattern}', less than one sequence of {max_model_len} positions "
+                            f"({size / 2**30:.3g} GiB)")
+        pools[pattern] = PatternPool(model, pattern, rows, max_model_len, dtype, announce)
+    return Engine(pools, args.max_num_seqs, args.max_waiting, args.max_prefill_tokens)
+
+
+def run(args) -> int:
+    import torch
+    import uvicorn
+
+    from megatron_ratplus import distributed
+    from megatron_ratplus.checkpoint import load_model
+    from megatron_ratplus.serving import replica
+    from megatron_ratplus.serving.api import ServedModel, build_app
+    from megatron_ratplus.serving.server import DrainingServer
+
+    check_arguments(args)
+    dtype = getattr(torch, "bfloat16" if args.bf16 else DTYPES[args.dtype])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    distributed.initialize(tensor_parallel=world)  # torchrun: the model split over all ranks
+    leader = torch.distributed.get_rank() == 0
+    model, config, tokenizer = load_model(args.load)
+    patterns = offered_patterns(args.patterns, str(config.attention_pattern))
+    max_model_len = args.max_model_len or config.seq_length
+    model = model.to(dtype).eval()
+    announce = replica.announce if world > 1 and leader else None
+    engine = build_engine(model, patterns, max_model_len, args, dtype, announce)
+    if not leader:
+        replica.follow(engine.pools)
+        return 0
+    served = ServedModel(args.served_model_name or os.path.basename(os.path.normpath(args.load)), patterns,
+                         tokenizer, config.real_vocab_size or config.vocab_size, max_model_len)
+    app = build_app(engine, served)
+    engine.start()
+    rows = ", ".join(f"{p}: {pool.rows} sequences" for p, pool in engine.pools.items())
+    print(f"ratplus-serve: {served.name} on http://{args.host}:{args.port} ({rows})", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    try:
+        DrainingServer(config, engine, args.drain_timeout).run()
+    finally:
+        engine.stop()
+        if world > 1:
+            replica.stop_followers()
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run_cli("ratplus-serve", lambda: run(build_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""uvicorn's server with the drain a model server needs on SIGTERM (or Ctrl-C).
+
+The first signal stops admitting (the API answers 503), gives running and queued requests up
+to ``drain_timeout`` seconds, cuts off the rest (finish reason "length") and exits 0; uvicorn's
+own handler would re-raise the signal after its shutdown. A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import uvicorn
+
+from megatron_ratplus.serving.engine import Engine
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, engine: Engine, drain_timeout: float):
+        super().__init__(config)
+        self.engine, self.drain_timeout = engine, drain_timeout
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.engine.draining:
+            self.should_exit = True
+            return
+        self.engine.draining = True
+        threading.Thread(target=self._drain, name="ratplus-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.drain_timeout
+        while not self.engine.idle and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.engine.stop()
+        time.sleep(0.2)  # the cut-off responses go out before the connections close
+        self.should_exit = True

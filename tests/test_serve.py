@@ -1,0 +1,400 @@
+"""ratplus-serve: continuous batching over the sparse decode cache gives generate()'s tokens
+whatever else is in the batch, and the OpenAI-compatible server answers the official client
+and plain HTTP (streaming, stop strings, seeds, errors, queueing, disconnects, SIGTERM)."""
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import repo_env
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from megatron_ratplus import checkpoint  # noqa: E402
+from megatron_ratplus.cli import generate as generate_cli  # noqa: E402
+from megatron_ratplus.cli import serve as serve_cli  # noqa: E402
+from megatron_ratplus.config import preset  # noqa: E402
+from megatron_ratplus.convert.local import write_local  # noqa: E402
+from megatron_ratplus.data.tokenizer import ByteTokenizer  # noqa: E402
+from megatron_ratplus.inference import SamplingConfig, generate  # noqa: E402
+from megatron_ratplus.model import build_model  # noqa: E402
+from megatron_ratplus.serving.engine import Engine, QueueFull  # noqa: E402
+from megatron_ratplus.serving.pool import PatternPool  # noqa: E402
+from megatron_ratplus.serving.sequence import SamplingParams, Sequence  # noqa: E402
+
+SEQ = 128
+SPARSE = "dilated:4,w=3,p=2"  # past several dilation periods, windows and sinks within a few tokens
+PATTERNS = ["dense", SPARSE]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, megatron_single):
+    """A randomly initialised two-layer byte-level model (sharp distributions: no near-ties)."""
+    torch.manual_seed(0)
+    config = preset("tiny", num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=SEQ,
+                    vocab_size=384, real_vocab_size=257)
+    state = {k: v.detach().clone() for k, v in build_model(config).state_dict().items()
+             if not k.endswith("_extra_state")}
+    state["embedding.word_embeddings.weight"].mul_(20.0)
+    path = tmp_path_factory.mktemp("serve") / "tiny"
+    write_local(state, checkpoint.model_meta(config), "byte", str(path), {"format": "test"})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return checkpoint.load_model(ckpt)[0]
+
+
+def _engine(model, rows, max_num_seqs=8, max_waiting=64):
+    pools = {p: PatternPool(model, p, rows, SEQ, torch.float32) for p in PATTERNS}
+    return Engine(pools, max_num_seqs, max_waiting, max_prefill_tokens=64)
+
+
+def _prompts(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def _reference(model, prompt, pattern, max_tokens):
+    out = generate(model, [prompt], SamplingConfig(max_new_tokens=max_tokens, stop_tokens=[ByteTokenizer.eod]),
+                   pattern=pattern)
+    return out.tokens[0], out.finish_reasons[0]
+
+
+def test_continuous_batching_equals_generate(model):
+    """Sequences of two patterns join while others run, leave at their own lengths (rows move),
+    and queue for 3 rows per pattern: each gets generate()'s greedy tokens for its prompt alone."""
+    engine = _engine(model, rows=3, max_num_seqs=5)
+    prompts = _prompts(10)
+    seqs = [Sequence(p, SamplingParams(max_tokens=4 + 3 * (i % 4), temperature=0), PATTERNS[i % 2], ByteTokenizer(),
+                     [ByteTokenizer.eod]) for i, p in enumerate(prompts)]
+    engine.submit(seqs[:4])
+    most_running, steps = 0, 0
+    while not all(s.finished for s in seqs):
+        if steps in (2, 5):  # join mid-way
+            engine.submit(seqs[4:7] if steps == 2 else seqs[7:])
+        engine.step()
+        most_running, steps = max(most_running, engine.running), steps + 1
+        assert all(pool.free >= 0 for pool in engine.pools.values()) and engine.running <= 5
+        assert steps < 200
+    assert most_running == 5  # max_num_seqs held sequences back, not just the rows
+    for seq in seqs:
+        tokens, reason = _reference(model, seq.prompt, seq.pattern, seq.params.max_tokens)
+        assert seq.tokens == tokens and seq.finish_reason == reason, (seq.pattern, seq.params.max_tokens)
+    engine.step()
+    assert engine.running == 0 and engine.idle
+    assert engine.stats.finished["length"] + engine.stats.finished["stop"] == len(seqs)
+
+
+def test_seeded_sampling_ignores_batch(model):
+    """A seeded sampled sequence draws the same tokens alone or beside other sequences."""
+    def run(companions):
+        engine = _engine(model, rows=4)
+        params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, top_k=40, seed=7)
+        seq = Sequence(_prompts(1, seed=3)[0], params, SPARSE, ByteTokenizer(), [])
+        others = [Sequence(p, SamplingParams(max_tokens=5, temperature=1.0), SPARSE, ByteTokenizer(), [])
+                  for p in _prompts(companions, seed=4)]
+        engine.submit(others + [seq])
+        while not seq.finished:
+            engine.step()
+        return seq.tokens
+
+    alone, crowded = run(0), run(3)
+    assert alone == crowded and len(alone) == 12
+
+
+def test_queue_limit(model):
+    engine = _engine(model, rows=1, max_waiting=2)
+    make = lambda: Sequence([1, 2, 3], SamplingParams(max_tokens=2), "dense", ByteTokenizer(), [])  # noqa: E731
+    engine.submit([make(), make()])
+    with pytest.raises(QueueFull):
+        engine.submit([make()])
+
+
+def test_stream_deltas_and_stop_strings():
+    """Streamed deltas add up to the final text, never show a stop string or half a character."""
+    tok = ByteTokenizer()
+    text = "héllo wörld END tail"
+    seq = Sequence([1], SamplingParams(max_tokens=100, stop=["END", "xyz"]), "dense", tok, [tok.eod])
+    deltas = []
+    for token in tok.encode(text):
+        seq.add(token)
+        deltas.append(seq.take_delta())
+        assert "\ufffd" not in deltas[-1] and "EN" not in deltas[-1]
+        if seq.finished:
+            break
+    assert seq.finish_reason == "stop" and seq.text == "héllo wörld " and "".join(deltas) == seq.text
+    seq = Sequence([1], SamplingParams(max_tokens=3), "dense", tok, [tok.eod])
+    for token in tok.encode("abcdef"):
+        if not seq.finished:
+            seq.add(token)
+    assert seq.text == "abc" and seq.finish_reason == "length"
+
+
+def test_bad_flags(ckpt, capsys, tmp_path):
+    """Bad flags: one line on stderr, exit 2 (nothing listens)."""
+    cases = [["--load", str(tmp_path / "missing")], ["--load", ckpt, "--patterns", "dilated:0"],
+             ["--load", ckpt, "--max-num-seqs", "0"], ["--load", ckpt, "--cache-memory-gb", "1e-9"],
+             ["--load", ckpt, "--patterns", "dense,dense"]]
+    for argv in cases:
+        assert serve_cli.main(argv + ["--port", str(_free_port())]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("ratplus-serve: error: "), (argv, err)
+
+
+# --- a real server process ----------------------------------------------------------------------
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """``ratplus-serve`` on 127.0.0.1 at a free port, stopped (killed if need be) on exit."""
+
+    def __init__(self, ckpt, *flags, ranks=0):
+        self.port = _free_port()
+        launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] if ranks else []
+        cmd = [sys.executable, *launch, "-m", "megatron_ratplus.cli.serve", "--load", ckpt, "--port", str(self.port),
+               "--max-model-len", str(SEQ), *flags]
+        self.proc = subprocess.Popen(cmd, env=repo_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)  # its own process group: torchrun's ranks too
+
+    def __enter__(self):
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.proc.communicate()[1]
+            try:
+                if self.get("/health")[0] == 200:
+                    return self
+            except OSError:
+                time.sleep(0.3)
+        raise TimeoutError("ratplus-serve did not start")
+
+    def __exit__(self, *exc):
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the group this test started, whatever is left of it
+        except ProcessLookupError:
+            pass
+        self.proc.communicate(timeout=30)
+
+    def request(self, method, path, body=None, raw=None, timeout=240):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        data = raw if raw is not None else (json.dumps(body) if body is not None else None)
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        payload = resp.read().decode()
+        conn.close()
+        return resp.status, payload, resp
+
+    def get(self, path):
+        return self.request("GET", path)
+
+    def post(self, body=None, raw=None):
+        status, payload, resp = self.request("POST", "/v1/completions", body, raw)
+        return status, json.loads(payload), resp
+
+    def metrics(self):
+        values = {}
+        for line in self.get("/metrics")[1].splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return values
+
+    def client(self):
+        import openai
+
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def _settled(server, timeout=30):
+    """/metrics once no sequence runs (a response can reach its client a moment before the
+    engine retires the row)."""
+    deadline = time.monotonic() + timeout
+    while (metrics := server.metrics())["ratplus_requests_running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return metrics
+
+
+def _generate_cli(capsys, ckpt, prompt, pattern, max_tokens):
+    assert generate_cli.main(["--load", ckpt, "--pattern", pattern, "--prompt", prompt,
+                              "--max-new-tokens", str(max_tokens)]) == 0
+    return capsys.readouterr().out[:-1]  # the prompt and its continuation, one print
+
+
+@pytest.mark.integration
+def test_server_openai_client(ckpt, capsys):
+    """The openai client gets ratplus-generate's greedy text under either pattern; streaming
+    equals non-streaming; stop strings cut; seeds reproduce; the listing, health and metrics."""
+    pytest.importorskip("openai")
+    prompts = ["The cat", "Once upon a time, far away"]
+    expected = {(p, pat): _generate_cli(capsys, ckpt, p, pat, 24) for p in prompts for pat in PATTERNS}
+    with Server(ckpt, "--patterns", ",".join(PATTERNS), "--max-num-seqs", "4") as server:
+        client = server.client()
+        models = client.models.list().data
+        assert [m.id for m in models] == ["tiny"] and models[0].model_extra["attention_patterns"] == PATTERNS
+        for pattern in PATTERNS:
+            out = client.completions.create(model="tiny", prompt=prompts, max_tokens=24, temperature=0,
+                                            extra_body={"attention_pattern": pattern})
+            for choice in out.choices:
+                assert prompts[choice.index] + choice.text == expected[(prompts[choice.index], pattern)]
+            assert out.usage.prompt_tokens == sum(len(p.encode()) for p in prompts)
+            assert out.usage.completion_tokens == sum(len(c.text.encode()) for c in out.choices)
+            stream = client.completions.create(model="tiny", prompt=prompts[1], max_tokens=24, temperature=0,
+                                               stream=True, extra_body={"attention_pattern": pattern})
+            chunks = list(stream)
+            assert "".join(c.choices[0].text for c in chunks) == expected[(prompts[1], pattern)][len(prompts[1]):]
+            assert chunks[-1].choices[0].finish_reason is not None
+        default = client.completions.create(model="tiny", prompt=prompts[0], max_tokens=24, temperature=0)
+        assert prompts[0] + default.choices[0].text == expected[(prompts[0], PATTERNS[0])]
+
+        full = expected[(prompts[1], SPARSE)][len(prompts[1]):]
+        stop = full[5:8]
+        cut = client.completions.create(model="tiny", prompt=prompts[1], max_tokens=24, temperature=0, stop=[stop],
+                                        extra_body={"attention_pattern": SPARSE})
+        assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
+        streamed = client.completions.create(model="tiny", prompt=prompts[1], max_tokens=24, temperature=0,
+                                             stop=stop, stream=True, extra_body={"attention_pattern": SPARSE})
+        assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+
+        sampled = [client.completions.create(model="tiny", prompt=prompts[0], max_tokens=16, temperature=2.0, seed=s,
+                                             extra_body={"top_k": 100}).choices[0].text for s in (11, 11, 12, 13, 14)]
+        assert sampled[0] == sampled[1] and len(set(sampled)) > 1
+
+        status, body, _ = server.post({"prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0, "logprobs": 2,
+                                       "echo": True})
+        lp = body["choices"][0]["logprobs"]
+        assert status == 200 and body["choices"][0]["text"].startswith("\x05\x06\x07")
+        assert lp["token_logprobs"][0] is None and len(lp["tokens"]) == 3 + 3
+        assert all(max(top.values()) >= chosen - 1e-5 for top, chosen in zip(lp["top_logprobs"][1:],
+                                                                              lp["token_logprobs"][1:]))
+        status, text, resp = server.get("/metrics")
+        assert status == 200 and "ratplus_cache_pool_bytes" in text
+        metrics = _settled(server)
+        assert metrics["ratplus_requests_running"] == 0 and metrics["ratplus_generation_tokens_total"] > 0
+        assert metrics['ratplus_cache_pool_bytes{pattern="dense",state="used"}'] == 0
+
+
+@pytest.mark.integration
+def test_server_bad_requests_and_disconnect(ckpt):
+    """Each bad request gets a 400 (404 for an unknown model) in OpenAI's error shape with one
+    message; a client that drops a stream frees its row (seen in /metrics)."""
+    with Server(ckpt, "--patterns", ",".join(PATTERNS)) as server:
+        cases = [
+            (None, "{not json"),
+            ({"prompt": 5}, None),
+            ({"prompt": "hi", "max_tokens": "ten"}, None),
+            ({"prompt": "hi", "attention_pattern": "dilated:64"}, None),
+            ({"prompt": "x" * SEQ}, None),
+            ({"prompt": "hi", "max_tokens": SEQ}, None),
+            ({"prompt": "hi", "temperature": -1}, None),
+            ({"prompt": "hi", "top_p": 0}, None),
+            ({"prompt": "hi", "n": 2}, None),
+            ({"prompt": "", "max_tokens": 2}, None),
+            ({"prompt": [1, 999]}, None),
+            ({"prompt": "hi", "logprobs": 50}, None),
+        ]
+        for body, raw in cases:
+            status, payload, _ = server.post(body, raw)
+            error = payload["error"]
+            assert status == 400 and error["type"] == "invalid_request_error", (body, raw, payload)
+            assert error["message"] and "\n" not in error["message"]
+        status, payload, _ = server.post({"model": "other", "prompt": "hi"})
+        assert status == 404 and payload["error"]["code"] == "model_not_found"
+
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": "abc", "max_tokens": SEQ - 8, "stream": True,
+                                                             "temperature": 0}),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data: ")
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            metrics = server.metrics()
+            if metrics.get('ratplus_requests_finished_total{reason="cancelled"}') == 1:
+                break
+            time.sleep(0.1)
+        assert metrics['ratplus_requests_finished_total{reason="cancelled"}'] == 1
+        assert metrics["ratplus_requests_running"] == 0
+        assert metrics["ratplus_generation_tokens_total"] < SEQ - 8
+
+
+@pytest.mark.integration
+def test_server_burst_queues_then_sigterm_drains(ckpt):
+    """A burst beyond the pool and queue: every admitted request completes, the rest get 429
+    with Retry-After; SIGTERM then answers 503, lets the running request finish and exits 0."""
+    with Server(ckpt, "--patterns", "dense", "--max-num-seqs", "2", "--max-waiting", "3") as server:
+        results = [None] * 8
+
+        def one(i):
+            results[i] = server.post({"prompt": f"request {i}", "max_tokens": 30, "temperature": 0})
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        done = [r for r in results if r[0] == 200]
+        refused = [r for r in results if r[0] == 429]
+        assert len(done) + len(refused) == 8 and len(done) >= 4 and refused  # >= 1 row taken + 3 queued
+        assert all(len(r[1]["choices"][0]["text"].encode()) <= 30 and r[1]["usage"]["completion_tokens"] > 0
+                   for r in done)
+        assert all(int(r[2].getheader("Retry-After")) >= 1 and r[1]["error"]["code"] == "queue_full"
+                   for r in refused)
+        assert server.metrics()["ratplus_requests_waiting"] == 0
+
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": "abc", "max_tokens": 100, "stream": True,
+                                                             "temperature": 0}),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.readline().startswith(b"data: ")
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        status, payload, resp503 = server.post({"prompt": "late", "max_tokens": 2})
+        assert status == 503 and resp503.getheader("Retry-After") and payload["error"]["code"] == "shutting_down"
+        rest = resp.read().decode()
+        assert rest.rstrip().endswith("data: [DONE]") and '"finish_reason": "length"' in rest
+        assert server.proc.wait(timeout=60) == 0
+
+
+@pytest.mark.integration
+def test_server_tensor_parallel(ckpt, capsys):
+    """Under torchrun with two ranks (gloo), rank 0 serves and the ranks split the heads: the
+    greedy text of both patterns equals one process's ratplus-generate; SIGTERM stops all ranks."""
+    prompt = "Once upon a time"
+    expected = {pattern: _generate_cli(capsys, ckpt, prompt, pattern, 20) for pattern in PATTERNS}
+    with Server(ckpt, "--patterns", ",".join(PATTERNS), ranks=2) as server:
+        client = server.client()
+        for pattern in PATTERNS:
+            batch = client.completions.create(model="tiny", prompt=[prompt, "ab"], max_tokens=20, temperature=0,
+                                              extra_body={"attention_pattern": pattern})
+            assert prompt + batch.choices[0].text == expected[pattern]
+        os.kill(_rank_zero(server.proc.pid), signal.SIGTERM)  # as a scheduler stopping the server's rank
+        assert server.proc.wait(timeout=120) == 0  # rank 0 drained and stopped rank 1: torchrun saw both succeed
+
+
+def _rank_zero(torchrun_pid):
+    """The pid of the rank-0 worker among torchrun's children (RANK in its environment)."""
+    with open(f"/proc/{torchrun_pid}/task/{torchrun_pid}/children") as f:
+        for pid in f.read().split():
+            with open(f"/proc/{pid}/environ", "rb") as env:
+                if b"RANK=0" in env.read().split(b"\0"):
+                    return int(pid)
+    raise LookupError("no rank-0 worker under torchrun")
