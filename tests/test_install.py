@@ -3,6 +3,7 @@ are the installed ones and satisfy setup.py's ranges, and the entry points start
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from importlib import metadata
@@ -90,6 +91,10 @@ def test_installed_versions_are_the_pinned_ones():
     assert not wrong, "installed versions differ from constraints.txt: " + ", ".join(wrong)
 
 
+def test_every_console_script_is_checked():
+    assert {"ratplus-pretrain", "ratplus-eval", "ratplus-serve"} <= set(SCRIPTS)
+
+
 def test_transformer_engine_range_is_megatron_cores():
     """megatron-core 0.16.1 accepts Transformer Engine >=2.9,<2.12: the gpu extra must not admit more."""
     (te,) = [r for r in _setup_requirements() if _norm(r.name) == "transformer-engine"]
@@ -97,7 +102,12 @@ def test_transformer_engine_range_is_megatron_cores():
     assert not te.specifier.contains("2.8.0") and not te.specifier.contains("2.12.0")
 
 
-SCRIPTS = ["ratplus-pretrain", "ratplus-eval", "ratplus-convert", "ratplus-generate", "ratplus-lm-eval"]
+def _console_scripts():
+    text = open(os.path.join(REPO, "setup.py"), encoding="utf-8").read()
+    return re.findall(r'"(ratplus-[a-z-]+)=', text)
+
+
+SCRIPTS = _console_scripts()
 
 
 @pytest.mark.integration
