@@ -332,7 +332,7 @@ def section_dali(ctx: Context) -> dict:
     need_gpu(ctx)
     if not have("nvidia.dali"):
         raise Skip("nvidia-dali is not installed: DALI is verified where a cluster image provides it "
-                   "(NGC PyTorch containers do), or give --wheels DIR with its wheel)")
+                   "(NGC PyTorch containers do), or give --wheels DIR with its wheel")
     torch = ctx.torch
     from megatron_ratplus import distributed
     from megatron_ratplus.data.dali import dali_batches
