@@ -116,8 +116,9 @@ def check_arguments(args) -> None:
     buckets = getattr(args, "longbench_buckets", [1])
     if min(buckets) < 1 or sorted(set(buckets)) != buckets:
         raise UserError(f"--longbench-buckets must be increasing positive bounds, got {buckets}")
-    if (getattr(args, "longbench_max_length", None) or 2) < 2:
-        raise UserError(f"--longbench-max-length must be >= 2, got {args.longbench_max_length}")
+    budget = getattr(args, "longbench_max_length", None)
+    if budget is not None and budget < 2:
+        raise UserError(f"--longbench-max-length must be >= 2, got {budget}")
     results = getattr(args, "results", None)
     if results and os.path.splitext(results)[1].lower() != ".json":
         raise UserError(f"--results '{results}' must end in .json")

@@ -182,15 +182,15 @@ def longbench_table(model, tasks: Sequence[str], directory: str, patterns: Seque
     overrides every task's generation budget (quick runs; the scores are then not LongBench's)."""
     tokenizer = tokenizer or ByteTokenizer()
     context = model.config.seq_length
+    specs = [task_spec(t) for t in tasks]
+    if any(spec.metric == "rouge_l" for spec in specs):
+        require("rouge", "LongBench's Rouge-L")
+    data = {spec.name: load_samples(directory, spec, limit) for spec in specs}  # every file checked first
     budget = context - CONTEXT_MARGIN if max_length is None else max_length
     if budget < 2:
         raise ContextLengthError(f"LongBench's truncation budget of {budget} tokens (default: the model's context of "
                                  f"{context} minus {CONTEXT_MARGIN}) leaves no prompt; set one with "
                                  f"--longbench-max-length")
-    specs = [task_spec(t) for t in tasks]
-    if any(spec.metric == "rouge_l" for spec in specs):
-        require("rouge", "LongBench's Rouge-L")
-    data = {spec.name: load_samples(directory, spec, limit) for spec in specs}  # every file checked first
     order = [bucket_label(edge, buckets) for edge in (0, *buckets)]
     newline = tokenizer.encode("\n")[-1]
     rows = []
