@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from megatron_ratplus.config import preset
-from megatron_ratplus.data.tokenizer import ByteTokenizer
 from megatron_ratplus.evaluation.errors import ContextLengthError
 from megatron_ratplus.evaluation.longbench import (LONGBENCH_E, TASKS, bucket_label, longbench_report,
                                                    longbench_table, middle_truncate, task_spec)
@@ -222,12 +221,25 @@ def test_min_new_tokens_keeps_stop_tokens_out_of_the_first_step(model):
     assert out.split(",")[0] == str(second)
 
 
+class Letters:
+    """Token ids 0..255 as the letters U+0100..U+01FF (eod 256), so that every output the random
+    model gives is a word that survives QA F1's normalisation."""
+
+    eod = 256
+
+    def encode(self, text):
+        return [ord(c) - 0x100 if 0x100 <= ord(c) < 0x200 else ord(c) % 256 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(0x100 + int(i)) for i in ids if int(i) != self.eod)
+
+
 def _write(path, samples):
     path.write_text("".join(json.dumps(s) + "\n" for s in samples))
 
 
 def test_runner_budget_buckets_classes_and_report(model, tmp_path):
-    tok = ByteTokenizer()
+    tok = Letters()
     gen = torch.Generator().manual_seed(3)
     samples = [{"context": bytes(torch.randint(97, 123, (n,), generator=gen).tolist()).decode(), "input": "q?",
                 "answers": ["placeholder"], "length": length} for n, length in ((30, 20), (300, 5000), (60, 9000))]
@@ -254,7 +266,7 @@ def test_runner_budget_buckets_classes_and_report(model, tmp_path):
     prompts = [middle_truncate(tok.encode(TASKS["trec"].template.format(**s)), 64) for s in trec]
     lines = [tok.decode(t).lstrip("\n").split("\n")[0]
              for t in generate(model, prompts, SamplingConfig(max_new_tokens=8, stop_tokens=[tok.eod])).tokens]
-    assert all(lines) and lines[0] != lines[1]
+    assert all(lines)  # words of letters: "absent" occurs in none
     trec[0]["answers"], trec[1]["answers"], trec[1]["all_classes"] = [lines[0]], ["absent"], [lines[0], "absent"]
     _write(tmp_path / "trec.jsonl", trec)
     rows = longbench_table(model, ["trec"], str(tmp_path), ["dense"], tok, max_length=64, max_new_tokens=8)
