@@ -10,6 +10,7 @@ import difflib
 import json
 import random
 import string
+import warnings
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from megatron_ratplus.evaluation.metrics import PER_REFERENCE, edit_similarity, 
 from megatron_ratplus.evaluation.scoring import greedy_until
 from megatron_ratplus.inference import SamplingConfig, generate
 from megatron_ratplus.model import build_model, set_attention_pattern
+from test_eval_harness import CharTokenizer
 
 GOV = ("The Department of Defense (DOD) spent $3.5 billion on the program in fiscal year 2019. GAO found that DOD "
        "did not track costs. GAO recommends that DOD track the costs of the program. DOD agreed with the "
@@ -165,7 +167,9 @@ def test_rouge_l_is_the_rouge_package_on_random_text():
 
 
 def test_edit_similarity_is_fuzz_ratio_on_random_lines(monkeypatch):
-    from fuzzywuzzy import fuzz
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # its note that python-Levenshtein is absent: difflib wanted
+        from fuzzywuzzy import fuzz
 
     monkeypatch.setattr(fuzz, "SequenceMatcher", difflib.SequenceMatcher)  # LongBench's route, whatever is installed
     seed = random.Random().randrange(2 ** 32)
@@ -221,25 +225,12 @@ def test_min_new_tokens_keeps_stop_tokens_out_of_the_first_step(model):
     assert out.split(",")[0] == str(second)
 
 
-class Letters:
-    """Token ids 0..255 as the letters U+0100..U+01FF (eod 256), so that every output the random
-    model gives is a word that survives QA F1's normalisation."""
-
-    eod = 256
-
-    def encode(self, text):
-        return [ord(c) - 0x100 if 0x100 <= ord(c) < 0x200 else ord(c) % 256 for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(0x100 + int(i)) for i in ids if int(i) != self.eod)
-
-
 def _write(path, samples):
     path.write_text("".join(json.dumps(s) + "\n" for s in samples))
 
 
 def test_runner_budget_buckets_classes_and_report(model, tmp_path):
-    tok = Letters()
+    tok = CharTokenizer()  # every output is a word of letters, kept by QA F1's normalisation
     gen = torch.Generator().manual_seed(3)
     samples = [{"context": bytes(torch.randint(97, 123, (n,), generator=gen).tolist()).decode(), "input": "q?",
                 "answers": ["placeholder"], "length": length} for n, length in ((30, 20), (300, 5000), (60, 9000))]
