@@ -1,4 +1,4 @@
-"""Guarded imports of the optional GPU stack (Transformer Engine, apex, DALI) and lm-eval.
+"""Guarded imports of the optional GPU stack (Transformer Engine, apex, DALI), lm-eval and rouge.
 
 None of them is needed on CPU. Each check returns the module or None, and :func:`require`
 turns a missing one (or a missing CUDA device) into a single line that says what is missing and
@@ -24,6 +24,7 @@ HOW_TO_GET = {
             "(github.com/NVIDIA/apex); the PyPI package named 'apex' is unrelated",
     "nvidia.dali": "pip install 'megatron-ratplus[dali]' (needs CUDA 12)",
     "lm_eval": "pip install 'megatron-ratplus[eval]' (lm-evaluation-harness 0.4)",
+    "rouge": "pip install 'megatron-ratplus[eval]' (the rouge package 1.0.1, LongBench's Rouge-L)",
 }
 # What must import for the package to be usable from PyTorch (TE's top level imports without its
 # torch extension).

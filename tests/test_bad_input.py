@@ -183,6 +183,9 @@ BAD = [
     ("eval_retrieval_lengths_text", "eval", ["--load", "{W}/ck", "--retrieval-lengths", "a,b"]),
     ("eval_unknown_flag", "eval", ["--load", "{W}/ck", "--bogus"]),
     ("eval_data_path_missing", "eval", ["--load", "{W}/ck", "--data-path", "{W}/none"]),
+    ("eval_longbench_max_length_1", "eval", ["--load", "{W}/ck", "--longbench", "hotpotqa", "--longbench-dir", "{W}",
+                                             "--longbench-max-length", "1"]),
+    ("eval_longbench_buckets_unsorted", "eval", ["--load", "{W}/ck", "--longbench-buckets", "8000,4000"]),
     # ratplus-generate
     ("generate_no_load", "generate", ["--prompt", "a"]),
     ("generate_load_missing", "generate", ["--load", "{W}/none", "--prompt", "a"]),

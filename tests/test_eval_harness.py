@@ -226,7 +226,7 @@ def test_ruler_tasks_hold_their_answers_and_score_greedy_output(model, tok):
 def test_longbench_runner_truncates_in_the_middle_and_scores_official_metrics(model, tok, tmp_path):
     from megatron_ratplus.evaluation.longbench import (LongBenchTask, longbench_table, middle_truncate, task_spec)
 
-    assert middle_truncate(list(range(10)), 5) == [0, 1, 7, 8, 9]
+    assert middle_truncate(list(range(10)), 5) == [0, 1, 8, 9]
     assert task_spec("hotpotqa").metric == "qa_f1" and task_spec("lcc").metric == "edit_similarity"
     gen = torch.Generator().manual_seed(6)
     samples = [{"context": tok.decode(torch.randint(0, 256, (n,), generator=gen).tolist()), "input": "q?",
@@ -239,10 +239,10 @@ def test_longbench_runner_truncates_in_the_middle_and_scores_official_metrics(mo
     with open(tmp_path / "mine.jsonl", "w") as f:
         f.writelines(json.dumps(s) + "\n" for s in samples)
     rows = longbench_table(model, ["mine:qa_f1"], str(tmp_path), ["dense", SPARSE], tok, buckets=(100,),
-                           max_new_tokens=8)
+                           max_length=120, max_new_tokens=8)
     dense = {r["length"]: r for r in rows if r["pattern"] == "dense"}
-    assert dense["all"]["samples"] == 3 and dense["<100"]["samples"] == 2 and dense[">=100"]["samples"] == 1
-    assert dense["<100"]["score"] == pytest.approx(0.5) and dense["all"]["score"] == pytest.approx(1 / 3)
+    assert dense["all"]["samples"] == 3 and dense["0-100"]["samples"] == 2 and dense["100+"]["samples"] == 1
+    assert dense["0-100"]["score"] == pytest.approx(0.5) and dense["all"]["score"] == pytest.approx(1 / 3)
     assert {r["pattern"] for r in rows} == {"dense", SPARSE}
     with pytest.raises(DatasetMissingError, match=f"{tmp_path / 'hotpotqa.jsonl'} not found"):
         longbench_table(model, ["hotpotqa"], str(tmp_path), ["dense"], tok)
@@ -252,7 +252,7 @@ def test_longbench_runner_truncates_in_the_middle_and_scores_official_metrics(mo
         longbench_table(model, ["mine:bleu"], str(tmp_path), ["dense"], tok)
     with pytest.raises(ContextLengthError, match="gov_report generates up to 512 tokens"):
         (tmp_path / "gov_report.jsonl").write_text(json.dumps(samples[0]) + "\n")
-        longbench_table(model, ["gov_report"], str(tmp_path), ["dense"], tok)
+        longbench_table(model, ["gov_report"], str(tmp_path), ["dense"], tok, max_length=120)
 
 
 @pytest.mark.integration

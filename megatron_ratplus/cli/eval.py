@@ -82,7 +82,9 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     bench.add_argument("--longbench-dir", help="folder holding <task>.jsonl in LongBench's format")
     bench.add_argument("--longbench-samples", type=int, help="first N samples per LongBench task")
     bench.add_argument("--longbench-buckets", type=_int_list, default=[4000, 8000],
-                       help="prompt-length bucket bounds in tokens (default 4000,8000)")
+                       help="LongBench-E bucket bounds on the data's length field, in words (default 4000,8000)")
+    bench.add_argument("--longbench-max-length", type=int,
+                       help="LongBench truncation budget in tokens (default: the model's context minus 500)")
     bench.add_argument("--batch-size", type=int, default=8, help="requests per forward pass / decode batch")
     bench.add_argument("--results", help="write every result to this .json file (for ratplus-eval report)")
     bench.add_argument("--name", help="checkpoint name in the results file (default: the --load folder name)")
@@ -113,6 +115,12 @@ def check_arguments(args) -> None:
     split_pattern_list(args.search_candidates)
     if getattr(args, "longbench", None) and not args.longbench_dir:
         raise UserError("--longbench needs --longbench-dir (the folder of LongBench's <task>.jsonl files)")
+    buckets = getattr(args, "longbench_buckets", [1])
+    if min(buckets) < 1 or sorted(set(buckets)) != buckets:
+        raise UserError(f"--longbench-buckets must be increasing positive bounds, got {buckets}")
+    budget = getattr(args, "longbench_max_length", None)
+    if budget is not None and budget < 2:
+        raise UserError(f"--longbench-max-length must be >= 2, got {budget}")
     results = getattr(args, "results", None)
     if results and os.path.splitext(results)[1].lower() != ".json":
         raise UserError(f"--results '{results}' must end in .json")
@@ -152,11 +160,12 @@ def run_benchmarks(model, tokenizer, args, out=None) -> dict:
                                         args.lm_eval_fewshot, args.batch_size)
         print(format_table(pattern_columns(found["lm_eval"])), file=out)
     if args.longbench:
-        from megatron_ratplus.evaluation.longbench import longbench_table
+        from megatron_ratplus.evaluation.longbench import longbench_report, longbench_table
 
         found["longbench"] = longbench_table(model, args.longbench, args.longbench_dir, patterns, tokenizer,
-                                             args.longbench_samples, args.longbench_buckets, args.batch_size)
-        print(format_table(found["longbench"]), file=out)
+                                             args.longbench_samples, args.longbench_buckets, args.batch_size,
+                                             args.longbench_max_length)
+        print(format_table(longbench_report(found["longbench"])), file=out)
     return found
 
 

@@ -1,17 +1,19 @@
-"""A LongBench-style runner over local files in LongBench's JSONL format.
+"""LongBench v1 over local files in LongBench's JSONL format, run and scored as LongBench does.
 
-Each task reads ``DIR/<task>.jsonl`` (one object per line with ``context``, ``input``,
-``answers`` and, for trec, ``all_classes``; the layout of LongBench's ``data/`` folder),
-fills the task's prompt template, truncates prompts longer than the model allows in the
-middle (the first and last halves kept, as LongBench does, since instructions sit at both
-ends), decodes greedily through the sparse decode cache and scores the official per-task
-metric, best over the reference answers. Scores are in [0, 1] (LongBench prints x100), per
-task and per bucket of the untruncated prompt length (LongBench-E's 0-4k / 4-8k / 8k+ by default).
-
-The English tasks' templates, generation budgets and metrics follow LongBench's configuration
-(``config/dataset2prompt.json``, ``dataset2maxlen.json`` and ``metrics.py``); ``{context}`` and
-``{input}`` are the sample's fields. Any other local dataset in the same format runs as
-``NAME:METRIC`` with the generic template ``{context}\\n\\nQuestion: {input}\\nAnswer:``.
+Each task reads ``DIR/<task>.jsonl`` (LongBench's ``data/`` folder: ``context``, ``input``,
+``answers``, ``length``, ``all_classes``; LongBench-E's files are ``<task>_e.jsonl``). As
+LongBench's ``pred.py`` and ``eval.py`` do: the task's template (``config/dataset2prompt.json``)
+filled with the sample's fields; a prompt over the truncation budget (default: the model's
+context minus 500, LongBench's ``model2maxlen``) keeps its first and last ``int(budget/2)``
+tokens, since instructions sit at both ends; greedy decoding of the task's budget
+(``dataset2maxlen.json``; samsum stops at a newline token, which may not come first); only the
+first line counts for trec, triviaqa and samsum; the task's metric (``metrics.py``), best over
+the references. Scores are in [0, 1] per task, and per LongBench-E bucket of the data's
+``length`` field (words: 0-4k, 4-8k, 8k+); :func:`longbench_report` lays them out as LongBench
+reports them (x100, two decimals). Decoding runs through the sparse decode cache.
+docs/LONGBENCH.md lists what differs from LongBench and which numbers may stand beside its
+tables. Any other local dataset in the same format runs as ``NAME:METRIC`` with the generic
+template ``{context}\\n\\nQuestion: {input}\\nAnswer:``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from megatron_ratplus.evaluation.errors import ContextLengthError, DatasetMissin
 from megatron_ratplus.evaluation.metrics import check_metric, score
 from megatron_ratplus.evaluation.scoring import greedy_until
 from megatron_ratplus.model import evaluating
+from megatron_ratplus.optional import require
+
+CONTEXT_MARGIN = 500  # LongBench's model2maxlen: the truncation budget is the context minus 500 tokens
 
 _PASSAGES_QA = ("Answer the question based on the given passages. Only give me the answer and do not output any "
                 "other words.\n\nThe following are given passages.\n{context}\n\nAnswer the question based on the "
@@ -43,13 +48,14 @@ class LongBenchTask:
     max_new_tokens: int
     metric: str
     first_line: bool = False  # few-shot tasks: only the prediction's first line counts
+    newline_stops: bool = False  # samsum: decoding stops at a newline token, which may not come first
 
 
 TASKS: Dict[str, LongBenchTask] = {t.name: t for t in (
     LongBenchTask("narrativeqa", "You are given a story, which can be either a novel or a movie script, and a "
-                  "question. Answer the question as concisely as you can, using a single phrase if possible. Do not "
-                  "provide any explanation.\n\nStory: {context}\n\nNow, answer the question based on the story as "
-                  "concisely as you can, using a single phrase if possible. Do not provide any explanation.\n\n"
+                  "question. Answer the question asconcisely as you can, using a single phrase if possible. Do not "
+                  "provide any explanation.\n\nStory: {context}\n\nNow, answer the question based on the story "
+                  "asconcisely as you can, using a single phrase if possible. Do not provide any explanation.\n\n"
                   "Question: {input}\n\nAnswer:", 128, "qa_f1"),
     LongBenchTask("qasper", "You are given a scientific article and a question. Answer the question as concisely as "
                   "you can, using a single phrase or sentence if possible. If the question cannot be answered based "
@@ -81,7 +87,7 @@ TASKS: Dict[str, LongBenchTask] = {t.name: t for t in (
                   "output any other words. The following are some examples.\n\n{context}\n\n{input}", 32, "qa_f1",
                   first_line=True),
     LongBenchTask("samsum", "Summarize the dialogue into a few short sentences. The following are some examples."
-                  "\n\n{context}\n\n{input}", 128, "rouge_l", first_line=True),
+                  "\n\n{context}\n\n{input}", 128, "rouge_l", first_line=True, newline_stops=True),
     LongBenchTask("passage_count", "There are some paragraphs below sourced from Wikipedia. Some of them may be "
                   "duplicates. Please carefully read these paragraphs and determine how many unique paragraphs there "
                   "are after removing duplicates. In other words, how many non-repeating paragraphs are there in "
@@ -98,14 +104,22 @@ TASKS: Dict[str, LongBenchTask] = {t.name: t for t in (
 )}
 
 
+# LongBench-E: the tasks with a length-balanced test set, read from <task>_e.jsonl (pred.py's list).
+LONGBENCH_E = ("qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "gov_report", "multi_news", "trec", "triviaqa",
+               "samsum", "passage_count", "passage_retrieval_en", "lcc", "repobench-p")
+
+
 def task_spec(name: str) -> LongBenchTask:
-    """A LongBench task by name, or ``NAME:METRIC`` for a local dataset with the generic template."""
+    """A LongBench task by name (``<task>_e`` for LongBench-E's data of that task), or
+    ``NAME:METRIC`` for a local dataset with the generic template."""
     if ":" in name:
         base, metric = name.split(":", 1)
         return LongBenchTask(base, GENERIC_TEMPLATE, 64, check_metric(metric))
+    if name.endswith("_e") and name[:-2] in LONGBENCH_E:
+        return dataclasses.replace(TASKS[name[:-2]], name=name)
     if name not in TASKS:
-        raise UnknownTaskError(f"unknown LongBench task '{name}' (known: {', '.join(TASKS)}; other local "
-                               f"datasets as NAME:METRIC)")
+        raise UnknownTaskError(f"unknown LongBench task '{name}' (known: {', '.join(TASKS)}, and <task>_e for "
+                               f"LongBench-E's {', '.join(LONGBENCH_E)}; other local datasets as NAME:METRIC)")
     return TASKS[name]
 
 
@@ -136,59 +150,94 @@ def load_samples(directory: str, task: LongBenchTask, limit: Optional[int] = Non
 
 
 def middle_truncate(tokens: Sequence[int], limit: int) -> List[int]:
-    """The first and last halves of ``tokens`` when longer than ``limit``."""
+    """The first and last ``int(limit/2)`` tokens when longer than ``limit`` (pred.py keeps
+    ``limit - 1`` of them for an odd limit)."""
     if len(tokens) <= limit:
         return list(tokens)
-    head = limit // 2
-    return list(tokens[:head]) + list(tokens[len(tokens) - (limit - head):])
+    half = limit // 2
+    return list(tokens[:half]) + list(tokens[len(tokens) - half:])
 
 
 def bucket_label(length: int, bounds: Sequence[int]) -> str:
-    """``<b0``, ``b0-b1``, ..., ``>=bn`` for a prompt of ``length`` tokens."""
-    if length < bounds[0]:
-        return f"<{bounds[0]}"
-    for low, high in zip(bounds, bounds[1:]):
+    """LongBench-E's bucket name for a sample of ``length`` words: "0-4k", "4-8k", "8k+" for
+    bounds (4000, 8000); "0-300", "300+" for bounds that are not whole thousands."""
+    edges = [0, *bounds]
+    thousands = all(edge % 1000 == 0 for edge in edges)
+    unit = "k" if thousands else ""
+    name = (lambda edge: str(edge // 1000)) if thousands else str
+    for low, high in zip(edges, bounds):
         if length < high:
-            return f"{low}-{high}"
-    return f">={bounds[-1]}"
+            return f"{name(low)}-{name(high)}{unit}"
+    return f"{name(edges[-1])}{unit}+"
 
 
 def longbench_table(model, tasks: Sequence[str], directory: str, patterns: Sequence, tokenizer=None,
                     limit: Optional[int] = None, buckets: Sequence[int] = (4000, 8000), batch_size: int = 4,
                     max_length: Optional[int] = None, max_new_tokens: Optional[int] = None) -> List[dict]:
-    """Rows {pattern, task, metric, length, samples, score} per task, pattern and length bucket
-    (``length`` "all" for the whole task). ``max_new_tokens`` overrides every task's budget
-    (quick runs; the scores are then not LongBench's)."""
+    """Rows {pattern, task, metric, length, samples, budget, score} per task, pattern and
+    LongBench-E bucket of the samples' ``length`` field (``length`` "all" for the whole task;
+    buckets only when every sample has the field). ``max_length`` is the truncation budget
+    (default the context minus 500); a task whose budget plus generation would pass the model's
+    context gets the smaller budget that fits, shown in ``budget``. ``max_new_tokens``
+    overrides every task's generation budget (quick runs; the scores are then not LongBench's)."""
     tokenizer = tokenizer or ByteTokenizer()
-    max_length = max_length or model.config.seq_length
+    context = model.config.seq_length
     specs = [task_spec(t) for t in tasks]
+    if any(spec.metric == "rouge_l" for spec in specs):
+        require("rouge", "LongBench's Rouge-L")
     data = {spec.name: load_samples(directory, spec, limit) for spec in specs}  # every file checked first
+    budget = context - CONTEXT_MARGIN if max_length is None else max_length
+    if budget < 2:
+        raise ContextLengthError(f"LongBench's truncation budget of {budget} tokens (default: the model's context of "
+                                 f"{context} minus {CONTEXT_MARGIN}) leaves no prompt; set one with "
+                                 f"--longbench-max-length")
+    order = [bucket_label(edge, buckets) for edge in (0, *buckets)]
+    newline = tokenizer.encode("\n")[-1]
     rows = []
     for spec in specs:
         if max_new_tokens:
             spec = dataclasses.replace(spec, max_new_tokens=max_new_tokens)
-        room = max_length - spec.max_new_tokens
+        room = min(budget, context - spec.max_new_tokens)
         if room < 2:
             raise ContextLengthError(f"LongBench task {spec.name} generates up to {spec.max_new_tokens} tokens, "
-                                     f"which leaves no prompt in the model's maximum length of {max_length}")
-        full = [tokenizer.encode(spec.template.format(context=s["context"], input=s["input"]))
-                for s in data[spec.name]]
-        prompts = [middle_truncate(p, room) for p in full]
-        labels = [bucket_label(len(p), buckets) for p in full]
+                                     f"which leaves no prompt in the model's maximum length of {context}")
+        samples = data[spec.name]
+        prompts = [middle_truncate(tokenizer.encode(spec.template.format(**s)), room) for s in samples]
+        classes = samples[-1].get("all_classes") or ()  # eval.py scores every sample with the file's last list
+        lengths = [s.get("length") for s in samples]
         for pattern in patterns:
             with evaluating(model, pattern):
-                outputs = greedy_until(model, prompts, tokenizer.decode, spec.max_new_tokens, max_length,
-                                       stop_tokens=[tokenizer.eod], batch_size=batch_size)
+                outputs = greedy_until(model, prompts, tokenizer.decode, spec.max_new_tokens, context,
+                                       stop_tokens=[tokenizer.eod] + [newline] * spec.newline_stops,
+                                       batch_size=batch_size, min_new_tokens=int(spec.newline_stops))
             scores = []
-            for output, sample in zip(outputs, data[spec.name]):
+            for output, sample in zip(outputs, samples):
                 if spec.first_line:
                     output = output.lstrip("\n").split("\n")[0]
-                scores.append(score(spec.metric, output, sample["answers"],
-                                    all_classes=sample.get("all_classes") or ()))
+                scores.append(score(spec.metric, output, sample["answers"], all_classes=classes))
             groups = {"all": scores}
-            for label, value in zip(labels, scores):
-                groups.setdefault(label, []).append(value)
+            if None not in lengths:
+                labels = [bucket_label(n, buckets) for n in lengths]
+                groups.update((label, [v for v, other in zip(scores, labels) if other == label])
+                              for label in order if label in labels)
             for label, values in groups.items():
                 rows.append(dict(pattern=str(pattern), task=spec.name, metric=spec.metric, length=label,
-                                 samples=len(values), score=sum(values) / len(values)))
+                                 samples=len(values), budget=room, score=sum(values) / len(values)))
     return rows
+
+
+def longbench_report(rows: Sequence[dict]) -> List[dict]:
+    """One line per pattern and task as LongBench reports it (eval.py's result.json): scores
+    x100 rounded to two decimals, the whole task under ``score`` and one column per bucket
+    (None where a task has no sample in it; LongBench-E prints NaN)."""
+    buckets = list(dict.fromkeys(r["length"] for r in rows if r["length"] != "all"))
+    lines = {}
+    for r in rows:
+        line = lines.setdefault((r["pattern"], r["task"]), dict.fromkeys(
+            ["pattern", "task", "metric", "samples", "budget", "score", *buckets]))
+        line.update(pattern=r["pattern"], task=r["task"], metric=r["metric"], budget=r["budget"])
+        if r["length"] == "all":
+            line.update(samples=r["samples"], score=round(100 * r["score"], 2))
+        else:
+            line[r["length"]] = round(100 * r["score"], 2)
+    return list(lines.values())

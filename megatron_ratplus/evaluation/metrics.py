@@ -2,12 +2,15 @@
 
 Each scorer maps (prediction, reference) to a number in [0, 1]; a sample with several
 references takes the best (LongBench) or, for RULER's ``string_match_all``, all references
-together. Written out here (a few lines each) rather than pulling in rouge/fuzzywuzzy packages,
-so that the definitions are visible and tested against hand-computed examples.
+together. The LongBench scorers return LongBench v1's own values (its ``metrics.py``), quirks
+included (docs/LONGBENCH.md lists them): Rouge-L is the ``rouge`` package (1.0.1) called as
+LongBench calls it, edit similarity is fuzzywuzzy's ``fuzz.ratio`` as LongBench's requirements
+install it (on difflib's matcher, without python-Levenshtein, whose ratio differs).
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 import string
 from collections import Counter
@@ -37,31 +40,35 @@ def qa_f1(prediction: str, reference: str, **_) -> float:
     return _f1(normalize_answer(prediction).split(), normalize_answer(reference).split())
 
 
-def _lcs(a: Sequence, b: Sequence) -> int:
-    """Length of the longest common subsequence (dynamic programming, one row kept)."""
-    row = [0] * (len(b) + 1)
-    for x in a:
-        diagonal = 0
-        for j, y in enumerate(b, start=1):
-            diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
-    return row[-1]
-
-
 def rouge_l(prediction: str, reference: str, **_) -> float:
-    """Rouge-L F1: longest common subsequence of lower-cased words (gov_report, qmsum, samsum, ...)."""
-    pred, ref = prediction.lower().split(), reference.lower().split()
-    lcs = _lcs(pred, ref)
-    if lcs == 0:
+    """LongBench's Rouge-L (gov_report, qmsum, multi_news, samsum): the ``rouge`` package's
+    summary-level F, sentences split at ".", unique case-sensitive words. Whatever the package
+    raises scores 0, as LongBench's try/except has it: an empty prediction or reference (or
+    one of dots only), and a sentence pair long enough to exhaust Python's recursion limit in
+    the package's LCS (about 1000 words together; the exact point depends on the call depth)."""
+    from rouge import Rouge
+
+    try:
+        return Rouge().get_scores([prediction], [reference], avg=True)["rouge-l"]["f"]
+    except Exception:
         return 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
 
 
 def classification_accuracy(prediction: str, reference: str, all_classes: Sequence[str] = (), **_) -> float:
-    """LongBench's trec score: the class names found in the prediction (dropping those that are
-    only parts of the reference); 1/n if the reference is among the n found, else 0."""
+    """LongBench's trec score: the class names found in the prediction, less those that are
+    proper parts of the reference; 1/n if the reference is among the n left, else 0.
+
+    LongBench drops those names from the list while iterating over it, so the name right after
+    each dropped one is never checked and stays counted ("a", "b", "a b" found for reference
+    "a b" leaves "b", "a b": 1/2). Reproduced here for equal scores (nested label sets only).
+    """
     found = [c for c in all_classes if c in prediction]
-    found = [c for c in found if not (c in reference and c != reference)]
+    position = 0
+    while position < len(found):
+        name = found[position]
+        if name in reference and name != reference:
+            found.remove(name)  # the next name slides into this position and is passed over
+        position += 1
     return 1.0 / len(found) if reference in found else 0.0
 
 
@@ -73,7 +80,8 @@ def count_accuracy(prediction: str, reference: str, **_) -> float:
 
 def paragraph_accuracy(prediction: str, reference: str, **_) -> float:
     """passage_retrieval: the share of the numbers in the prediction equal to the reference's
-    paragraph number ("Paragraph 12")."""
+    paragraph number ("Paragraph 12"). A reference without "Paragraph N" scores 0 here; LongBench
+    stops with an IndexError (its data always has one)."""
     target = re.findall(r"Paragraph (\d+)", reference)
     numbers = re.findall(r"\d+", prediction)
     if not target or not numbers:
@@ -81,16 +89,24 @@ def paragraph_accuracy(prediction: str, reference: str, **_) -> float:
     return sum(n == target[0] for n in numbers) / len(numbers)
 
 
+def _is_code(line: str) -> bool:
+    """LongBench's filter: a line containing a backtick, "#" or "//" anywhere is not code."""
+    return "`" not in line and "#" not in line and "//" not in line
+
+
 def edit_similarity(prediction: str, reference: str, **_) -> float:
-    """Code completion (lcc, repobench-p): the first prediction line that is code (not a comment
-    or a fence), compared by character similarity 2 * LCS / (|a| + |b|), i.e. one minus the
-    insert/delete edit distance over the summed lengths (the fuzz.ratio LongBench reports)."""
-    lines = [line for line in prediction.lstrip("\n").split("\n")
-             if not line.lstrip().startswith(("`", "#", "//"))]
-    line = lines[0] if lines else ""
-    if not line and not reference:
+    """LongBench's code score (lcc, repobench-p): the first prediction line (leading newlines
+    dropped) that passes the code filter, "" if none, against the reference by fuzzywuzzy's
+    ``fuzz.ratio`` / 100: 1 for equal strings, 0 when either is empty, else difflib's ratio
+    rounded to a whole percent. difflib's matcher is what fuzzywuzzy uses without
+    python-Levenshtein (LongBench installs none), so the value does not depend on what else is
+    installed; it is not the edit distance (difflib joins longest common blocks greedily)."""
+    line = next((line for line in prediction.lstrip("\n").split("\n") if _is_code(line)), "")
+    if line == reference:
         return 1.0
-    return 2 * _lcs(line, reference) / (len(line) + len(reference))
+    if not line or not reference:
+        return 0.0
+    return round(100 * difflib.SequenceMatcher(None, line, reference).ratio()) / 100
 
 
 def string_match_all(prediction: str, references: Sequence[str], **_) -> float:
@@ -116,7 +132,7 @@ def score(metric: str, prediction: str, references: Sequence[str], **info) -> fl
     references at once for RULER's."""
     if check_metric(metric) in ALL_REFERENCES:
         return ALL_REFERENCES[metric](prediction, references, **info)
-    return max(PER_REFERENCE[metric](prediction, r, **info) for r in references)
+    return max((PER_REFERENCE[metric](prediction, r, **info) for r in references), default=0.0)
 
 
 def check_metric(metric: str) -> str:

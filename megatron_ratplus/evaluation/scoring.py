@@ -79,13 +79,15 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> Tuple[str, bool]:
 @torch.no_grad()
 def greedy_until(model, prompts: Sequence[Sequence[int]], decode: Callable[[List[int]], str],
                  max_new_tokens: int, max_length: int, stop_strings: Sequence[Sequence[str]] = (),
-                 stop_tokens: Sequence[int] = (), batch_size: int = 8) -> List[str]:
+                 stop_tokens: Sequence[int] = (), batch_size: int = 8, min_new_tokens: int = 0) -> List[str]:
     """Greedy continuations of token-id ``prompts``, as text cut before the first stop string.
 
     ``stop_strings[i]`` are prompt i's stop strings (none if missing). Each sequence stops at
     a stop token, at a stop string (checked on the decoded text after every token, since a stop
     string may span tokens) or after ``max_new_tokens``; a batch ends when all its sequences have.
-    This loop, not ``inference.generate``, because generate stops only on single tokens.
+    The stop tokens cannot be chosen for the first ``min_new_tokens`` tokens (HF generate's
+    ``min_length``). This loop, not ``inference.generate``, because generate stops only on
+    single tokens.
     """
     for i, prompt in enumerate(prompts):
         if len(prompt) + max_new_tokens > max_length:
@@ -103,6 +105,8 @@ def greedy_until(model, prompts: Sequence[Sequence[int]], decode: Callable[[List
         with DecodeSession(model, len(batch), int(lengths.max()) + max_new_tokens - 1) as session:
             logits = session.prefill(tokens, lengths)[torch.arange(len(batch), device=device), lengths - 1]
             for step in range(max_new_tokens):
+                if step < min_new_tokens and len(stop_ids):
+                    logits = logits.index_fill(-1, stop_ids.to(device), float("-inf"))
                 chosen = logits.argmax(dim=-1).cpu()
                 for row in list(active):
                     i = batch[row]
