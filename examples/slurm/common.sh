@@ -18,8 +18,8 @@
 # srun starts one task per GPU (the scripts' --ntasks-per-node), each the training process
 # itself (examples/slurm/rank.sh), so SLURM's signals reach the processes that save. Time limits
 # and preemption (SIGUSR1 -> save -> requeue; SIGTERM -> save within KillWait): see
-# examples/slurm/README.md. Without SLURM (a laptop), `srun` and `scontrol` are replaced by
-# local stand-ins that run one process, so the same scripts run unchanged.
+# examples/slurm/README.md. Outside a SLURM job (`bash SCRIPT` on a laptop), `srun` and
+# `scontrol` are replaced by local stand-ins that run one process, so the scripts run unchanged.
 
 : "${DATA:?set DATA to the indexed dataset prefix (or a weighted blend)}"
 : "${TOKENIZER:?set TOKENIZER to the tokenizer file}"
@@ -27,11 +27,11 @@
 cd "$RATPLUS_HOME"
 mkdir -p "$RUN_DIR"
 
-if ! command -v srun >/dev/null 2>&1; then
-  # No SLURM: one local task. srun runs its command here (exec, so signals reach it directly),
-  # scontrol answers hostnames and records a requeue request in RUN_DIR/requeue.log.
-  echo "common.sh: no srun on the PATH: one local process, with stand-ins for srun and scontrol" >&2
-  export SLURM_JOB_ID=${SLURM_JOB_ID:-$$} SLURM_JOB_NODELIST=${SLURM_JOB_NODELIST:-localhost}
+if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+  # Not in a SLURM job: one local task. srun runs its command here (exec, so signals reach it
+  # directly), scontrol answers hostnames and records a requeue request in RUN_DIR/requeue.log.
+  echo "common.sh: not in a SLURM job: one local process, with stand-ins for srun and scontrol" >&2
+  export SLURM_JOB_ID=$$ SLURM_JOB_NODELIST=localhost
   srun() { while [[ $1 == --* ]]; do shift; done; SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NTASKS=1 exec "$@"; }
   scontrol() {
     case "$1" in
