@@ -171,9 +171,13 @@ class SingleNodeSlurm:
 
     def wait(self, job_id: str, timeout: float) -> Dict[str, str]:
         """Poll until the job reaches a final state (a requeued job passes through PENDING)."""
-        deadline = time.time() + timeout
+        deadline, seen = time.time() + timeout, None
         while True:
             job = self.job(job_id)
+            state = " ".join(f"{k}={job.get(k)}" for k in ("JobState", "Reason", "Restarts", "ExitCode"))
+            if state != seen:  # the transitions, for the test's output
+                print(f"{time.strftime('%H:%M:%S')} job {job_id}: {state}")
+                seen = state
             if job.get("JobState") in FINAL or time.time() > deadline:
                 return job
             time.sleep(1)
