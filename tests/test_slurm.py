@@ -95,7 +95,7 @@ JOB_TIMEOUT = 600
 def slurm(tmp_path_factory, request):
     """The single-node SLURM, installed if missing; the stand-ins only where it cannot run (never in CI)."""
     why_not = slurm_cluster.install()
-    if why_not and os.environ.get("CI") == "true":
+    if why_not and os.environ.get("CI", "").lower() in ("true", "1"):
         pytest.fail(f"CI must test under the real SLURM: {why_not}")
     backend = (slurm_cluster.StandIns if why_not else slurm_cluster.SingleNodeSlurm)(
         str(tmp_path_factory.mktemp("slurm_cluster")))
@@ -137,10 +137,14 @@ def submit(slurm, script, env, run_dir, log, extra="", tasks=1, cwd=REPO, chdir=
     return slurm.sbatch(os.path.join(SLURM, script), env, args, str(cwd))
 
 
+def read(log):
+    return open(log).read() if os.path.exists(log) else ""
+
+
 def finished(slurm, job_id, log):
     """The job's final scontrol record, and its log."""
     job = slurm.wait(job_id, JOB_TIMEOUT)
-    text = open(log).read() if os.path.exists(log) else ""
+    text = read(log)
     assert job.get("JobState") in slurm_cluster.FINAL, (job, text[-3000:])
     return job, text
 
@@ -150,7 +154,8 @@ def wait_for_checkpoint(slurm, job_id, save, log):
     deadline = time.time() + JOB_TIMEOUT
     while not (save / "latest").exists():
         job = slurm.job(job_id)
-        assert job["JobState"] in ("PENDING", "RUNNING") and time.time() < deadline, (job, open(log).read()[-3000:])
+        if job["JobState"] not in ("PENDING", "RUNNING") or time.time() > deadline:
+            raise AssertionError(f"no checkpoint from job {job_id}: {job}\n{read(log)[-3000:]}")
         time.sleep(0.2)
 
 
