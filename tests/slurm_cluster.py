@@ -158,7 +158,13 @@ class SingleNodeSlurm:
         return result.stdout.strip().split(";")[0]
 
     def job(self, job_id: str) -> Dict[str, str]:
-        return parse_job(self._run("scontrol", "show", "job", "-o", job_id).stdout)
+        """The job's record; a busy slurmctld sometimes answers nothing, so ask again."""
+        for _ in range(30):
+            job = parse_job(self._run("scontrol", "show", "job", "-o", job_id).stdout)
+            if "JobState" in job:
+                return job
+            time.sleep(1)
+        raise AssertionError(f"scontrol show job {job_id}: no answer in 30 tries; logs in {self.root}")
 
     def signal_batch(self, job_id: str, sig: str) -> None:
         """What ``--signal=B:SIG@T`` does at T seconds before the time limit."""
