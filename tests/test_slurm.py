@@ -1,17 +1,17 @@
-"""SLURM launch: the YAML run configs, and every sbatch script end to end on a CPU (stand-ins for
-srun and scontrol), including a simulated requeue (SIGUSR1, then a second launch that resumes)."""
+"""SLURM launch: the YAML run configs, and every sbatch script end to end on a CPU, submitted with
+sbatch to a real single-node SLURM started for these tests (tests/slurm_cluster.py): a job that
+completes, SIGUSR1 -> save -> requeue -> resume with the losses of an uninterrupted run, scancel
+-> resubmission resumes, concurrent jobs, submission with --chdir from another directory."""
 
 import json
 import os
 import re
-import shutil
-import signal
-import socket
-import subprocess
 import time
+import warnings
 
 import pytest
 
+import slurm_cluster
 from conftest import REPO, repo_env
 from megatron_ratplus.config import preset
 from megatron_ratplus.estimate import Layout, memory_per_gpu
@@ -74,111 +74,202 @@ def test_1_5b_default_layout_would_not_fit():
 def test_sbatch_header(script):
     text = open(os.path.join(SLURM, script)).read()
     for line in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@", "#SBATCH --cpus-per-task=",
-                 "#SBATCH --output=%x-%j.out", "#SBATCH --error=%x-%j.err"):
+                 "#SBATCH --output=%x-%j.out", "#SBATCH --error=%x-%j.err", "#SBATCH --open-mode=append",
+                 "RATPLUS_HOME=${RATPLUS_HOME:-$PWD}"):
         assert line in text, (script, line)
-    assert "$(dirname \"$0\")/common.sh" not in text and "SLURM_SUBMIT_DIR" in text
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # one task per GPU: srun starts the training processes themselves (examples/slurm/rank.sh)
+    tasks = re.search(r"#SBATCH --ntasks-per-node=(\d+)", text).group(1)
+    assert tasks == re.search(r"#SBATCH --gpus-per-node=(\d+)", text).group(1)
+    assert "$(dirname \"$0\")/common.sh" not in text
 
 
 TINY = ("--preset tiny --num-layers 1 --hidden-size 32 --num-attention-heads 2 --seq-length 32 "
         "--micro-batch-size 2 --global-batch-size 4 --tensor-model-parallel-size 1 --context-parallel-size 1 "
-        "--no-sequence-parallel --no-use-distributed-optimizer --eval-iters 1 --eval-interval 0 --no-progress-bar --split 90,10,0")
+        "--no-sequence-parallel --no-use-distributed-optimizer --eval-iters 1 --eval-interval 0 --no-progress-bar "
+        "--split 90,10,0 --log-interval 1")
+TOKENS_PER_ITERATION = 4 * 32
+JOB_TIMEOUT = 600
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A tiny dataset, and an environment like a submission's, but without SLURM on the PATH."""
+def slurm(tmp_path_factory, request):
+    """The single-node SLURM, installed if missing; the stand-ins only where it cannot run (never in CI)."""
+    why_not = slurm_cluster.install()
+    if why_not and os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"CI must test under the real SLURM: {why_not}")
+    backend = (slurm_cluster.StandIns if why_not else slurm_cluster.SingleNodeSlurm)(
+        str(tmp_path_factory.mktemp("slurm_cluster")))
+    banner = f"*** tests/test_slurm.py submits to {backend.kind} ({backend.version}) ***"
+    if why_not:
+        banner += f" because {why_not}"
+        warnings.warn(banner)
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(banner, yellow=bool(why_not), bold=True)
+    backend.start()
+    yield backend
+    backend.stop()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A tiny dataset, and the environment a submission passes on (CPU: no precision flag)."""
     from megatron_ratplus.data.preprocess import build
 
-    root = tmp_path_factory.mktemp("slurm")
+    root = tmp_path_factory.mktemp("slurm_data")
     corpus = root / "docs.jsonl"
     text = open(os.path.join(REPO, "README.md")).read()
     corpus.write_text("".join(json.dumps({"text": text[i * 40:i * 40 + 600]}) + "\n" for i in range(150)))
     build([str(corpus)], str(root / "data" / "docs"))
-    assert shutil.which("srun") is None, "these tests use the stand-ins for a machine without SLURM"
-    env = repo_env()
-    env.update(DATA=f"0.5 {root}/data/docs 0.5 {root}/data/docs", TOKENIZER="byte", GPUS_PER_NODE="1",
-               PRECISION="", OMP_NUM_THREADS="1")
-    env.pop("RATPLUS_HOME", None)
-    return root, env
+    env = {k: v for k, v in repo_env().items() if k != "RATPLUS_HOME"}
+    env.update(DATA=f"0.5 {root}/data/docs 0.5 {root}/data/docs", TOKENIZER="byte", PRECISION="",
+               OMP_NUM_THREADS="1")
+    return env
 
 
-def launch(script, env, run_dir, extra, spool):
-    """Run ``script`` as sbatch would: a copy in a spool directory, started from the submit directory."""
-    copy = spool / script
-    shutil.copy(os.path.join(SLURM, script), copy)
-    env = dict(env, RUN_DIR=str(run_dir), SLURM_SUBMIT_DIR=REPO, MASTER_PORT=str(free_port()),
-               RATPLUS_OVERRIDES=f"{TINY} {extra}")
-    return subprocess.Popen(["bash", str(copy)], cwd=str(spool), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def submit(slurm, script, env, run_dir, log, extra="", tasks=1, cwd=REPO, chdir=None):
+    """sbatch SCRIPT, CPU-sized: TASKS training processes on the one node, no GPUs, the tiny model."""
+    env = dict(env, RUN_DIR=str(run_dir), RATPLUS_OVERRIDES=f"{TINY} {extra}")
+    args = ["--nodes=1", f"--ntasks-per-node={tasks}", "--gpus-per-node=0", "--cpus-per-task=1",
+            f"--output={log}", f"--error={log}"] + ([f"--chdir={chdir}"] if chdir else [])
+    return slurm.sbatch(os.path.join(SLURM, script), env, args, str(cwd))
 
 
-def finish(proc, timeout=240):
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError("the launch did not finish:\n" + out[-3000:])
-    return proc.returncode, out
+def read(log):
+    return open(log).read() if os.path.exists(log) else ""
 
 
-@pytest.mark.slow
-def test_sbatch_scripts_end_to_end_with_requeue(cluster, tmp_path):
-    root, env = cluster
-    spool = tmp_path / "spool"
-    spool.mkdir()
-    run = tmp_path / "run"
-    iterations, tokens = 60, 60 * 4 * 32
+def finished(slurm, job_id, log):
+    """The job's final scontrol record, and its log."""
+    job = slurm.wait(job_id, JOB_TIMEOUT)
+    text = read(log)
+    assert job.get("JobState") in slurm_cluster.FINAL, (job, text[-3000:])
+    return job, text
 
-    # 1.5B recipe, tiny: SIGUSR1 once the first checkpoint exists -> save, exit 0, requeue.
-    first = launch("pretrain_1.5b_100b.sbatch", env, run, f"--train-tokens {tokens} --save-interval 5", spool)
-    save = run / "ratplus-1.5b"
-    deadline = time.time() + 240
+
+def wait_for_checkpoint(slurm, job_id, save, log):
+    """Block until SAVE holds a checkpoint, while the job still runs."""
+    deadline = time.time() + JOB_TIMEOUT
     while not (save / "latest").exists():
-        assert first.poll() is None and time.time() < deadline, finish(first)[1][-3000:]
-        time.sleep(0.5)
-    os.kill(first.pid, signal.SIGUSR1)
-    code, out = finish(first)
-    assert code == 0, out[-3000:]
-    stopped = int(re.search(r"stopped after iteration (\d+) \(received SIGUSR1\)", out).group(1))
-    assert 5 <= stopped < iterations and "requeueing job" in out
-    assert (run / "requeue.log").read_text().startswith("requeue local-")
-    second = launch("pretrain_1.5b_100b.sbatch", env, run, f"--train-tokens {tokens} --save-interval 5", spool)
-    code, out = finish(second)
-    assert code == 0 and f"done: {iterations - stopped} iterations" in out, out[-3000:]
-    assert os.path.basename(os.readlink(save / "latest") if os.path.islink(save / "latest")
-                            else (save / "latest").read_text().strip()) == f"iter_{iterations:07d}"
-
-    # The other recipes, tiny, each to its end; the adaptations start from the 1.5B checkpoint.
-    env = dict(env, PRETRAINED=str(save))
-    for script, extra, done in [
-        ("pretrain_2.6b_200b.sbatch", "--train-tokens 384", "done: 3 iterations"),
-        ("pretrain_7.6b.sbatch", "--train-tokens 384", "done: 3 iterations"),
-        ("adapt_resolution.sbatch", "--train-tokens 256", "done: 2 iterations"),
-        ("adapt_long_context_cp.sbatch", "--train-tokens 256", "done: 2 iterations"),
-    ]:
-        code, out = finish(launch(script, env, run, extra, spool))
-        assert code == 0 and done in out, (script, out[-3000:])
+        job = slurm.job(job_id)
+        if job["JobState"] not in ("PENDING", "RUNNING") or time.time() > deadline:
+            raise AssertionError(f"no checkpoint from job {job_id}: {job}\n{read(log)[-3000:]}")
+        time.sleep(0.2)
 
 
-def test_sbatch_without_data_is_one_line(cluster, tmp_path):
-    _, env = cluster
-    env = {k: v for k, v in env.items() if k != "DATA"}
-    proc = launch("pretrain_1.5b_100b.sbatch", env, tmp_path / "run", "", tmp_path)
-    code, out = finish(proc, timeout=60)
-    assert code != 0 and "set DATA to the indexed dataset prefix" in out
+def latest(save):
+    return (save / "latest").read_text().strip()
 
 
-def test_sbatch_outside_the_repository_says_so(cluster, tmp_path):
-    _, env = cluster
-    copy = tmp_path / "job.sbatch"
-    shutil.copy(os.path.join(SLURM, "pretrain_1.5b_100b.sbatch"), copy)
-    result = subprocess.run(["bash", str(copy)], cwd=str(tmp_path), env=dict(env, SLURM_SUBMIT_DIR=str(tmp_path)),
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and "submit from the repository root or set RATPLUS_HOME" in result.stderr
+def losses(log):
+    """Iteration -> the losses of its console line (the last one, if a requeued job logged it twice)."""
+    return dict(re.findall(r"^iteration (\d+)/\d+ \| (loss.*?) \| lr", log, re.M))
+
+
+def overlapped(a, b):
+    """Whether two finished jobs ran at the same time (scontrol's times, to the second)."""
+    return a["StartTime"] < b["EndTime"] and b["StartTime"] < a["EndTime"]
+
+
+ITERATIONS = 150  # enough that a signal sent after the first checkpoint lands well before the end
+
+
+@pytest.mark.integration
+def test_complete_and_requeue_on_sigusr1_concurrently(slurm, data, tmp_path):
+    """Two jobs of the 1.5B recipe at once, one submitted from another directory with --chdir.
+    The first runs to its end; the second gets SIGUSR1 as --signal=B:USR1@600 would send it,
+    saves once, requeues itself and resumes to the end with the first job's losses."""
+    extra = f"--train-tokens {ITERATIONS * TOKENS_PER_ITERATION} --save-interval 10"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    logs = {name: str(tmp_path / f"{name}.log") for name in ("whole", "requeued")}
+    whole = submit(slurm, "pretrain_1.5b_100b.sbatch", data, tmp_path / "whole", logs["whole"], extra)
+    requeued = submit(slurm, "pretrain_1.5b_100b.sbatch", data, tmp_path / "requeued", logs["requeued"], extra,
+                      cwd=elsewhere, chdir=REPO)
+    save = tmp_path / "requeued" / "ratplus-1.5b"
+    wait_for_checkpoint(slurm, requeued, save, logs["requeued"])
+    assert slurm.job(whole)["JobState"] == "RUNNING"  # the two jobs run at once
+    slurm.signal_batch(requeued, "USR1")
+
+    job, whole_log = finished(slurm, whole, logs["whole"])
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "0"), whole_log[-3000:]
+    assert f"done: {ITERATIONS} iterations" in whole_log
+    job, log = finished(slurm, requeued, logs["requeued"])
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-3000:]
+
+    # saved once, at the iteration it stopped after; requeued once; the log of both runs kept
+    stops = re.findall(r"stopped after iteration (\d+) \(received SIGUSR1\); checkpoint (\S+)", log)
+    assert len(stops) == 1, log[-3000:]
+    stopped = int(stops[0][0])
+    assert 10 <= stopped < ITERATIONS and stops[0][1].endswith(f"iter_{stopped:07d}")
+    assert log.count("run_training: SIGUSR1: training exited 0; requeueing job") == 1
+    assert f"done: {ITERATIONS - stopped} iterations" in log
+    assert latest(save) == f"iter_{ITERATIONS:07d}" and not list(save.glob(".tmp.*"))
+    # the requeued job's losses, iteration by iteration, and its final validation, are the whole run's
+    assert len(losses(whole_log)) == ITERATIONS and losses(log) == losses(whole_log)
+    final = r"done: .*?; (valid/.*?); \d+ non-finite"
+    assert re.search(final, log).group(1) == re.search(final, whole_log).group(1)
+
+
+@pytest.mark.integration
+def test_scancel_then_resubmission_resumes(slurm, data, tmp_path):
+    """scancel (SIGTERM to every task, SIGKILL after KillWait): the two ranks finish the iteration
+    and save within the grace time; a resubmission resumes from that newest checkpoint."""
+    extra = f"--train-tokens {ITERATIONS * TOKENS_PER_ITERATION} --save-interval 10"
+    run, save = tmp_path / "run", tmp_path / "run" / "ratplus-1.5b"
+    first_log, second_log = str(tmp_path / "first.log"), str(tmp_path / "second.log")
+    first = submit(slurm, "pretrain_1.5b_100b.sbatch", data, run, first_log, extra, tasks=2)
+    wait_for_checkpoint(slurm, first, save, first_log)
+    slurm.cancel(first)
+    job, log = finished(slurm, first, first_log)
+    assert job["JobState"] == "CANCELLED", log[-3000:]
+    stopped = int(re.search(r"stopped after iteration (\d+) \(received SIGTERM\)", log).group(1))
+    assert 10 <= stopped < ITERATIONS and latest(save) == f"iter_{stopped:07d}"
+
+    second = submit(slurm, "pretrain_1.5b_100b.sbatch", data, run, second_log, extra, tasks=2)
+    job, log = finished(slurm, second, second_log)
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    assert f"done: {ITERATIONS - stopped} iterations" in log and min(map(int, losses(log))) == stopped + 1
+    assert latest(save) == f"iter_{ITERATIONS:07d}" and not list(save.glob(".tmp.*"))
+
+
+@pytest.mark.integration
+def test_other_recipes_two_at_a_time(slurm, data, tmp_path):
+    """The other recipes, tiny, each to its end, two jobs at once on the node; the adaptations
+    start from a pretrained checkpoint."""
+    pretrained = tmp_path / "pretrained"
+    job_id = submit(slurm, "pretrain_1.5b_100b.sbatch", data, pretrained, str(tmp_path / "p.log"),
+                    "--train-tokens 256")
+    job, log = finished(slurm, job_id, str(tmp_path / "p.log"))
+    assert job["JobState"] == "COMPLETED", log[-3000:]
+    env = dict(data, PRETRAINED=str(pretrained / "ratplus-1.5b"))
+    for pair in ([("pretrain_2.6b_200b.sbatch", 384), ("pretrain_7.6b.sbatch", 384)],
+                 [("adapt_resolution.sbatch", 256), ("adapt_long_context_cp.sbatch", 256)]):
+        logs = [str(tmp_path / f"{script}.log") for script, _ in pair]
+        jobs = [submit(slurm, script, env, tmp_path / "run", log, f"--train-tokens {tokens}")
+                for (script, tokens), log in zip(pair, logs)]
+        done = [finished(slurm, j, log) for j, log in zip(jobs, logs)]
+        for (script, tokens), (job, log) in zip(pair, done):
+            assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), (script, log[-3000:])
+            assert f"done: {tokens // TOKENS_PER_ITERATION} iterations" in log, (script, log[-3000:])
+        if slurm.kind.startswith("real"):
+            assert overlapped(done[0][0], done[1][0]), [job for job, _ in done]
+
+
+@pytest.mark.integration
+def test_sbatch_without_data_is_one_line(slurm, data, tmp_path):
+    env = {k: v for k, v in data.items() if k != "DATA"}
+    log = str(tmp_path / "job.log")
+    job, text = finished(slurm, submit(slurm, "pretrain_1.5b_100b.sbatch", env, tmp_path / "run", log), log)
+    assert job["JobState"] == "FAILED" and "set DATA to the indexed dataset prefix" in text
+
+
+@pytest.mark.integration
+def test_sbatch_outside_the_repository_says_so(slurm, data, tmp_path):
+    log = str(tmp_path / "job.log")
+    job_id = submit(slurm, "pretrain_1.5b_100b.sbatch", data, tmp_path / "run", log, cwd=tmp_path)
+    job, text = finished(slurm, job_id, log)
+    assert (job["JobState"], job["ExitCode"]) == ("FAILED", "2:0")
+    assert "cannot find examples/slurm/common.sh" in text and "or set RATPLUS_HOME" in text

@@ -59,11 +59,11 @@ def test_slurm_examples_use_known_flags():
     from megatron_ratplus.training.arguments import build_parser
 
     known = {s for action in build_parser()._actions for s in action.option_strings}
-    launcher = {"--kill-on-bad-exit=1", "--nnodes", "--nproc-per-node", "--rdzv-backend", "--rdzv-endpoint",
-                "--container-image", "--container-mounts", "--container-workdir", "--*"}
+    launcher = {"--kill-on-bad-exit=1", "--chdir=REPO", "--container-image", "--container-mounts", "--container-workdir",
+                "--*"}
     folder = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "slurm")
-    # node.sh only passes its arguments on (to torchrun) and names no flag of its own
-    scripts = [f for f in os.listdir(folder) if f.endswith((".sbatch", ".sh")) and f != "node.sh"]
+    # rank.sh only passes its arguments on (exec) and names no flag of its own
+    scripts = [f for f in os.listdir(folder) if f.endswith((".sbatch", ".sh")) and f != "rank.sh"]
     assert len(scripts) >= 4
     for name in scripts:
         text = open(os.path.join(folder, name)).read()

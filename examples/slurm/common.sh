@@ -6,21 +6,20 @@
 #   TOKENIZER  the tokenizer file it was built with (tokenizer.model or tokenizer.json; "byte")
 #   RUN_DIR    where checkpoints and TensorBoard logs go
 # Optional:
-#   RATPLUS_HOME      the repository (default: the directory sbatch was called from)
+#   RATPLUS_HOME      the repository (default: the job's working directory, i.e. where sbatch
+#                     was called from, or its --chdir)
 #   CONTAINER_IMAGE   run inside this image with pyxis/enroot (srun --container-image);
 #                     CONTAINER_MOUNTS is passed as --container-mounts (default: RATPLUS_HOME, RUN_DIR)
 #   VENV              a virtual environment to activate instead
-#   GPUS_PER_NODE     default 8;  MASTER_PORT default 29500
 #   PRECISION         default "--bf16" (set it empty on a CPU)
 #   RATPLUS_OVERRIDES extra ratplus-pretrain flags, appended last (they win over the YAML)
 #   NCCL_* / TORCH_*  any of the settings below, to override them
 #
-# Preemption and time limits: the scripts ask for `--requeue --signal=B:USR1@600`. SLURM sends
-# SIGUSR1 to this batch shell 10 minutes before the time limit; run_training passes it to every
-# training process (examples/slurm/node.sh), which finish the iteration, save and exit 0
-# (ratplus-pretrain --exit-signal-handler); the job then requeues itself and the next run resumes
-# through --load SAVE --save SAVE. Without SLURM (a laptop), `srun` and `scontrol` are replaced
-# by local stand-ins so the same scripts run unchanged.
+# srun starts one task per GPU (the scripts' --ntasks-per-node), each the training process
+# itself (examples/slurm/rank.sh), so SLURM's signals reach the processes that save. Time limits
+# and preemption (SIGUSR1 -> save -> requeue; SIGTERM -> save within KillWait): see
+# examples/slurm/README.md. Outside a SLURM job (`bash SCRIPT` on a laptop), `srun` and
+# `scontrol` are replaced by local stand-ins that run one process, so the scripts run unchanged.
 
 : "${DATA:?set DATA to the indexed dataset prefix (or a weighted blend)}"
 : "${TOKENIZER:?set TOKENIZER to the tokenizer file}"
@@ -28,12 +27,12 @@
 cd "$RATPLUS_HOME"
 mkdir -p "$RUN_DIR"
 
-if ! command -v srun >/dev/null 2>&1; then
-  # No SLURM: one local "node". srun runs its command here (exec, so signals reach it directly),
-  # scontrol answers hostnames and records a requeue request in RUN_DIR/requeue.log.
-  export SLURM_JOB_ID=${SLURM_JOB_ID:-local-$$} SLURM_NNODES=${SLURM_NNODES:-1}
-  export SLURM_JOB_NODELIST=${SLURM_JOB_NODELIST:-localhost}
-  srun() { while [[ $# -gt 0 && $1 == --* ]]; do shift; done; exec "$@"; }
+if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+  # Not in a SLURM job: one local task. srun runs its command here (exec, so signals reach it
+  # directly), scontrol answers hostnames and records a requeue request in RUN_DIR/requeue.log.
+  echo "common.sh: not in a SLURM job: one local process, with stand-ins for srun and scontrol" >&2
+  export SLURM_JOB_ID=$$ SLURM_JOB_NODELIST=localhost
+  srun() { while [[ $1 == --* ]]; do shift; done; SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NTASKS=1 exec "$@"; }
   scontrol() {
     case "$1" in
       show) echo localhost ;;
@@ -65,16 +64,25 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 # Cluster-specific, left to the site when unset: NCCL_SOCKET_IFNAME (e.g. ib0 or eth0),
 # NCCL_IB_HCA (e.g. mlx5), NCCL_NET_GDR_LEVEL.
 
+# SLURM 22.05+ no longer passes the job's --cpus-per-task on to srun by itself.
+[[ -z "${SLURM_CPUS_PER_TASK:-}" ]] || export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
+
+# Rendezvous: rank 0 on the job's first node, at a port derived from the job id, so that jobs
+# sharing a node never meet (a requeued job keeps its id, and its port).
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-export MASTER_ADDR MASTER_PORT=${MASTER_PORT:-29500}
+MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))
+export MASTER_ADDR MASTER_PORT
 read -r -a DATA_PATH <<< "$DATA"
 read -r -a PRECISION_ARGS <<< "${PRECISION---bf16}"
 read -r -a OVERRIDES <<< "${RATPLUS_OVERRIDES:-}"
-LAUNCH=(srun "${SRUN_ARGS[@]}" bash "$RATPLUS_HOME/examples/slurm/node.sh"
-        python -m torch.distributed.run --nnodes "$SLURM_NNODES" --nproc-per-node "${GPUS_PER_NODE:-8}"
-        --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" -m megatron_ratplus.cli.pretrain)
+LAUNCH=(srun "${SRUN_ARGS[@]}" bash "$RATPLUS_HOME/examples/slurm/rank.sh" python -m megatron_ratplus.cli.pretrain)
 
-# run_training CONFIG.yaml [FLAG ...]: launch, pass SIGUSR1/SIGTERM on, requeue after a signal.
+# run_training CONFIG.yaml [FLAG ...]: one srun step of training. SIGUSR1 to this batch shell
+# (--signal=B:USR1@600, or scancel --batch --signal=USR1) goes on to srun, which forwards it to
+# every task once; the tasks save and exit, and the job requeues itself (whatever their exit
+# status: the time limit ends the job anyway, and the requeued one resumes from the newest
+# checkpoint). SIGTERM (scancel, preemption) reaches every task from SLURM directly: this shell
+# only waits for them to save.
 run_training() {
   local config=$1 status signalled=0 pid
   shift
@@ -82,14 +90,14 @@ run_training() {
     --exit-signal-handler "${PRECISION_ARGS[@]}" "$@" "${OVERRIDES[@]}" &
   pid=$!
   trap 'signalled=1; kill -USR1 "$pid" 2>/dev/null' USR1
-  trap 'kill -TERM "$pid" 2>/dev/null' TERM
+  trap 'echo "run_training: SIGTERM: waiting for the training processes to save"' TERM
   while true; do  # a trapped signal interrupts wait (status > 128); keep waiting while the launch runs
     wait "$pid" && status=0 || status=$?  # (written so that set -e does not end the script here)
     kill -0 "$pid" 2>/dev/null || break
   done
   trap - USR1 TERM
-  if [[ $signalled == 1 && $status == 0 ]]; then
-    echo "run_training: stopped on SIGUSR1 with a checkpoint; requeueing job $SLURM_JOB_ID"
+  if [[ $signalled == 1 ]]; then
+    echo "run_training: SIGUSR1: training exited $status; requeueing job $SLURM_JOB_ID to resume from the newest checkpoint"
     scontrol requeue "$SLURM_JOB_ID"
   fi
   return "$status"

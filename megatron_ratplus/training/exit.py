@@ -7,8 +7,10 @@ A cluster ends jobs at a time limit or on preemption; SLURM can warn first with 
 saves a checkpoint and returns, so the process exits 0 and a requeued job resumes through
 ``--load SAVE --save SAVE``. Ranks agree before stopping (one small all-reduce per iteration,
 only when a condition is enabled), because a signal may reach some ranks an iteration later
-than others and every rank must take part in the save. A second signal is not deferred: it acts
-as if no handler were installed (a stuck run can still be stopped).
+than others and every rank must take part in the save. Further signals change nothing, as in
+Megatron-LM: a cluster may deliver one request more than once (a SIGTERM at the time limit
+while the SIGUSR1 save runs), and the save is worth finishing within the grace time. SIGINT
+(Ctrl-C) and SIGKILL still stop a run at once.
 """
 
 from __future__ import annotations
@@ -41,11 +43,8 @@ class ExitConditions:
         return cls(config.exit_signal_handler, config.exit_duration_in_mins, config.exit_interval)
 
     def _on_signal(self, signum, frame) -> None:
-        if self.received is not None:  # a second signal: the run may be stuck, stop at once
-            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-            signal.raise_signal(signum)
-            return
-        self.received = signal.Signals(signum).name
+        if self.received is None:  # the first request names the reason; repeats are the same request
+            self.received = signal.Signals(signum).name
 
     def __enter__(self) -> "ExitConditions":
         if self.signal_handler:
