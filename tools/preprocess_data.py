@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_ratplus.cli.types import positive_int
 from megatron_ratplus.data.preprocess import build
 from megatron_ratplus.data.tokenizer import DataError
 
@@ -67,8 +68,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json-keys", nargs="+", default=["text"], help="text field(s) / parquet column(s)")
     parser.add_argument("--append-eod", default=True, action=argparse.BooleanOptionalAction,
                         help="end every document with the end-of-document token (default: on)")
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--partitions", type=int, default=1, help="output shards per key")
+    parser.add_argument("--workers", type=positive_int, default=1)
+    parser.add_argument("--partitions", type=positive_int, default=1, help="output shards per key")
     parser.add_argument("--no-progress-bar", dest="progress", action="store_false")
     try:
         args = parser.parse_args(argv)

@@ -21,6 +21,7 @@ import re
 import sys
 
 from megatron_ratplus.cli import run_cli
+from megatron_ratplus.cli.types import positive_float, positive_int
 from megatron_ratplus.errors import ArgumentParser, UserError
 
 FORMATS = ("authors", "ours", "hf")
@@ -43,14 +44,14 @@ def build_parser():
     p.add_argument("--to", dest="target", choices=TARGETS, default="ours",
                    help="ours (default), authors (their torch file), hf (Hugging Face directory), "
                         "torch (our weights consolidated in one file)")
-    p.add_argument("--target-tensor-parallel-size", type=int, default=1, help="ours -> ours: reshard to this TP")
-    p.add_argument("--target-pipeline-parallel-size", type=int, default=1, help="ours -> ours: reshard to this PP")
+    p.add_argument("--target-tensor-parallel-size", type=positive_int, default=1, help="ours -> ours: reshard to this TP")
+    p.add_argument("--target-pipeline-parallel-size", type=positive_int, default=1, help="ours -> ours: reshard to this PP")
     a = p.add_argument_group("authors' files")
-    a.add_argument("--num-attention-heads", type=int,
+    a.add_argument("--num-attention-heads", type=positive_int,
                    help="default: the file's config (num_heads), else hidden size / 128 (head size 128)")
-    a.add_argument("--seq-length", type=int, help="default: the file's config (seq_len), else 4096")
+    a.add_argument("--seq-length", type=positive_int, help="default: the file's config (seq_len), else 4096")
     a.add_argument("--tokenizer-file", help="HF tokenizer.json of the model (default: byte-level)")
-    a.add_argument("--pretrain-lr", type=float, default=8e-4, help="recorded so --adapt-pattern uses 0.1x of it")
+    a.add_argument("--pretrain-lr", type=positive_float, default=8e-4, help="recorded so --adapt-pattern uses 0.1x of it")
     a.add_argument("--trust-pickle", action="store_true",
                    help="allow full unpickling (runs code from the file: only for files you trust)")
     h = p.add_argument_group("Hugging Face export")

@@ -23,6 +23,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from megatron_ratplus.cli.types import positive_int
 from megatron_ratplus.evaluation.errors import EvaluationError
 from megatron_ratplus.evaluation.scoring import continuation_logprobs, greedy_until
 from megatron_ratplus.model import set_attention_pattern
@@ -76,9 +77,11 @@ class RatPlusLM(TemplateLM):
             self.model.to(device)
         self.pattern = pattern_from_args(pattern, pattern_options)
         set_attention_pattern(self.model, self.pattern)
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # "auto" -> the default
-        self.max_length = int(max_length or model.config.seq_length)
-        self.max_gen_toks = int(max_gen_toks)
+        auto = str(batch_size).startswith("auto")  # lm-eval's "auto[:N]" -> the default
+        self.batch_size = 16 if auto else positive_int.check(batch_size, "ratplus model argument batch_size")
+        self.max_length = (model.config.seq_length if max_length is None
+                           else positive_int.check(max_length, "ratplus model argument max_length"))
+        self.max_gen_toks = positive_int.check(max_gen_toks, "ratplus model argument max_gen_toks")
         self.truncate = str(truncate).lower() in ("1", "true", "yes")
         self._device = next(self.model.parameters()).device
 
