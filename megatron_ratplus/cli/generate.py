@@ -15,6 +15,7 @@ from typing import List, Optional
 from megatron_ratplus.cli import run_cli
 from megatron_ratplus.cli.types import non_negative_float, non_negative_int, positive_int, probability
 from megatron_ratplus.errors import ArgumentParser, UserError
+from megatron_ratplus.userfiles import read_text_lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,11 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _prompts(args) -> List[str]:
     prompts = list(args.prompt)
     if args.prompt_file:
-        try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                prompts += [line.rstrip("\n") for line in f if line.strip()]
-        except OSError as err:
-            raise UserError(f"cannot read --prompt-file {args.prompt_file}: {err.strerror}") from None
+        prompts += [line for line in read_text_lines(args.prompt_file, "--prompt-file") if line.strip()]
     if not prompts:
         raise UserError("give at least one --prompt or a --prompt-file")
     return prompts

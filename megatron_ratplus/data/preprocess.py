@@ -64,13 +64,22 @@ def _zstd_lines(path: str) -> Iterator[bytes]:
             yield tail
 
 
-def _open_lines(path: str, kind: str):
-    """An iterator over the file's (decompressed) lines, as bytes."""
+def _raw_lines(path: str, kind: str):
     if kind == "jsonl.zst":
         yield from _zstd_lines(path)
         return
     with (gzip.open(path, "rb") if kind == "jsonl.gz" else open(path, "rb")) as f:
         yield from f
+
+
+def _open_lines(path: str, kind: str):
+    """An iterator over the file's (decompressed) lines, as bytes; a UTF-8 byte order mark before
+    the first record is dropped (it would make that record "not JSON")."""
+    lines = _raw_lines(path, kind)
+    first = next(lines, None)
+    if first is not None:
+        yield first[3:] if first.startswith(b"\xef\xbb\xbf") else first
+        yield from lines
 
 
 def _corrupt_errors():
