@@ -8,7 +8,11 @@ a UserError naming the file and what is wrong (docs/DESIGN.md §9).
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
+import os
+import shutil
 from typing import Iterator, List, Tuple, Type
 
 from megatron_ratplus.errors import UserError
@@ -77,3 +81,43 @@ def typed_fields(values: dict, types: dict, where: str) -> None:
             value = values[key]
             if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
                 raise UserError(f"{where}: {key} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+
+
+def check_output_path(flag: str, path: str, directory: bool = False) -> None:
+    """Before any work: ``path`` can be created where it is named. Its nearest existing ancestor
+    must be a writable directory (not a regular file, not read-only), and a file output must not
+    name an existing directory."""
+    full = os.path.abspath(path)
+    if not directory and os.path.isdir(full):
+        raise UserError(f"{flag} {path} is a directory; give a file name")
+    if directory and os.path.exists(full) and not os.path.isdir(full):
+        raise UserError(f"{flag} {path} is a file, not a directory")
+    parent = os.path.dirname(full)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(full) and not os.access(full, os.W_OK)):
+        raise UserError(f"{flag} {path}: {full if os.path.exists(full) else parent} is not writable")
+
+
+def publish(tmp: str, path: str) -> None:
+    """Move a finished temporary file to ``path`` unless ``path`` appeared meanwhile (another run
+    writing the same output): a hard link never replaces an existing file, os.replace would."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise UserError(f"{path} was created by another process while this run wrote it; "
+                        "this run's output is discarded") from None
+    finally:
+        os.remove(tmp)
+
+
+def remove_stale_temps(pattern: str) -> None:
+    """Remove temporary outputs matching ``pattern`` (a glob ending in ``.tmp-*``, the suffix being
+    the writer's PID) whose writer no longer runs: debris of a run killed by SIGKILL."""
+    for path in glob.glob(pattern):
+        pid = path.rsplit(".tmp-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not os.path.exists(f"/proc/{pid}"):
+            with contextlib.suppress(OSError):
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)

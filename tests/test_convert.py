@@ -18,7 +18,7 @@ from megatron_ratplus.cli import pretrain as pretrain_cli
 from megatron_ratplus.convert.authors import block_heads, interleave_heads
 from megatron_ratplus.convert.te_names import local_to_te_keys, te_to_local_keys
 
-L, D, H, V = 2, 32, 2, 300
+L, D, H, V = 2, 32, 2, 257  # the byte tokenizer's size: converts without --tokenizer-file
 
 
 def authors_state(old_gate=False, prefix="", recurrence=True):

@@ -23,6 +23,7 @@ import sys
 from megatron_ratplus.cli import run_cli
 from megatron_ratplus.cli.types import positive_float, positive_int
 from megatron_ratplus.errors import ArgumentParser, UserError
+from megatron_ratplus.userfiles import check_output_path
 
 FORMATS = ("authors", "ours", "hf")
 TARGETS = ("ours", "authors", "hf", "torch")
@@ -80,6 +81,9 @@ def _from_authors(args):
     state, config = load_authors(args.input, args.trust_pickle)
     shape = authors_shape(state, config)
     tokenizer = build_tokenizer(args.tokenizer_file or "byte")
+    if not args.tokenizer_file and shape["vocab"] > tokenizer.vocab_size:
+        raise UserError(f"the checkpoint has {shape['vocab']} embeddings but the default byte tokenizer "
+                        f"{tokenizer.vocab_size} tokens: pass the model's --tokenizer-file (the rest would be masked)")
     if tokenizer.vocab_size > shape["vocab"]:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the checkpoint only "
                                 f"{shape['vocab']} embeddings (pass the model's --tokenizer-file)")
@@ -122,6 +126,10 @@ def convert(args) -> str:
         raise UserError("--target-tensor/pipeline-parallel-size reshard our checkpoints (--from ours --to ours)")
     if os.path.lexists(args.output):
         raise ConversionError(f"output {args.output} already exists; refusing to write into or over it")
+    check_output_path("--output", args.output, directory=args.target in ("ours", "hf"))
+    source, output = os.path.realpath(args.input), os.path.realpath(args.output)
+    if os.path.isdir(source) and os.path.commonpath([source, output]) == source:
+        raise ConversionError(f"--output {args.output} is inside the input {args.input}; write it elsewhere")
     if source_format == args.target == "ours":
         from megatron_ratplus.convert.reshard import reshard
 

@@ -28,6 +28,7 @@ from megatron_ratplus.evaluation.retrieval import TASKS
 from megatron_ratplus.evaluation.search import DEFAULT_CANDIDATES
 from megatron_ratplus.evaluation.suite import RETRIEVAL_LENGTHS
 from megatron_ratplus.patterns import split_pattern_list
+from megatron_ratplus.userfiles import check_output_path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +100,7 @@ def check_arguments(args) -> None:
             raise UserError(f"{flag} '{path}' must end in {' or '.join(exts)}")
         if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise UserError(f"{flag} '{path}': directory does not exist")
+        check_output_path(flag, path)
     split_pattern_list(args.patterns)
     split_pattern_list(args.search_candidates)
     if getattr(args, "longbench", None) and not args.longbench_dir:
@@ -108,6 +110,8 @@ def check_arguments(args) -> None:
         raise UserError(f"--results '{results}' must end in .json")
     if results and not os.path.isdir(os.path.dirname(os.path.abspath(results))):
         raise UserError(f"--results '{results}': directory does not exist")
+    if results:
+        check_output_path("--results", results)
 
 
 def run_suite(model, tokens, args, tokenizer=None, out=None) -> dict:

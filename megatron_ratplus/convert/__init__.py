@@ -14,6 +14,8 @@ temporary directory that is renamed into place only when complete.
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import os
 import shutil
 from typing import Dict, Iterator, Mapping, Tuple
@@ -21,6 +23,7 @@ from typing import Dict, Iterator, Mapping, Tuple
 import torch
 
 from megatron_ratplus.errors import UserError
+from megatron_ratplus.userfiles import remove_stale_temps
 
 
 class ConversionError(UserError):
@@ -63,10 +66,17 @@ def fresh_output(path: str) -> Iterator[str]:
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.tmp-{os.getpid()}")
+    remove_stale_temps(glob.escape(tmp.rsplit(".tmp-", 1)[0]) + ".tmp-*")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
         yield tmp
-        os.rename(tmp, path)
+        try:
+            os.rename(tmp, path)  # fails, never merges, if another run created path meanwhile
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                raise
+            raise ConversionError(f"output {path} was created by another process during this conversion; "
+                                  "this run's output is discarded") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

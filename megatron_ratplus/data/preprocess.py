@@ -10,6 +10,8 @@ stays bounded on a 100B-token corpus.
 from __future__ import annotations
 
 import collections
+import contextlib
+import glob
 import gzip
 import json
 import multiprocessing
@@ -22,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from megatron_ratplus.data.tokenizer import DataError, build_tokenizer
+from megatron_ratplus.userfiles import check_output_path, publish, remove_stale_temps
 
 BATCH = 512  # records per task sent to a worker
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -238,6 +241,17 @@ def output_prefixes(prefix: str, keys: Sequence[str], partitions: int) -> Dict[T
     return out
 
 
+def _make_parents(folder: str) -> list:
+    """Create ``folder`` and its missing parents; the ones created, outermost first."""
+    missing = []
+    while not os.path.exists(folder):
+        missing.insert(0, folder)
+        folder = os.path.dirname(folder)
+    for path in missing:
+        os.mkdir(path)
+    return missing
+
+
 def build(paths: Sequence[str], output_prefix: str, tokenizer_spec: str = "byte", json_keys=("text",),
           append_eod: bool = True, workers: int = 1, partitions: int = 1, progress: bool = False) -> dict:
     """Tokenize ``paths`` into indexed datasets; returns counts (documents, tokens, skipped by reason)."""
@@ -258,9 +272,12 @@ def build(paths: Sequence[str], output_prefix: str, tokenizer_spec: str = "byte"
                 raise DataError(f"{prefix + ext} exists; refusing to overwrite it")
     tokenizer = build_tokenizer(tokenizer_spec)  # fail before any work
     dtype = np.uint16 if tokenizer.vocab_size < 2 ** 16 else np.int32
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-
-    builders = {k: IndexedDatasetBuilder(p + ".bin.tmp", dtype=dtype) for k, p in prefixes.items()}
+    check_output_path("--output-prefix", output_prefix)
+    for prefix in prefixes.values():
+        remove_stale_temps(glob.escape(prefix) + ".[bi][id][nx].tmp-*")
+    created = _make_parents(os.path.dirname(os.path.abspath(output_prefix)))
+    tmp = f".tmp-{os.getpid()}"  # two runs into one prefix never share a temporary file
+    builders = {k: IndexedDatasetBuilder(p + ".bin" + tmp, dtype=dtype) for k, p in prefixes.items()}
     skipped, first_skip = collections.Counter(), {}
     records = tokens = 0
     bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, file=sys.stderr, disable=not progress)
@@ -287,19 +304,22 @@ def build(paths: Sequence[str], output_prefix: str, tokenizer_spec: str = "byte"
             raise DataError(f"the input holds {records} usable documents, fewer than --partitions {partitions}"
                             if records else "the input holds no usable documents")
         for key, prefix in prefixes.items():
-            builders[key].finalize(prefix + ".idx.tmp")
+            builders[key].finalize(prefix + ".idx" + tmp)
+        for prefix in prefixes.values():
+            publish(prefix + ".bin" + tmp, prefix + ".bin")
+            publish(prefix + ".idx" + tmp, prefix + ".idx")
     except BaseException:
         for key, prefix in prefixes.items():
             builders[key].data_file.close()
-            for tmp in (prefix + ".bin.tmp", prefix + ".idx.tmp"):
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+            for path in (prefix + ".bin" + tmp, prefix + ".idx" + tmp):
+                if os.path.exists(path):
+                    os.remove(path)
+        for folder in reversed(created):  # a refused run leaves no folders behind either
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
         raise
     finally:
         bar.close()
-    for prefix in prefixes.values():
-        os.replace(prefix + ".bin.tmp", prefix + ".bin")
-        os.replace(prefix + ".idx.tmp", prefix + ".idx")
     return {"documents": records, "tokens": tokens, "vocab_size": tokenizer.vocab_size,
             "outputs": sorted(set(prefixes.values())), "skipped": dict(skipped), "first_skipped": first_skip}
 

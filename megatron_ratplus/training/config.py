@@ -28,6 +28,7 @@ from megatron_ratplus.layers.specs import resolve_transformer_impl
 from megatron_ratplus.optional import require
 from megatron_ratplus.patterns import PatternError, parse_composition
 from megatron_ratplus.precision import check_fp8_shapes
+from megatron_ratplus.userfiles import check_output_path
 from megatron_ratplus.training.parallel_layout import validate_parallel_config, virtual_pipeline_size
 
 DEFAULT_LR, DEFAULT_WARMUP, DEFAULT_ITERS = 3e-3, 0.05, 300
@@ -135,6 +136,9 @@ class TrainingConfig:
             raise UserError(f"--save {flags['save']} already holds a checkpoint; refusing to overwrite it "
                             f"(resume with --load {flags['save']}, or choose another --save)")
         tokenizer = flags["tokenizer_file"] or (meta["tokenizer"] if meta else "byte")
+        if meta and not _same_tokenizer(build_tokenizer(tokenizer).spec, meta["tokenizer"]):
+            raise UserError(f"--tokenizer-file {flags['tokenizer_file']} is not the tokenizer of --load "
+                            f"{flags['load']} ({meta['tokenizer']}); its token ids would mean other text")
         shape = _model_shape(flags, meta, build_tokenizer(tokenizer).vocab_size)
         vpp = virtual_pipeline_size(shape["num_layers"], flags["pipeline_model_parallel_size"],
                                     flags["num_layers_per_virtual_pipeline_stage"])
@@ -150,7 +154,7 @@ class TrainingConfig:
         pattern = flags["adapt_pattern"] or (continuing or flags)["attention_pattern"]
         for name, text in (("--attention-pattern", pattern), ("--sparse-pattern", flags["sparse_pattern"])):
             try:
-                parse_composition(text).resolve(shape["num_layers"], shape["num_attention_heads"])
+                parse_composition(text).validate(shape["num_layers"], shape["num_attention_heads"])
             except PatternError as err:
                 raise UserError(f"{name}: {err}") from None
         if flags["lr"] is None:
@@ -257,6 +261,18 @@ def _check_interleaved_microbatches(flags: dict, world: int) -> None:
                         f"data-parallel size) gives {count}")
 
 
+def _same_tokenizer(spec: str, saved: str) -> bool:
+    """Same spec, or two tokenizer files with the same bytes (a copy elsewhere is the same tokenizer)."""
+    if spec == saved:
+        return True
+    kind, _, path = spec.partition(":")
+    saved_kind, _, saved_path = saved.partition(":")
+    if kind != saved_kind or not path or not os.path.isfile(saved_path):
+        return False
+    with open(path, "rb") as a, open(saved_path, "rb") as b:
+        return a.read() == b.read()
+
+
 def _same_dir(a: str, b: str) -> bool:
     return os.path.abspath(a) == os.path.abspath(b)
 
@@ -299,6 +315,9 @@ def _check_values(flags: dict) -> None:
     check_split(flags["split"])  # even where the embedded corpus ignores it
     if os.path.exists(flags["save"]) and not os.path.isdir(flags["save"]):
         raise UserError(f"--save {flags['save']} is a file, not a directory")
+    check_output_path("--save", flags["save"], directory=True)
+    if flags["tensorboard_dir"]:
+        check_output_path("--tensorboard-dir", flags["tensorboard_dir"], directory=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     model_parallel = (flags["tensor_model_parallel_size"] * flags["pipeline_model_parallel_size"]
                       * flags["context_parallel_size"])
