@@ -1,4 +1,4 @@
-"""The typed values of every command line: one vocabulary, one wording (docs/DESIGN.md, "Bad input").
+"""The typed values of every command line: one vocabulary, one wording (docs/DESIGN.md §9).
 
 argparse's ``int`` and ``float`` take what no user means: ``1_6`` (16), `` 5``, ``nan``, ``inf``,
 ``1e999``. Each type here takes plain decimal text only, refuses a non-finite number and checks
