@@ -134,11 +134,17 @@ def _write_tokenizer(tokenizer, directory: str, max_length: int) -> None:
     else:
         _byte_tokenizer(path)
         eos = BYTE_EOD
-    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length}
+    # The model takes no token_type_ids: without this list transformers 4.x's tokenizer returns
+    # them and generate(**tokenizer(text, return_tensors="pt")) fails on the unknown argument.
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
+                "model_input_names": ["input_ids", "attention_mask"]}
     if eos is not None:
-        settings["eos_token"] = eos
+        settings["eos_token"] = settings["pad_token"] = eos  # batched generation pads with end-of-document
     with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(settings, f, indent=2)
+    if eos is not None:
+        with open(os.path.join(directory, "generation_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"eos_token_id": tokenizer.eod, "pad_token_id": tokenizer.eod}, f, indent=2)
 
 
 def export_hf(state, config, tokenizer, output: str, max_shard_bytes: int = 5 * 2 ** 30) -> str:
