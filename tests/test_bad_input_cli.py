@@ -97,6 +97,8 @@ BAD = [
     ("latest_marker_outside", "eval", ["--load", "{W}/marker_outside"], 2),
     ("data_ids_beyond_vocab", "pretrain", P + ["--data-path", "{W}/big_ids"], 2),
     # lossy conversion
+    ("convert_hf_int64_tensor", "convert", ["--input", "{W}/hf_int64", "--output", "{W}/conv"], 2),
+    ("convert_hf_garbage_tokenizer", "convert", ["--input", "{W}/hf_bad_tokenizer", "--output", "{W}/conv"], 2),
     ("convert_more_embeddings_than_byte_tokenizer", "convert", ["--input", "{W}/authors300.pt",
                                                                  "--output", "{W}/conv"], 2),
 ]
@@ -129,6 +131,28 @@ def _prepare(root):
     state = authors_state()
     state["embedding.wte.weight"] = state["head.lm_head.weight"] = torch.randn(300, state["backbone.ln.weight"].numel())
     torch.save({"task": state}, root / "authors300.pt")
+    _hf_dirs(root)
+
+
+def _hf_dirs(root):
+    """HF directories with every tensor in place but one int64 tensor, or a tokenizer.json that is garbage."""
+    from safetensors.torch import save_file
+
+    from megatron_ratplus.convert.hf import local_to_hf_names
+    from megatron_ratplus.convert.local import expected_shapes, model_config
+
+    shape = {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "ffn_hidden_size": 128,
+             "seq_length": 32, "vocab_size": 384, "real_vocab_size": 257, "recurrence": True}
+    config = model_config({**shape, "attention_pattern": "dense"})
+    names = local_to_hf_names(config.num_layers)
+    tensors = {names[k]: torch.randn(s) for k, s in expected_shapes(config).items()}
+    for name, change in (("hf_int64", True), ("hf_bad_tokenizer", False)):
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(json.dumps(HF))
+        first = sorted(tensors)[0]
+        save_file({**tensors, first: tensors[first].long()} if change else tensors,
+                  str(root / name / "model.safetensors"))
+    (root / "hf_bad_tokenizer" / "tokenizer.json").write_text('{"model": garbage')
 
 
 def _tree(root):

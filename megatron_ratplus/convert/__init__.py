@@ -43,6 +43,10 @@ def check_tensors(state: Mapping[str, torch.Tensor], expected: Mapping[str, Tupl
     missing = set(expected) - set(state)
     if missing:
         raise ConversionError(f"{source}: missing tensors {_names(missing)}")
+    integral = sorted(k for k in expected if not state[k].is_floating_point())
+    if integral:  # weights are floats: an integer tensor would be cast silently, not converted
+        raise ConversionError(f"{source}: tensors {_names(integral)} are {state[integral[0]].dtype}, "
+                              "not floating point")
     bad = {k for k in expected if tuple(state[k].shape) != tuple(expected[k])}
     if bad:
         first = sorted(bad)[0]

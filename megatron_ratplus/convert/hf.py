@@ -170,6 +170,7 @@ def read_hf(directory: str) -> Tuple[Dict[str, torch.Tensor], dict, str]:
     """(our full state dict, our model shape, tokenizer file or None for the byte tokenizer) from an
     HF directory we exported."""
     from megatron_ratplus.convert.local import expected_shapes, model_config
+    from megatron_ratplus.data.tokenizer import build_tokenizer
     from megatron_ratplus.estimate import check_weights_fit
 
     if not os.path.isdir(directory):
@@ -197,4 +198,6 @@ def read_hf(directory: str) -> Tuple[Dict[str, torch.Tensor], dict, str]:
     check_tensors(tensors, {hf_names[k]: s for k, s in expected_shapes(config).items()}, directory)
     tokenizer = os.path.join(directory, "tokenizer.json")
     tokenizer = tokenizer if os.path.isfile(tokenizer) and not hf.get("byte_tokenizer") else None
+    if tokenizer:
+        build_tokenizer(f"json:{tokenizer}")  # a file that does not load is refused, not carried along
     return rename(tensors, {v: k for k, v in hf_names.items()}), shape, tokenizer
