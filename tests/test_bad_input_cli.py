@@ -25,7 +25,7 @@ from test_convert import authors_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = {"pretrain": ["ratplus-pretrain"], "eval": ["ratplus-eval"], "generate": ["ratplus-generate"],
-            "convert": ["ratplus-convert"], "estimate": [sys.executable, os.path.join(REPO, "tools", "estimate.py")],
+            "convert": ["ratplus-convert"], "lm-eval": ["ratplus-lm-eval"], "estimate": [sys.executable, os.path.join(REPO, "tools", "estimate.py")],
             "preprocess": [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py")]}
 PROGS = {"estimate": "estimate.py", "preprocess": "preprocess_data.py"}
 QUICK = ["--train-iters", "1", "--eval-iters", "1", "--eval-interval", "0", "--no-progress-bar",
@@ -68,6 +68,13 @@ BAD = [
     ("estimate_num_layers_0", "estimate", ["--train-iters", "1", "--num-layers", "0"], 2),
     ("preprocess_workers_underscore", "preprocess", ["--input", "{W}/text.jsonl", "--output-prefix", "{W}/pre",
                                                      "--workers", "1_0"], 2),
+    ("lm_eval_batch_size_0", "lm-eval", ["--model", "ratplus", "--model_args", "load={W}/ck,batch_size=0",
+                                         "--tasks", "piqa"], 2),
+    ("lm_eval_max_length_nan", "lm-eval", ["--model", "ratplus", "--model_args=load={W}/ck,max_length=nan",
+                                           "--tasks", "piqa"], 2),
+    ("lm_eval_load_missing", "lm-eval", ["--model", "ratplus", "--model_args", "load={W}/none", "--tasks", "piqa"], 2),
+    ("lm_eval_pattern_bad", "lm-eval", ["--model", "ratplus", "--model_args", "load={W}/ck,pattern=dilated:1_6",
+                                        "--tasks", "piqa"], 2),
     # user files: encoding and structure, one line naming the file
     ("generate_prompt_file_latin1", "generate", ["--load", "{W}/ck", "--prompt-file", "{W}/latin1.txt"], 2),
     ("convert_hf_config_list", "convert", ["--input", "{W}/hf_list", "--output", "{W}/conv"], 2),

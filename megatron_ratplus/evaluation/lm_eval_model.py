@@ -40,6 +40,29 @@ def pattern_from_args(pattern: str, options: dict) -> str:
     return ",".join([str(pattern)] + [f"{k}={options[k]}" for k in PATTERN_OPTIONS if k in options])
 
 
+def check_model_args(text: str) -> None:
+    """The ``--model_args`` of ``--model ratplus`` checked before lm-eval starts (lm-eval logs its
+    set-up first, so an error found in the model's constructor would follow several INFO lines)."""
+    from lm_eval.utils import simple_parse_args_string
+
+    from megatron_ratplus.checkpoint import read_meta
+    from megatron_ratplus.patterns import parse_composition
+
+    args = simple_parse_args_string(text or "")
+    if "load" not in args:
+        raise EvaluationError("the ratplus model needs load=CHECKPOINT in --model_args")
+    read_meta(str(args["load"]))
+    for name in ("max_length", "max_gen_toks"):
+        if name in args:
+            positive_int.check(args[name], f"ratplus model argument {name}")
+    if "batch_size" in args and not str(args["batch_size"]).startswith("auto"):
+        positive_int.check(args["batch_size"], "ratplus model argument batch_size")
+    known = {"load", "pattern", "batch_size", "max_length", "max_gen_toks", "truncate", "device",
+             "max_batch_size", *PATTERN_OPTIONS}
+    options = {k: v for k, v in args.items() if k in PATTERN_OPTIONS or k not in known}
+    parse_composition(pattern_from_args(args.get("pattern", "dense"), options))
+
+
 def _load(path: str):
     from megatron.core import parallel_state
 
