@@ -21,8 +21,13 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so the stack unwinds and every finally removes its
+    temporary files (the default action would end the process where it stands)."""
+
+
 def _terminate(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds, so every finally removes its temporary files
+    raise Terminated()
 
 
 def run_cli(prog: str, main: Callable[[], object]) -> int:
@@ -38,9 +43,10 @@ def run_cli(prog: str, main: Callable[[], object]) -> int:
         return 2
     except Exception as err:  # noqa: BLE001  (re-raised unless its root cause is one of the below)
         cause = _root_cause(err)
-        if isinstance(cause, KeyboardInterrupt):
-            print(f"{prog}: interrupted", file=sys.stderr)
-            return 130
+        if isinstance(cause, (KeyboardInterrupt, Terminated)):
+            print(f"{prog}: {'interrupted' if isinstance(cause, KeyboardInterrupt) else 'terminated (SIGTERM)'}",
+                  file=sys.stderr)
+            return 130 if isinstance(cause, KeyboardInterrupt) else 143
         if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             where = f" writing {cause.filename}" if cause.filename else ""
             print(f"{prog}: error: {os.strerror(cause.errno).lower()}{where}", file=sys.stderr)
@@ -49,4 +55,7 @@ def run_cli(prog: str, main: Callable[[], object]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{prog}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     return 0

@@ -16,6 +16,7 @@ import gzip
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import zlib
 from typing import Dict, Iterator, Sequence, Tuple
@@ -212,6 +213,14 @@ def encode_batch(task) -> Tuple[list, int]:
     return out, tokens
 
 
+def _init_pool_worker(spec: str, keys, append_eod: bool) -> None:
+    """A pool worker leaves Ctrl-C to the parent (which terminates the pool: a worker killed
+    mid-task would leave the parent waiting for its result forever) and dies at once on SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _init_worker(spec, keys, append_eod)
+
+
 def _ordered(tasks: Iterator, workers: int, spec: str, keys, append_eod: bool):
     """(task, result) in input order; at most 2 x workers tasks in flight (bounded memory)."""
     _init_worker(spec, keys, append_eod)
@@ -219,7 +228,7 @@ def _ordered(tasks: Iterator, workers: int, spec: str, keys, append_eod: bool):
         for task in tasks:
             yield task, encode_batch(task)
         return
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(spec, keys, append_eod)) as pool:
+    with multiprocessing.Pool(workers, initializer=_init_pool_worker, initargs=(spec, keys, append_eod)) as pool:
         pending = collections.deque()
         for task in tasks:
             pending.append((task, pool.apply_async(encode_batch, (task,))))
