@@ -289,7 +289,8 @@ def build(paths: Sequence[str], output_prefix: str, tokenizer_spec: str = "byte"
     builders = {k: IndexedDatasetBuilder(p + ".bin" + tmp, dtype=dtype) for k, p in prefixes.items()}
     skipped, first_skip = collections.Counter(), {}
     records = tokens = 0
-    bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, file=sys.stderr, disable=not progress)
+    bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, file=sys.stderr,
+               disable=None if progress else True)  # None: only on a terminal, never in a log or pipe
     try:
         tasks = (task for path in paths for task in read_batches(path, keys))
         for (path, first, kind, _), (results, batch_tokens) in _ordered(tasks, workers, tokenizer.spec, keys,
