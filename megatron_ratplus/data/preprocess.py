@@ -284,14 +284,16 @@ def build(paths: Sequence[str], output_prefix: str, tokenizer_spec: str = "byte"
     check_output_path("--output-prefix", output_prefix)
     for prefix in prefixes.values():
         remove_stale_temps(glob.escape(prefix) + ".[bi][id][nx].tmp-*")
-    created = _make_parents(os.path.dirname(os.path.abspath(output_prefix)))
     tmp = f".tmp-{os.getpid()}"  # two runs into one prefix never share a temporary file
-    builders = {k: IndexedDatasetBuilder(p + ".bin" + tmp, dtype=dtype) for k, p in prefixes.items()}
     skipped, first_skip = collections.Counter(), {}
     records = tokens = 0
     bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, file=sys.stderr,
                disable=None if progress else True)  # None: only on a terminal, never in a log or pipe
-    try:
+    created, builders = [], {}
+    try:  # from the first folder made: a signal at any point leaves nothing behind
+        created += _make_parents(os.path.dirname(os.path.abspath(output_prefix)))
+        for k, p in prefixes.items():
+            builders[k] = IndexedDatasetBuilder(p + ".bin" + tmp, dtype=dtype)
         tasks = (task for path in paths for task in read_batches(path, keys))
         for (path, first, kind, _), (results, batch_tokens) in _ordered(tasks, workers, tokenizer.spec, keys,
                                                                          append_eod):
@@ -320,7 +322,8 @@ def build(paths: Sequence[str], output_prefix: str, tokenizer_spec: str = "byte"
             publish(prefix + ".idx" + tmp, prefix + ".idx")
     except BaseException:
         for key, prefix in prefixes.items():
-            builders[key].data_file.close()
+            if key in builders:
+                builders[key].data_file.close()
             for path in (prefix + ".bin" + tmp, prefix + ".idx" + tmp):
                 if os.path.exists(path):
                     os.remove(path)
