@@ -220,7 +220,7 @@ def test_tiny_temperature_samples_the_best_token(workspace):  # noqa: F811
 def test_preprocess_with_workers_stops_on_a_signal_without_debris(tmp_path, sig, status, word):
     """Ctrl-C (to the whole process group, as a terminal sends it) or SIGTERM in the middle of a
     2-worker preprocess: one line, the signal's status, no output and no temporary file (the
-    folder the run made may stay); then a later run clears a dead writer's temporary file and
+    folder the run made may remain); then a later run clears a dead writer's temporary file and
     succeeds."""
     corpus = tmp_path / "big.jsonl"
     with open(corpus, "w", encoding="utf-8") as f:
