@@ -110,7 +110,10 @@ def latest_checkpoint(path: str) -> Optional[str]:
     marker = os.path.join(path, LATEST)
     if os.path.isfile(marker):
         with open(marker, encoding="utf-8", errors="replace") as f:
-            candidates.append(f.read().strip())
+            named = f.read().strip()
+        if named and not ITER_DIR.match(named):  # '../elsewhere/iter_1' or '/abs/path': never followed
+            raise CheckpointError(f"{marker} names '{named[:80]}', not an iter_NNNNNNN directory of {path}")
+        candidates.append(named)
     if os.path.isdir(path):
         candidates += [name for name in os.listdir(path) if ITER_DIR.match(name)]
     complete = [name for name in candidates if name and os.path.isfile(os.path.join(path, name, META_FILE))]

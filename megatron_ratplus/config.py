@@ -40,7 +40,7 @@ class RATPlusConfig(TransformerConfig):
     cuda_graph_scope: List = field(default_factory=list)
 
     def __post_init__(self):
-        parse_composition(self.attention_pattern).resolve(self.num_layers, self.num_attention_heads)  # fail early
+        parse_composition(self.attention_pattern).validate(self.num_layers, self.num_attention_heads)  # fail early
         if self.init_method is None:
             self.init_method = init_method_normal(self.init_method_std)
         if self.output_layer_init_method is None:  # RAT+ uses std 0.02 for every matrix

@@ -29,9 +29,11 @@ FLOPs come from :mod:`megatron_ratplus.flops`; time from a stated MFU and peak t
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
+from megatron_ratplus.errors import UserError
 from megatron_ratplus.flops import iteration_flops
 
 GB = 1e9
@@ -196,5 +198,42 @@ def report(config, layout: Layout, micro_batch: int, global_batch: int, train_it
     return "\n".join(lines), fits, reason
 
 
+def available_bytes(device=None) -> int:
+    """Memory a new allocation can use: CUDA's free bytes on a GPU, else the host's MemAvailable."""
+    import torch
+
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits(what: str, needed: float, device=None) -> None:
+    """Refuse (UserError, with the numbers) what would not fit the memory of ``device`` before
+    allocating it: a typo'd size must end in one line, not in minutes of swapping or an OOM kill."""
+    free = available_bytes(device)
+    if needed > free:
+        raise UserError(f"{what} needs {needed / GB:.1f} GB, but {free / GB:.1f} GB of "
+                        f"{'GPU' if device is not None and str(device).startswith('cuda') else 'host'} "
+                        "memory is available")
+
+
+def check_weights_fit(config, layout: Layout = Layout(), device=None) -> None:
+    """The model's weights on one rank of ``layout``, in ``config.params_dtype``, must fit."""
+    import torch
+
+    itemsize = torch.empty((), dtype=getattr(config, "params_dtype", torch.float32)).element_size()
+    per_rank = parameters_per_gpu(config, layout)
+    check_fits(f"a model of {config.num_layers} layers x hidden size {config.hidden_size} "
+               f"({per_rank / 1e9:.2f}B parameters per rank)", per_rank * itemsize, device)
+
+
 __all__ = ["Layout", "Memory", "parameters", "parameters_per_gpu", "activation_elements_per_token",
-           "memory_per_gpu", "plan", "iterations_for_tokens", "report"]
+           "memory_per_gpu", "plan", "iterations_for_tokens", "report", "available_bytes", "check_fits",
+           "check_weights_fit"]

@@ -11,9 +11,11 @@ from typing import Optional
 
 import torch
 
+from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from megatron_ratplus.config import RATPlusConfig
+from megatron_ratplus.estimate import Layout, check_weights_fit
 from megatron_ratplus.layers.mixer import set_attention_pattern
 from megatron_ratplus.layers.specs import TransformerImplError, get_ratplus_block_spec, resolve_transformer_impl
 from megatron_ratplus.precision import check_fp8_shapes
@@ -29,6 +31,9 @@ def build_model(config: RATPlusConfig, transformer_impl: Optional[str] = None, p
     (layers.specs.resolve_transformer_impl). FP8 (``config.fp8``) needs Transformer Engine.
     """
     impl = resolve_transformer_impl(transformer_impl)
+    layout = Layout(parallel_state.get_tensor_model_parallel_world_size(),
+                    parallel_state.get_pipeline_model_parallel_world_size())
+    check_weights_fit(config, layout, torch.cuda.current_device() if torch.cuda.is_available() else None)
     if config.fp8:
         if impl != "transformer_engine":
             raise TransformerImplError("FP8 needs --transformer-impl transformer_engine")

@@ -18,7 +18,7 @@ from megatron_ratplus.cli import pretrain as pretrain_cli
 from megatron_ratplus.convert.authors import block_heads, interleave_heads
 from megatron_ratplus.convert.te_names import local_to_te_keys, te_to_local_keys
 
-L, D, H, V = 2, 32, 2, 300
+L, D, H, V = 2, 32, 2, 257  # the byte tokenizer's size: converts without --tokenizer-file
 
 
 def authors_state(old_gate=False, prefix="", recurrence=True):
@@ -94,7 +94,10 @@ def test_authors_round_trip(tmp_path, capsys, fmt):
     assert blob["task"].keys() == source.keys()
     for key, value in source.items():
         assert torch.equal(blob["task"][key], value), key
-    assert blob["config"] == {"num_heads": H, "apply_re": fmt != "baseline", "vocab_size": V}
+    assert blob["config"] == {"num_heads": H, "apply_re": fmt != "baseline", "vocab_size": V, "seq_len": 64}
+    again = tmp_path / "again"  # ours -> authors -> ours: the same shape, seq_length included
+    assert convert_cli.main(["--input", str(back), "--output", str(again)]) == 0
+    assert checkpoint.read_meta(str(again))["model"] == checkpoint.read_meta(str(out))["model"]
 
 
 def test_authors_easydict_config_loads_without_trust_pickle(tmp_path, monkeypatch, capsys):

@@ -79,8 +79,8 @@ def test_interval_and_duration(tmp_path, capsys, steps, flags, iteration, needle
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (["--exit-interval", "0"], "--exit-interval must be > 0"),
-    (["--exit-duration-in-mins", "-1"], "--exit-duration-in-mins must be > 0"),
+    (["--exit-interval", "0"], "argument --exit-interval: must be an integer >= 1"),
+    (["--exit-duration-in-mins", "-1"], "argument --exit-duration-in-mins: must be a number > 0"),
 ])
 def test_bad_exit_flags(tmp_path, capsys, flags, needle):
     assert pretrain_cli.main(FLAGS + ["--save", str(tmp_path / "ck")] + flags) == 2

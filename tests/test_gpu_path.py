@@ -199,12 +199,12 @@ def test_megatron_optimizer_adapter_passes_is_loading():
     (["--recompute-granularity", "selective", "--recompute-num-layers", "1"], "apply only with"),
     (["--recompute-granularity", "full"], "needs --recompute-method"),
     (["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "0"],
-     "--recompute-num-layers must be >= 1"),
+     "argument --recompute-num-layers: must be an integer >= 1"),
     (["--overlap-param-gather"], "--overlap-param-gather needs --use-distributed-optimizer"),
     (["--overlap-param-gather", "--use-distributed-optimizer"], "--overlap-param-gather needs GPUs"),
     (["--overlap-grad-reduce"], "--overlap-grad-reduce needs GPUs"),
     (["--dataloader-type", "dali"], "--dataloader-type dali needs nvidia.dali"),
-    (["--gpu-memory-gb", "0"], "--gpu-memory-gb must be > 0"),
+    (["--gpu-memory-gb", "0"], "argument --gpu-memory-gb: must be a number > 0"),
 ])
 def test_gpu_flags_refused_in_one_line_before_any_process_group(tmp_path, capsys, monkeypatch, flags, needle):
     monkeypatch.setattr(distributed, "initialize", lambda *a, **k: pytest.fail("a process group was started"))

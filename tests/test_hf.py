@@ -190,6 +190,9 @@ def test_round_trip_ours_hf_ours_and_shards(tmp_path, megatron_single):
 
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     assert tok("w5 w7").input_ids == [5, 7] and tok.eos_token_id == REAL - 1
+    assert tok.pad_token_id == REAL - 1 and "token_type_ids" not in tok("w5", return_tensors="pt")
+    with open(tmp_path / "hf" / "generation_config.json") as f:
+        assert json.load(f) == {"eos_token_id": REAL - 1, "pad_token_id": REAL - 1}
     assert convert_cli.main(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "back")]) == 0
     model, back_config, back_tok = checkpoint.load_model(str(tmp_path / "back"))
     assert back_tok.vocab_size == REAL and back_config.real_vocab_size == REAL

@@ -92,7 +92,9 @@ def test_single_pattern_is_a_one_item_composition():
     ("dense;;dense", 2, 1, "empty layer pattern"),
     ("(dense", 1, 1, "parentheses"),
     ("cycle(dense", 1, 1, "closing ')'"),
-    ("0*dense", 1, 1, "a count must be >= 1"),
+    ("0*dense", 1, 1, "a count must be in [1, 65536]"),
+    ("70000*dense", 1, 1, "a count must be in [1, 65536]"),
+    ("dilated:1_6", 1, 1, "d must be an integer"),
     ("dense;dilated:0", 2, 1, "dilation D must be an integer >= 1"),
 ])
 def test_composition_errors(text, layers, heads, needle):

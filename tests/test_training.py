@@ -227,7 +227,7 @@ def test_bad_inputs(tmp_path, capsys):
     _bad(MICRO + ["--data-path", str(tmp_path / "trunc")] + save, capsys, "truncated or corrupt")
     write_indexed(str(tmp_path / "badidx"), [[1, 2, 3] * 40])
     (tmp_path / "badidx.idx").write_bytes(b"garbage index")
-    _bad(MICRO + ["--data-path", str(tmp_path / "badidx")] + save, capsys, "corrupt index")
+    _bad(MICRO + ["--data-path", str(tmp_path / "badidx")] + save, capsys, "not a megatron index")
     _bad(MICRO + ["--global-batch-size", "5"] + save, capsys, "not divisible")
     _bad(MICRO + ["--no-such-flag"] + save, capsys, "unrecognized arguments")
     config = tmp_path / "cfg.yaml"

@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_ratplus.cli.types import non_negative_float, positive_float, positive_int, probability
 from megatron_ratplus.config import PRESETS, preset
-from megatron_ratplus.errors import UserError
+from megatron_ratplus.errors import ArgumentParser, UserError
 from megatron_ratplus.estimate import Layout, iterations_for_tokens, report
 from megatron_ratplus.patterns import PatternError, split_pattern_list
 from megatron_ratplus.training.arguments import yaml_argv
@@ -22,26 +23,21 @@ from megatron_ratplus.training.arguments import yaml_argv
 PROG = "estimate.py"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="ratplus-pretrain YAML run config")
     p.add_argument("--preset", default="1.5b", choices=sorted(PRESETS))
     for flag in ("--num-layers", "--hidden-size", "--num-attention-heads", "--ffn-hidden-size", "--seq-length",
                  "--vocab-size"):
-        p.add_argument(flag, type=int)
+        p.add_argument(flag, type=positive_int)
     p.add_argument("--no-recurrence", action="store_true")
-    p.add_argument("--micro-batch-size", type=int, default=1)
-    p.add_argument("--global-batch-size", type=int, default=512)
-    p.add_argument("--train-iters", type=int)
-    p.add_argument("--train-tokens", type=int)
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    p.add_argument("--context-parallel-size", type=int, default=1)
+    p.add_argument("--micro-batch-size", type=positive_int, default=1)
+    p.add_argument("--global-batch-size", type=positive_int, default=512)
+    p.add_argument("--train-iters", type=positive_int)
+    p.add_argument("--train-tokens", type=positive_int)
+    p.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
+    p.add_argument("--context-parallel-size", type=positive_int, default=1)
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--use-distributed-optimizer", action="store_true")
     p.add_argument("--bf16", action="store_true", help="(the estimate assumes bf16 unless --fp32)")
@@ -51,11 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparse-pattern", default="dilated:64")
     p.add_argument("--attention-pattern", default="dense")
     p.add_argument("--adapt-pattern")
-    p.add_argument("--gpus", type=int, default=8, help="GPUs in the job (data parallel = gpus / TP / PP / CP)")
-    p.add_argument("--gpu-memory-gb", type=float, default=80.0)
-    p.add_argument("--overhead-gb", type=float, default=4.0, help="CUDA context, NCCL, fragmentation")
-    p.add_argument("--mfu", type=float, default=0.4)
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="per GPU (H100 SXM bf16 dense: 989)")
+    p.add_argument("--gpus", type=positive_int, default=8, help="GPUs in the job (data parallel = gpus / TP / PP / CP)")
+    p.add_argument("--gpu-memory-gb", type=positive_float, default=80.0)
+    p.add_argument("--overhead-gb", type=non_negative_float, default=4.0, help="CUDA context, NCCL, fragmentation")
+    p.add_argument("--mfu", type=probability, default=0.4)
+    p.add_argument("--peak-tflops", type=positive_float, default=989.0, help="per GPU (H100 SXM bf16 dense: 989)")
     return p
 
 

@@ -28,8 +28,11 @@ Bad input, decided once for a 100B-token job that should not die on one bad line
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
+from megatron_ratplus.cli import run_cli
+from megatron_ratplus.cli.types import positive_int
 from megatron_ratplus.data.preprocess import build
 from megatron_ratplus.data.tokenizer import DataError
 
@@ -67,21 +70,24 @@ def main(argv=None) -> int:
     parser.add_argument("--json-keys", nargs="+", default=["text"], help="text field(s) / parquet column(s)")
     parser.add_argument("--append-eod", default=True, action=argparse.BooleanOptionalAction,
                         help="end every document with the end-of-document token (default: on)")
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--partitions", type=int, default=1, help="output shards per key")
+    parser.add_argument("--workers", type=positive_int, default=1)
+    parser.add_argument("--partitions", type=positive_int, default=1, help="output shards per key")
     parser.add_argument("--no-progress-bar", dest="progress", action="store_false")
+    return run_cli(PROG, lambda: _run(parser.parse_args(argv)))
+
+
+def _run(args) -> None:
     try:
-        args = parser.parse_args(argv)
         stats = build(args.input, args.output_prefix, tokenizer_spec(args), args.json_keys, args.append_eod,
                       args.workers, args.partitions, args.progress)
-    except (DataError, OSError) as err:
-        print(f"{PROG}: error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise  # run_cli names the cause in one line
+        raise DataError(f"{err.strerror}: {err.filename}" if err.filename else str(err)) from None
     outputs = ", ".join(f"{p}.bin/.idx" for p in stats["outputs"])
     print(f"wrote {outputs}: {stats['documents']} documents, {stats['tokens']} tokens")
     for reason, count in sorted(stats["skipped"].items()):
         print(f"skipped {count} records: {reason} (first at {stats['first_skipped'][reason]})")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,20 +1,61 @@
 """Console scripts. Each parses with megatron_ratplus.errors.ArgumentParser and runs under
 :func:`run_cli`, which turns a UserError into one line on stderr and exit status 2."""
 
+import errno
+import os
+import signal
 import sys
+import threading
 from typing import Callable
 
 from megatron_ratplus.errors import UserError
 
 
+def _root_cause(err: BaseException) -> BaseException:
+    """The exception at the bottom of a chain: megatron's checkpointing wraps a Ctrl-C or a full
+    disk in its own CheckpointException."""
+    seen = {id(err)}
+    while (err.__cause__ or err.__context__) is not None and id(err.__cause__ or err.__context__) not in seen:
+        err = err.__cause__ or err.__context__
+        seen.add(id(err))
+    return err
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so the stack unwinds and every finally removes its
+    temporary files (the default action would end the process where it stands)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def run_cli(prog: str, main: Callable[[], object]) -> int:
-    """Call ``main``; a UserError becomes ``prog: error: message`` and exit status 2."""
+    """Call ``main``; a UserError becomes ``prog: error: message`` and exit status 2; Ctrl-C one
+    line and 130; a full disk or a read-only file system one line and 1 (docs/DESIGN.md §10).
+    SIGTERM unwinds like Ctrl-C (exit 143) so no temporary file outlives it."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
     except UserError as err:
         print(f"{prog}: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001  (re-raised unless its root cause is one of the below)
+        cause = _root_cause(err)
+        if isinstance(cause, (KeyboardInterrupt, Terminated)):
+            print(f"{prog}: {'interrupted' if isinstance(cause, KeyboardInterrupt) else 'terminated (SIGTERM)'}",
+                  file=sys.stderr)
+            return 130 if isinstance(cause, KeyboardInterrupt) else 143
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            where = f" writing {cause.filename}" if cause.filename else ""
+            print(f"{prog}: error: {os.strerror(cause.errno).lower()}{where}", file=sys.stderr)
+            return 1
+        raise
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{prog}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     return 0

@@ -21,7 +21,9 @@ import re
 import sys
 
 from megatron_ratplus.cli import run_cli
+from megatron_ratplus.cli.types import positive_float, positive_int
 from megatron_ratplus.errors import ArgumentParser, UserError
+from megatron_ratplus.userfiles import check_output_path
 
 FORMATS = ("authors", "ours", "hf")
 TARGETS = ("ours", "authors", "hf", "torch")
@@ -43,14 +45,14 @@ def build_parser():
     p.add_argument("--to", dest="target", choices=TARGETS, default="ours",
                    help="ours (default), authors (their torch file), hf (Hugging Face directory), "
                         "torch (our weights consolidated in one file)")
-    p.add_argument("--target-tensor-parallel-size", type=int, default=1, help="ours -> ours: reshard to this TP")
-    p.add_argument("--target-pipeline-parallel-size", type=int, default=1, help="ours -> ours: reshard to this PP")
+    p.add_argument("--target-tensor-parallel-size", type=positive_int, default=1, help="ours -> ours: reshard to this TP")
+    p.add_argument("--target-pipeline-parallel-size", type=positive_int, default=1, help="ours -> ours: reshard to this PP")
     a = p.add_argument_group("authors' files")
-    a.add_argument("--num-attention-heads", type=int,
+    a.add_argument("--num-attention-heads", type=positive_int,
                    help="default: the file's config (num_heads), else hidden size / 128 (head size 128)")
-    a.add_argument("--seq-length", type=int, help="default: the file's config (seq_len), else 4096")
+    a.add_argument("--seq-length", type=positive_int, help="default: the file's config (seq_len), else 4096")
     a.add_argument("--tokenizer-file", help="HF tokenizer.json of the model (default: byte-level)")
-    a.add_argument("--pretrain-lr", type=float, default=8e-4, help="recorded so --adapt-pattern uses 0.1x of it")
+    a.add_argument("--pretrain-lr", type=positive_float, default=8e-4, help="recorded so --adapt-pattern uses 0.1x of it")
     a.add_argument("--trust-pickle", action="store_true",
                    help="allow full unpickling (runs code from the file: only for files you trust)")
     h = p.add_argument_group("Hugging Face export")
@@ -79,6 +81,9 @@ def _from_authors(args):
     state, config = load_authors(args.input, args.trust_pickle)
     shape = authors_shape(state, config)
     tokenizer = build_tokenizer(args.tokenizer_file or "byte")
+    if not args.tokenizer_file and shape["vocab"] > tokenizer.vocab_size:
+        raise UserError(f"the checkpoint has {shape['vocab']} embeddings but the default byte tokenizer "
+                        f"{tokenizer.vocab_size} tokens: pass the model's --tokenizer-file (the rest would be masked)")
     if tokenizer.vocab_size > shape["vocab"]:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the checkpoint only "
                                 f"{shape['vocab']} embeddings (pass the model's --tokenizer-file)")
@@ -121,6 +126,10 @@ def convert(args) -> str:
         raise UserError("--target-tensor/pipeline-parallel-size reshard our checkpoints (--from ours --to ours)")
     if os.path.lexists(args.output):
         raise ConversionError(f"output {args.output} already exists; refusing to write into or over it")
+    check_output_path("--output", args.output, directory=args.target in ("ours", "hf"))
+    source, output = os.path.realpath(args.input), os.path.realpath(args.output)
+    if os.path.isdir(source) and os.path.commonpath([source, output]) == source:
+        raise ConversionError(f"--output {args.output} is inside the input {args.input}; write it elsewhere")
     if source_format == args.target == "ours":
         from megatron_ratplus.convert.reshard import reshard
 

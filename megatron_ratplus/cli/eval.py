@@ -21,19 +21,14 @@ import os
 import sys
 
 from megatron_ratplus.cli import run_cli
+from megatron_ratplus.cli.types import int_list, non_negative_int, positive_float, positive_int
 from megatron_ratplus.data.datasets import DEFAULT_SEED, DEFAULT_SPLIT
 from megatron_ratplus.errors import ArgumentParser, UserError
 from megatron_ratplus.evaluation.retrieval import TASKS
 from megatron_ratplus.evaluation.search import DEFAULT_CANDIDATES
 from megatron_ratplus.evaluation.suite import RETRIEVAL_LENGTHS
 from megatron_ratplus.patterns import split_pattern_list
-
-
-def _int_list(text: str):
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+from megatron_ratplus.userfiles import check_output_path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,11 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--plot", help="write perplexity against D (with and without a window) to this .png")
     group.add_argument("--retrieval", nargs="*", choices=TASKS, default=None,
                        help="run RULER-style synthetic tasks per pattern (default all: " + ", ".join(TASKS) + ")")
-    group.add_argument("--retrieval-lengths", type=_int_list, default=list(RETRIEVAL_LENGTHS),
+    group.add_argument("--retrieval-lengths", type=int_list, default=list(RETRIEVAL_LENGTHS),
                        help="context lengths for retrieval (default %s)" % ",".join(map(str, RETRIEVAL_LENGTHS)))
-    group.add_argument("--retrieval-samples", type=int, default=8, help="samples per task and length")
+    group.add_argument("--retrieval-samples", type=positive_int, default=8, help="samples per task and length")
     group.add_argument("--retrieval-table", help="write the retrieval accuracies to this .csv or .json file")
-    group.add_argument("--search-budget", type=float, default=None,
+    group.add_argument("--search-budget", type=positive_float, default=None,
                        help="choose per-layer patterns for a KV-cache budget: a fraction of dense (<= 1) or bytes")
     group.add_argument("--search-candidates", default=",".join(DEFAULT_CANDIDATES),
                        help="candidate patterns for the search (comma-separated)")
@@ -58,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load", required=True, help="checkpoint directory (a save dir or one iter_* dir)")
     p.add_argument("--patterns", default="dense,dilated:4,dilated:16,dilated:64",
                    help="comma-separated patterns or compositions, e.g. dense,dilated:16,w=256,p=4,local:w=64")
-    p.add_argument("--eval-samples", type=int, default=64, help="validation windows to score")
+    p.add_argument("--eval-samples", type=positive_int, default=64, help="validation windows to score")
     p.add_argument("--data-path", nargs="+", help="indexed dataset prefixes (default: the checkpoint's data)")
     p.add_argument("--bf16", action="store_true", help="bf16 parameters and activations (as ratplus-pretrain's "
                                                        "--bf16; default fp32); logits are scored in fp32")
@@ -76,16 +71,16 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     bench = parser.add_argument_group("benchmarks")
     bench.add_argument("--lm-eval-tasks", type=_names, help="lm-evaluation-harness tasks, e.g. piqa,hellaswag")
     bench.add_argument("--lm-eval-include", help="folder of extra lm-eval task YAMLs (local data files)")
-    bench.add_argument("--lm-eval-limit", type=float, help="documents per lm-eval task (a fraction if < 1)")
-    bench.add_argument("--lm-eval-fewshot", type=int, help="few-shot examples per lm-eval prompt")
+    bench.add_argument("--lm-eval-limit", type=positive_float, help="documents per lm-eval task (a fraction if < 1)")
+    bench.add_argument("--lm-eval-fewshot", type=non_negative_int, help="few-shot examples per lm-eval prompt")
     bench.add_argument("--longbench", type=_names, help="LongBench tasks (or NAME:METRIC for other local data)")
     bench.add_argument("--longbench-dir", help="folder holding <task>.jsonl in LongBench's format")
-    bench.add_argument("--longbench-samples", type=int, help="first N samples per LongBench task")
-    bench.add_argument("--longbench-buckets", type=_int_list, default=[4000, 8000],
+    bench.add_argument("--longbench-samples", type=positive_int, help="first N samples per LongBench task")
+    bench.add_argument("--longbench-buckets", type=int_list, default=[4000, 8000],
                        help="LongBench-E bucket bounds on the data's length field, in words (default 4000,8000)")
-    bench.add_argument("--longbench-max-length", type=int,
+    bench.add_argument("--longbench-max-length", type=positive_int,
                        help="LongBench truncation budget in tokens (default: the model's context minus 500)")
-    bench.add_argument("--batch-size", type=int, default=8, help="requests per forward pass / decode batch")
+    bench.add_argument("--batch-size", type=positive_int, default=8, help="requests per forward pass / decode batch")
     bench.add_argument("--results", help="write every result to this .json file (for ratplus-eval report)")
     bench.add_argument("--name", help="checkpoint name in the results file (default: the --load folder name)")
 
@@ -109,8 +104,7 @@ def check_arguments(args) -> None:
             raise UserError(f"{flag} '{path}' must end in {' or '.join(exts)}")
         if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise UserError(f"{flag} '{path}': directory does not exist")
-    if args.search_budget is not None and args.search_budget <= 0:
-        raise UserError(f"--search-budget must be > 0, got {args.search_budget}")
+        check_output_path(flag, path)
     split_pattern_list(args.patterns)
     split_pattern_list(args.search_candidates)
     if getattr(args, "longbench", None) and not args.longbench_dir:
@@ -126,8 +120,8 @@ def check_arguments(args) -> None:
         raise UserError(f"--results '{results}' must end in .json")
     if results and not os.path.isdir(os.path.dirname(os.path.abspath(results))):
         raise UserError(f"--results '{results}': directory does not exist")
-    if getattr(args, "batch_size", 1) < 1:
-        raise UserError("--batch-size must be >= 1")
+    if results:
+        check_output_path("--results", results)
 
 
 def run_suite(model, tokens, args, tokenizer=None, out=None) -> dict:
@@ -182,8 +176,6 @@ def evaluate(argv) -> dict:
     from megatron_ratplus.data import validation_windows
 
     args = build_parser().parse_args(argv)
-    if args.eval_samples < 1:
-        raise UserError("--eval-samples must be >= 1")
     check_arguments(args)
     train_args = read_meta(args.load)["args"]
     model, config, tokenizer = load_model(args.load, dtype="bf16" if args.bf16 else "fp32")

@@ -13,7 +13,9 @@ import sys
 from typing import List, Optional
 
 from megatron_ratplus.cli import run_cli
+from megatron_ratplus.cli.types import non_negative_float, non_negative_int, positive_int, probability
 from megatron_ratplus.errors import ArgumentParser, UserError
+from megatron_ratplus.userfiles import read_text_lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,13 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "'cycle(dense;dilated:64)', 'dense|dilated:16' (default: the checkpoint's)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
     parser.add_argument("--prompt-file", help="a text file with one prompt per line")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass (default 1: off)")
     parser.add_argument("--stop", action="append", default=[],
                         help="a stop string that is one token (repeatable); end-of-document always stops")
-    parser.add_argument("--seed", type=int, default=None, help="sampling seed")
-    parser.add_argument("--max-length", type=int, default=None,
+    parser.add_argument("--seed", type=non_negative_int, default=None, help="sampling seed")
+    parser.add_argument("--max-length", type=positive_int, default=None,
                         help="longest prompt + new tokens allowed (default: the model's seq_length)")
     parser.add_argument("--show-cache", action="store_true", help="print the decode cache size")
     parser.add_argument("--bf16", action="store_true", help="bf16 parameters, activations and decode cache "
@@ -41,11 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _prompts(args) -> List[str]:
     prompts = list(args.prompt)
     if args.prompt_file:
-        try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                prompts += [line.rstrip("\n") for line in f if line.strip()]
-        except OSError as err:
-            raise UserError(f"cannot read --prompt-file {args.prompt_file}: {err.strerror}") from None
+        prompts += [line for line in read_text_lines(args.prompt_file, "--prompt-file") if line.strip()]
     if not prompts:
         raise UserError("give at least one --prompt or a --prompt-file")
     return prompts

@@ -18,8 +18,13 @@ from megatron_ratplus.optional import require
 
 def _run(argv) -> None:
     require("lm_eval", "ratplus-lm-eval")
-    import megatron_ratplus.evaluation.lm_eval_model  # noqa: F401  (registers "ratplus")
+    from megatron_ratplus.evaluation.lm_eval_model import check_model_args  # registers "ratplus"
     from lm_eval.__main__ import cli_evaluate
+
+    words = [w for arg in argv for w in (arg.split("=", 1) if arg.startswith("--model") and "=" in arg else [arg])]
+    model = words[words.index("--model") + 1] if "--model" in words[:-1] else None
+    if model == "ratplus":
+        check_model_args(words[words.index("--model_args") + 1] if "--model_args" in words[:-1] else "")
 
     sys.argv = ["ratplus-lm-eval"] + list(argv)
     cli_evaluate()

@@ -14,6 +14,8 @@ temporary directory that is renamed into place only when complete.
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import os
 import shutil
 from typing import Dict, Iterator, Mapping, Tuple
@@ -21,6 +23,7 @@ from typing import Dict, Iterator, Mapping, Tuple
 import torch
 
 from megatron_ratplus.errors import UserError
+from megatron_ratplus.userfiles import remove_stale_temps
 
 
 class ConversionError(UserError):
@@ -40,6 +43,10 @@ def check_tensors(state: Mapping[str, torch.Tensor], expected: Mapping[str, Tupl
     missing = set(expected) - set(state)
     if missing:
         raise ConversionError(f"{source}: missing tensors {_names(missing)}")
+    integral = sorted(k for k in expected if not state[k].is_floating_point())
+    if integral:  # weights are floats: an integer tensor would be cast silently, not converted
+        raise ConversionError(f"{source}: tensors {_names(integral)} are {state[integral[0]].dtype}, "
+                              "not floating point")
     bad = {k for k in expected if tuple(state[k].shape) != tuple(expected[k])}
     if bad:
         first = sorted(bad)[0]
@@ -63,10 +70,17 @@ def fresh_output(path: str) -> Iterator[str]:
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.tmp-{os.getpid()}")
+    remove_stale_temps(glob.escape(tmp.rsplit(".tmp-", 1)[0]) + ".tmp-*")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
         yield tmp
-        os.rename(tmp, path)
+        try:
+            os.rename(tmp, path)  # fails, never merges, if another run created path meanwhile
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                raise
+            raise ConversionError(f"output {path} was created by another process during this conversion; "
+                                  "this run's output is discarded") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

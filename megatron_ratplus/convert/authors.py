@@ -180,5 +180,7 @@ def local_to_authors(state: Dict[str, torch.Tensor], config, vocab: int) -> dict
             layer["self_attention.linear_in.weight"], config.mixer_parts, config.num_attention_heads)
         task.update({dst + k: v for k, v in rename(layer, ours).items()})
     task["head.lm_head.weight"] = wte
-    meta = {"num_heads": config.num_attention_heads, "apply_re": config.recurrence, "vocab_size": vocab}
+    # seq_len (a key their configs use) makes ours -> authors -> ours keep the trained length
+    meta = {"num_heads": config.num_attention_heads, "apply_re": config.recurrence, "vocab_size": vocab,
+            "seq_len": config.seq_length}
     return {"task": task, "config": meta}

@@ -17,6 +17,7 @@ from typing import Dict, Tuple
 import torch
 
 from megatron_ratplus.convert import ConversionError, check_tensors, fresh_output, rename
+from megatron_ratplus.userfiles import read_json, typed_fields
 
 MODELING_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hf")
 CODE_FILES = ("configuration_ratplus.py", "modeling_ratplus.py")
@@ -90,8 +91,12 @@ def read_safetensors(directory: str) -> Dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if os.path.isfile(os.path.join(directory, INDEX_FILE)):
-        with open(os.path.join(directory, INDEX_FILE), encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        path = os.path.join(directory, INDEX_FILE)
+        weight_map = read_json(path, "shard index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and os.path.basename(v) == v
+                                                       for v in weight_map.values()):
+            raise ConversionError(f"shard index {path}: weight_map must map tensor names to file names in {directory}")
+        files = sorted(set(weight_map.values()))
     elif os.path.isfile(os.path.join(directory, SINGLE_FILE)):
         files = [SINGLE_FILE]
     else:
@@ -129,11 +134,17 @@ def _write_tokenizer(tokenizer, directory: str, max_length: int) -> None:
     else:
         _byte_tokenizer(path)
         eos = BYTE_EOD
-    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length}
+    # The model takes no token_type_ids: without this list transformers 4.x's tokenizer returns
+    # them and generate(**tokenizer(text, return_tensors="pt")) fails on the unknown argument.
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
+                "model_input_names": ["input_ids", "attention_mask"]}
     if eos is not None:
-        settings["eos_token"] = eos
+        settings["eos_token"] = settings["pad_token"] = eos  # batched generation pads with end-of-document
     with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(settings, f, indent=2)
+    if eos is not None:
+        with open(os.path.join(directory, "generation_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"eos_token_id": tokenizer.eod, "pad_token_id": tokenizer.eod}, f, indent=2)
 
 
 def export_hf(state, config, tokenizer, output: str, max_shard_bytes: int = 5 * 2 ** 30) -> str:
@@ -159,31 +170,34 @@ def read_hf(directory: str) -> Tuple[Dict[str, torch.Tensor], dict, str]:
     """(our full state dict, our model shape, tokenizer file or None for the byte tokenizer) from an
     HF directory we exported."""
     from megatron_ratplus.convert.local import expected_shapes, model_config
+    from megatron_ratplus.data.tokenizer import build_tokenizer
+    from megatron_ratplus.estimate import check_weights_fit
 
     if not os.path.isdir(directory):
         raise ConversionError(f"{directory} is not a directory (an HF export holds config.json and safetensors)")
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         raise ConversionError(f"{directory} has no config.json; not a Hugging Face model directory")
-    try:
-        with open(path, encoding="utf-8") as f:
-            hf = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConversionError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
+    hf = read_json(path, "Hugging Face config")
     if hf.get("model_type") != "ratplus":
         raise ConversionError(f"{path}: model_type is {hf.get('model_type')!r}, not 'ratplus' (only RAT+ exports convert)")
     missing = [k for k in _CONFIG_KEYS.values() if k not in hf]
     if missing:
         raise ConversionError(f"{path} lacks {', '.join(missing)}")
+    typed_fields(hf, {k: (bool if k == "recurrence" else int) for k in _CONFIG_KEYS.values()}, path)
+    typed_fields(hf, {"attention_pattern": str}, path)
     shape = {ours: hf[key] for ours, key in _CONFIG_KEYS.items()}
     shape["attention_pattern"] = hf.get("attention_pattern", "dense")
     try:
         config = model_config(shape)
     except ValueError as err:
         raise ConversionError(f"{path}: {str(err).splitlines()[0]}") from None
+    check_weights_fit(config)  # before naming and reading every layer's tensors
     hf_names = local_to_hf_names(config.num_layers)
     tensors = read_safetensors(directory)
     check_tensors(tensors, {hf_names[k]: s for k, s in expected_shapes(config).items()}, directory)
     tokenizer = os.path.join(directory, "tokenizer.json")
     tokenizer = tokenizer if os.path.isfile(tokenizer) and not hf.get("byte_tokenizer") else None
+    if tokenizer:
+        build_tokenizer(f"json:{tokenizer}")  # a file that does not load is refused, not carried along
     return rename(tensors, {v: k for k, v in hf_names.items()}), shape, tokenizer

@@ -9,12 +9,14 @@ another layout, --load the original checkpoint directly (it reshards on load).
 
 from __future__ import annotations
 
+import glob
 import os
 
 import torch
 
 from megatron_ratplus import checkpoint
 from megatron_ratplus.convert import ConversionError, fresh_output
+from megatron_ratplus.userfiles import publish, remove_stale_temps
 
 
 def _save_at_layout(rank: int, world: int, port: int, source: str, target: str, tp: int, pp: int) -> None:
@@ -70,10 +72,12 @@ def save_file(blob: dict, output: str) -> str:
     written to a temporary name and renamed into place."""
     if os.path.lexists(output):
         raise ConversionError(f"output {output} already exists; refusing to write over it")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     tmp = f"{output}.tmp-{os.getpid()}"
+    remove_stale_temps(glob.escape(output) + ".tmp-*")
     try:
         torch.save(blob, tmp)
-        os.rename(tmp, output)
+        publish(tmp, output)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

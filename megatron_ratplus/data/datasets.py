@@ -16,9 +16,11 @@ a global batch into one data-parallel rank's micro-batches (``collate``d) by tha
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import struct
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -107,12 +109,42 @@ def _token_range(prefix: str, dtype) -> Tuple[int, int]:
 
 
 def _file_key(prefix: str) -> dict:
-    """What identifies this version of the dataset files: size and mtime of .bin and .idx."""
+    """What identifies this version of the dataset files: size, mtime and a hash of the first and
+    last MiB of .bin and .idx (a copy with other content but the same size and mtime differs)."""
     key = {}
     for ext in (".bin", ".idx"):
         st = os.stat(prefix + ext)
-        key[ext] = [st.st_size, st.st_mtime_ns]
+        digest = hashlib.sha256()
+        with open(prefix + ext, "rb") as f:
+            digest.update(f.read(1 << 20))
+            f.seek(max(0, st.st_size - (1 << 20)))
+            digest.update(f.read(1 << 20))
+        key[ext] = [st.st_size, st.st_mtime_ns, digest.hexdigest()]
     return key
+
+
+_INDEX_MAGIC = b"MMIDIDX\x00\x00"
+_INDEX_HEADER = struct.Struct("<9sQBQQ")  # magic, version 1, dtype code, sequences, documents
+
+
+def _check_index_header(prefix: str) -> None:
+    """megatron's .idx header and table sizes, checked before megatron opens the files (its
+    IndexedDataset half-built on a bad file prints an "Exception ignored" traceback when freed)."""
+    path = prefix + ".idx"
+    size = os.path.getsize(path)
+    if size == 0:
+        raise DataError(f"index {path} is empty (0 bytes): the dataset was not written completely")
+    with open(path, "rb") as f:
+        head = f.read(_INDEX_HEADER.size)
+    if len(head) < _INDEX_HEADER.size or head[:9] != _INDEX_MAGIC:
+        raise DataError(f"{path} is not a megatron index (bad header)")
+    _, version, _, sequences, documents = _INDEX_HEADER.unpack(head)
+    if version != 1:
+        raise DataError(f"{path} has index version {version}; only version 1 is read")
+    if size < _INDEX_HEADER.size + 12 * sequences + 8 * documents:
+        raise DataError(f"index {path} is truncated: {size} bytes for {sequences} sequences")
+    if sequences == 0 or os.path.getsize(prefix + ".bin") == 0:
+        raise DataError(f"dataset {prefix} is empty: it holds no documents")
 
 
 def _recorded_range(prefix: str, key: dict) -> Optional[Tuple[int, int]]:
@@ -144,7 +176,7 @@ def check_indexed_dataset(prefix: str, vocab_size: int) -> int:
     """Validate ``prefix.bin``/``prefix.idx``; returns the token count. One-line DataError otherwise.
 
     The token-id scan reads the whole .bin (hundreds of GB at FineWeb scale), so its result
-    (min and max id) is recorded beside the .idx, keyed by the size and mtime of both files,
+    (min and max id) is recorded beside the .idx, keyed by _file_key of both files,
     and later starts reuse it; the ids are then checked against this run's vocabulary.
     """
     from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -155,6 +187,7 @@ def check_indexed_dataset(prefix: str, vocab_size: int) -> int:
             raise DataError(f"data file not found: {path}")
         if not os.access(path, os.R_OK):
             raise DataError(f"data file not readable: {path}")
+    _check_index_header(prefix)
     try:
         dataset = IndexedDataset(prefix, mmap=True)
         sizes = dataset.sequence_lengths
@@ -173,10 +206,10 @@ def check_indexed_dataset(prefix: str, vocab_size: int) -> int:
     low, high = recorded if recorded else _token_range(prefix, dtype)
     if low < 0:  # refused before recording: a refused file leaves nothing behind
         raise DataError(f"{prefix}.bin holds negative token id {low}: corrupt or written with another dtype")
-    if recorded is None:
-        _record_range(prefix, key, low, high)
     if high >= vocab_size:
         raise DataError(f"{prefix}.bin holds token id {high}, beyond the vocabulary size {vocab_size}")
+    if recorded is None:  # only for an accepted dataset: a refused one leaves nothing beside it
+        _record_range(prefix, key, low, high)
     return n_tokens
 
 

@@ -10,10 +10,13 @@ stays bounded on a 100B-token corpus.
 from __future__ import annotations
 
 import collections
+import contextlib
+import glob
 import gzip
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import zlib
 from typing import Dict, Iterator, Sequence, Tuple
@@ -22,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from megatron_ratplus.data.tokenizer import DataError, build_tokenizer
+from megatron_ratplus.userfiles import check_output_path, publish, remove_stale_temps
 
 BATCH = 512  # records per task sent to a worker
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -64,13 +68,22 @@ def _zstd_lines(path: str) -> Iterator[bytes]:
             yield tail
 
 
-def _open_lines(path: str, kind: str):
-    """An iterator over the file's (decompressed) lines, as bytes."""
+def _raw_lines(path: str, kind: str):
     if kind == "jsonl.zst":
         yield from _zstd_lines(path)
         return
     with (gzip.open(path, "rb") if kind == "jsonl.gz" else open(path, "rb")) as f:
         yield from f
+
+
+def _open_lines(path: str, kind: str):
+    """An iterator over the file's (decompressed) lines, as bytes; a UTF-8 byte order mark before
+    the first record is dropped (it would make that record "not JSON")."""
+    lines = _raw_lines(path, kind)
+    first = next(lines, None)
+    if first is not None:
+        yield first[3:] if first.startswith(b"\xef\xbb\xbf") else first
+        yield from lines
 
 
 def _corrupt_errors():
@@ -200,6 +213,14 @@ def encode_batch(task) -> Tuple[list, int]:
     return out, tokens
 
 
+def _init_pool_worker(spec: str, keys, append_eod: bool) -> None:
+    """A pool worker leaves Ctrl-C to the parent (which terminates the pool: a worker killed
+    mid-task would leave the parent waiting for its result forever) and dies at once on SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _init_worker(spec, keys, append_eod)
+
+
 def _ordered(tasks: Iterator, workers: int, spec: str, keys, append_eod: bool):
     """(task, result) in input order; at most 2 x workers tasks in flight (bounded memory)."""
     _init_worker(spec, keys, append_eod)
@@ -207,7 +228,7 @@ def _ordered(tasks: Iterator, workers: int, spec: str, keys, append_eod: bool):
         for task in tasks:
             yield task, encode_batch(task)
         return
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(spec, keys, append_eod)) as pool:
+    with multiprocessing.Pool(workers, initializer=_init_pool_worker, initargs=(spec, keys, append_eod)) as pool:
         pending = collections.deque()
         for task in tasks:
             pending.append((task, pool.apply_async(encode_batch, (task,))))
@@ -227,6 +248,17 @@ def output_prefixes(prefix: str, keys: Sequence[str], partitions: int) -> Dict[T
         for shard in range(partitions):
             out[key, shard] = f"{base}_{shard}" if partitions > 1 else base
     return out
+
+
+def _make_parents(folder: str) -> list:
+    """Create ``folder`` and its missing parents; the ones created, outermost first."""
+    missing = []
+    while not os.path.exists(folder):
+        missing.insert(0, folder)
+        folder = os.path.dirname(folder)
+    for path in missing:
+        os.mkdir(path)
+    return missing
 
 
 def build(paths: Sequence[str], output_prefix: str, tokenizer_spec: str = "byte", json_keys=("text",),
@@ -249,13 +281,19 @@ def build(paths: Sequence[str], output_prefix: str, tokenizer_spec: str = "byte"
                 raise DataError(f"{prefix + ext} exists; refusing to overwrite it")
     tokenizer = build_tokenizer(tokenizer_spec)  # fail before any work
     dtype = np.uint16 if tokenizer.vocab_size < 2 ** 16 else np.int32
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-
-    builders = {k: IndexedDatasetBuilder(p + ".bin.tmp", dtype=dtype) for k, p in prefixes.items()}
+    check_output_path("--output-prefix", output_prefix)
+    for prefix in prefixes.values():
+        remove_stale_temps(glob.escape(prefix) + ".[bi][id][nx].tmp-*")
+    tmp = f".tmp-{os.getpid()}"  # two runs into one prefix never share a temporary file
     skipped, first_skip = collections.Counter(), {}
     records = tokens = 0
-    bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, file=sys.stderr, disable=not progress)
-    try:
+    bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, file=sys.stderr,
+               disable=None if progress else True)  # None: only on a terminal, never in a log or pipe
+    created, builders = [], {}
+    try:  # from the first folder made: a signal at any point leaves nothing behind
+        created += _make_parents(os.path.dirname(os.path.abspath(output_prefix)))
+        for k, p in prefixes.items():
+            builders[k] = IndexedDatasetBuilder(p + ".bin" + tmp, dtype=dtype)
         tasks = (task for path in paths for task in read_batches(path, keys))
         for (path, first, kind, _), (results, batch_tokens) in _ordered(tasks, workers, tokenizer.spec, keys,
                                                                          append_eod):
@@ -278,19 +316,23 @@ def build(paths: Sequence[str], output_prefix: str, tokenizer_spec: str = "byte"
             raise DataError(f"the input holds {records} usable documents, fewer than --partitions {partitions}"
                             if records else "the input holds no usable documents")
         for key, prefix in prefixes.items():
-            builders[key].finalize(prefix + ".idx.tmp")
+            builders[key].finalize(prefix + ".idx" + tmp)
+        for prefix in prefixes.values():
+            publish(prefix + ".bin" + tmp, prefix + ".bin")
+            publish(prefix + ".idx" + tmp, prefix + ".idx")
     except BaseException:
         for key, prefix in prefixes.items():
-            builders[key].data_file.close()
-            for tmp in (prefix + ".bin.tmp", prefix + ".idx.tmp"):
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+            if key in builders:
+                builders[key].data_file.close()
+            for path in (prefix + ".bin" + tmp, prefix + ".idx" + tmp):
+                if os.path.exists(path):
+                    os.remove(path)
+        for folder in reversed(created):  # a refused run leaves no folders behind either
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
         raise
     finally:
         bar.close()
-    for prefix in prefixes.values():
-        os.replace(prefix + ".bin.tmp", prefix + ".bin")
-        os.replace(prefix + ".idx.tmp", prefix + ".idx")
     return {"documents": records, "tokens": tokens, "vocab_size": tokenizer.vocab_size,
             "outputs": sorted(set(prefixes.values())), "skipped": dict(skipped), "first_skipped": first_skip}
 

@@ -23,6 +23,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from megatron_ratplus.cli.types import positive_int
 from megatron_ratplus.evaluation.errors import EvaluationError
 from megatron_ratplus.evaluation.scoring import continuation_logprobs, greedy_until
 from megatron_ratplus.model import set_attention_pattern
@@ -38,6 +39,31 @@ def pattern_from_args(pattern: str, options: dict) -> str:
                               f"{', '.join(PATTERN_OPTIONS)}, batch_size, max_length, max_gen_toks, truncate, device, "
                               f"dtype)")
     return ",".join([str(pattern)] + [f"{k}={options[k]}" for k in PATTERN_OPTIONS if k in options])
+
+
+def check_model_args(text: str) -> None:
+    """The ``--model_args`` of ``--model ratplus`` checked before lm-eval starts (lm-eval logs its
+    set-up first, so an error found in the model's constructor would follow several INFO lines)."""
+    from lm_eval.utils import simple_parse_args_string
+
+    from megatron_ratplus.checkpoint import EVAL_DTYPES, read_meta
+    from megatron_ratplus.patterns import parse_composition
+
+    args = simple_parse_args_string(text or "")
+    if "load" not in args:
+        raise EvaluationError("the ratplus model needs load=CHECKPOINT in --model_args")
+    read_meta(str(args["load"]))
+    for name in ("max_length", "max_gen_toks"):
+        if name in args:
+            positive_int.check(args[name], f"ratplus model argument {name}")
+    if "batch_size" in args and not str(args["batch_size"]).startswith("auto"):
+        positive_int.check(args["batch_size"], "ratplus model argument batch_size")
+    if str(args.get("dtype", "fp32")) not in EVAL_DTYPES:
+        raise EvaluationError(f"ratplus model argument dtype={args['dtype']}: choose one of {', '.join(EVAL_DTYPES)}")
+    known = {"load", "pattern", "batch_size", "max_length", "max_gen_toks", "truncate", "device", "dtype",
+             "max_batch_size", *PATTERN_OPTIONS}
+    options = {k: v for k, v in args.items() if k in PATTERN_OPTIONS or k not in known}
+    parse_composition(pattern_from_args(args.get("pattern", "dense"), options))
 
 
 def _load(path: str, dtype: str):
@@ -79,9 +105,11 @@ class RatPlusLM(TemplateLM):
             self.model.to(device)
         self.pattern = pattern_from_args(pattern, pattern_options)
         set_attention_pattern(self.model, self.pattern)
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # "auto" -> the default
-        self.max_length = int(max_length or model.config.seq_length)
-        self.max_gen_toks = int(max_gen_toks)
+        auto = str(batch_size).startswith("auto")  # lm-eval's "auto[:N]" -> the default
+        self.batch_size = 16 if auto else positive_int.check(batch_size, "ratplus model argument batch_size")
+        self.max_length = (model.config.seq_length if max_length is None
+                           else positive_int.check(max_length, "ratplus model argument max_length"))
+        self.max_gen_toks = positive_int.check(max_gen_toks, "ratplus model argument max_gen_toks")
         self.truncate = str(truncate).lower() in ("1", "true", "yes")
         self._device = next(self.model.parameters()).device
 

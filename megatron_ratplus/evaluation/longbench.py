@@ -19,7 +19,6 @@ template ``{context}\\n\\nQuestion: {input}\\nAnswer:``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
@@ -30,6 +29,7 @@ from megatron_ratplus.evaluation.metrics import check_metric, score
 from megatron_ratplus.evaluation.scoring import greedy_until
 from megatron_ratplus.model import evaluating
 from megatron_ratplus.optional import require
+from megatron_ratplus.userfiles import json_objects
 
 CONTEXT_MARGIN = 500  # LongBench's model2maxlen: the truncation budget is the context minus 500 tokens
 
@@ -130,20 +130,13 @@ def load_samples(directory: str, task: LongBenchTask, limit: Optional[int] = Non
         raise DatasetMissingError(f"LongBench task {task.name}: {path} not found (nothing is downloaded; copy "
                                   f"LongBench's data/{task.name}.jsonl into {directory})")
     samples = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                sample = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DatasetMissingError(f"{path} line {number} is not JSON: {err}") from None
-            missing = [k for k in ("context", "input", "answers") if k not in sample]
-            if missing:
-                raise DatasetMissingError(f"{path} line {number} lacks {', '.join(missing)}")
-            samples.append(sample)
-            if limit is not None and len(samples) == limit:
-                break
+    for number, sample in json_objects(path):
+        missing = [k for k in ("context", "input", "answers") if k not in sample]
+        if missing:
+            raise DatasetMissingError(f"{path} line {number} lacks {', '.join(missing)}")
+        samples.append(sample)
+        if limit is not None and len(samples) == limit:
+            break
     if not samples:
         raise DatasetMissingError(f"{path} holds no samples")
     return samples

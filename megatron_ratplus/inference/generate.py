@@ -35,8 +35,8 @@ class SamplingConfig:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):  # NaN fails too
+            raise GenerationError(f"temperature must be finite and >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
 
@@ -46,10 +46,13 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
     """Next token per row of [b, vocab] logits; ``top_k`` > 0 samples among the k likeliest only."""
     if temperature == 0:
         return logits.argmax(dim=-1)
+    logits = logits.float()
     if 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    # Shift the best logit to 0 before dividing: any temperature > 0 (even 1e-45) then gives
+    # logits in [-inf, 0] with one 0 per row, never inf - inf = NaN.
+    probs = torch.softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
     if top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the tokens ranked higher
@@ -92,6 +95,9 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: Optional[Samplin
     """
     sampling = sampling or SamplingConfig()
     config = model.config
+    if max_length is not None and not 1 <= max_length <= config.seq_length:
+        raise GenerationError(f"max_length {max_length} is outside [1, {config.seq_length}] (the model was trained "
+                              f"at length {config.seq_length}; positions beyond it were never seen)")
     _check_prompts(prompts, config.real_vocab_size or config.vocab_size, max_length or config.seq_length,
                    sampling.max_new_tokens)
     if pattern is not None:

@@ -32,6 +32,9 @@ from typing import Optional, Sequence, Tuple, Union
 from megatron_ratplus.patterns.pattern import AttentionPattern, PatternError, parse_pattern
 
 _COUNT = re.compile(r"^\s*(\d+)\s*\*(.*)$")
+# A count repeats a layer or a head group: more than any model's layers or heads (parsing must
+# not allocate what a typo asks for; the model's own sizes are checked at resolve time).
+MAX_COUNT = 65536
 
 
 def _split_count(text: str, source: str):
@@ -40,8 +43,8 @@ def _split_count(text: str, source: str):
     if not match:
         return None, text
     count = int(match.group(1))
-    if count < 1:
-        raise PatternError(f"pattern '{source}': a count must be >= 1, got {count}")
+    if not 1 <= count <= MAX_COUNT:
+        raise PatternError(f"pattern '{source}': a count must be in [1, {MAX_COUNT}], got {count}")
     return count, match.group(2)
 
 
@@ -105,6 +108,18 @@ class PatternComposition:
             raise PatternError(f"pattern '{self}' names {n} layers, but the model has {num_layers}")
         return self.layers
 
+    def validate(self, num_layers: int, num_heads: int) -> None:
+        """resolve()'s checks without building its per-layer tuple (a config with absurd sizes
+        is refused by the memory check, not by materialising it)."""
+        n = len(self.layers)
+        if self.cycle and num_layers % n:
+            raise PatternError(f"pattern '{self}': a cycle of {n} layer patterns does not divide "
+                               f"the {num_layers} layers")
+        if not self.cycle and n not in (1, num_layers):
+            raise PatternError(f"pattern '{self}' names {n} layers, but the model has {num_layers}")
+        for layer in set(self.layers):
+            layer.per_head(num_heads)
+
     def resolve(self, num_layers: int, num_heads: int) -> Tuple[Tuple[AttentionPattern, ...], ...]:
         """[layer][head] -> AttentionPattern, validating layer and head counts."""
         return tuple(layer.per_head(num_heads) for layer in self.per_layer(num_layers))
@@ -164,6 +179,8 @@ def parse_composition(text: CompositionLike) -> PatternComposition:
         if "(" in layer or ")" in layer:
             raise PatternError(f"pattern '{source}': unbalanced or misplaced parentheses in '{item.strip()}'")
         layers.extend([_parse_layer(layer, source)] * (count or 1))
+        if len(layers) > MAX_COUNT:
+            raise PatternError(f"pattern '{source}' names more than {MAX_COUNT} layers")
     return PatternComposition(tuple(layers), cycle=cycle)
 
 

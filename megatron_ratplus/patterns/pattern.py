@@ -20,6 +20,8 @@ cache call it, and ``kernels/ratplus_kernels/_common.py`` holds its Triton twin.
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -92,10 +94,10 @@ class AttentionPattern:
 
 
 def _int_value(text: str, name: str, source: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise PatternError(f"pattern '{source}': {name} must be an integer, got '{text}'") from None
+    """Plain decimal digits only: int() would also take '1_6' (16) and ' 16'."""
+    if not re.fullmatch(r"-?\d+", text):
+        raise PatternError(f"pattern '{source}': {name} must be an integer, got '{text}'")
+    return int(text)
 
 
 def parse_pattern(text) -> AttentionPattern:

@@ -28,6 +28,7 @@ from megatron_ratplus.layers.specs import resolve_transformer_impl
 from megatron_ratplus.optional import require
 from megatron_ratplus.patterns import PatternError, parse_composition
 from megatron_ratplus.precision import check_fp8_recipe, check_fp8_shapes
+from megatron_ratplus.userfiles import check_output_path
 from megatron_ratplus.training.parallel_layout import validate_parallel_config, virtual_pipeline_size
 
 DEFAULT_LR, DEFAULT_WARMUP, DEFAULT_ITERS = 3e-3, 0.05, 300
@@ -137,6 +138,9 @@ class TrainingConfig:
             raise UserError(f"--save {flags['save']} already holds a checkpoint; refusing to overwrite it "
                             f"(resume with --load {flags['save']}, or choose another --save)")
         tokenizer = flags["tokenizer_file"] or (meta["tokenizer"] if meta else "byte")
+        if meta and not _same_tokenizer(build_tokenizer(tokenizer).spec, meta["tokenizer"]):
+            raise UserError(f"--tokenizer-file {flags['tokenizer_file']} is not the tokenizer of --load "
+                            f"{flags['load']} ({meta['tokenizer']}); its token ids would mean other text")
         shape = _model_shape(flags, meta, build_tokenizer(tokenizer).vocab_size)
         vpp = virtual_pipeline_size(shape["num_layers"], flags["pipeline_model_parallel_size"],
                                     flags["num_layers_per_virtual_pipeline_stage"])
@@ -152,7 +156,7 @@ class TrainingConfig:
         pattern = flags["adapt_pattern"] or (continuing or flags)["attention_pattern"]
         for name, text in (("--attention-pattern", pattern), ("--sparse-pattern", flags["sparse_pattern"])):
             try:
-                parse_composition(text).resolve(shape["num_layers"], shape["num_attention_heads"])
+                parse_composition(text).validate(shape["num_layers"], shape["num_attention_heads"])
             except PatternError as err:
                 raise UserError(f"{name}: {err}") from None
         if flags["lr"] is None:
@@ -276,34 +280,27 @@ def _check_interleaved_microbatches(flags: dict, world: int) -> None:
                         f"data-parallel size) gives {count}")
 
 
+def _same_tokenizer(spec: str, saved: str) -> bool:
+    """Same spec, or two tokenizer files with the same bytes (a copy elsewhere is the same tokenizer)."""
+    if spec == saved:
+        return True
+    kind, _, path = spec.partition(":")
+    saved_kind, _, saved_path = saved.partition(":")
+    if kind != saved_kind or not path or not os.path.isfile(saved_path):
+        return False
+    with open(path, "rb") as a, open(saved_path, "rb") as b:
+        return a.read() == b.read()
+
+
 def _same_dir(a: str, b: str) -> bool:
     return os.path.abspath(a) == os.path.abspath(b)
 
 
-_RULES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "in [0, 1)": lambda v: 0 <= v < 1}
-RANGES = {"lr": "> 0", "min_lr": ">= 0", "weight_decay": ">= 0", "adam_eps": "> 0", "adam_beta1": "in [0, 1)",
-          "adam_beta2": "in [0, 1)", "clip_grad": ">= 0", "seed": ">= 0", "tensor_model_parallel_size": ">= 1",
-          "pipeline_model_parallel_size": ">= 1", "context_parallel_size": ">= 1",
-          "num_layers_per_virtual_pipeline_stage": ">= 1"}
-
-
 def _check_values(flags: dict) -> None:
-    """Value checks that need no files (data and checkpoints are checked where they are opened)."""
-    for name in ("micro_batch_size", "global_batch_size", "eval_iters", "log_interval", "max_nan_steps"):
-        if flags[name] < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("train_iters", "train_tokens", *SHAPE_FLAGS):
-        if flags[name] is not None and flags[name] < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    """Checks across values that need no files (each value's own type and range is the parser's,
+    megatron_ratplus/cli/types.py; data and checkpoints are checked where they are opened)."""
     if flags["train_iters"] is not None and flags["train_tokens"] is not None:
         raise UserError("give --train-iters or --train-tokens, not both")
-    for name in ("exit_duration_in_mins", "exit_interval"):
-        if flags[name] is not None and flags[name] <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be > 0")
-    if flags["save_interval"] < 0 or flags["eval_interval"] < 0:
-        raise UserError("--save-interval and --eval-interval must be >= 0")
-    if flags["lr_warmup_fraction"] is not None and not 0 <= flags["lr_warmup_fraction"] < 1:
-        raise UserError("--lr-warmup-fraction must be in [0, 1)")
     if flags["adapt_pattern"] and not flags["load"]:
         raise UserError("--adapt-pattern continues from a pretrained checkpoint: give --load DIR")
     for name in ("sparse_pattern", "attention_pattern", "adapt_pattern"):
@@ -312,12 +309,12 @@ def _check_values(flags: dict) -> None:
                 parse_composition(flags[name])
             except PatternError as err:
                 raise UserError(f"--{name.replace('_', '-')}: {err}") from None
-    for name, rule in RANGES.items():
-        if flags[name] is not None and not _RULES[rule](flags[name]):
-            raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {flags[name]}")
     check_split(flags["split"])  # even where the embedded corpus ignores it
     if os.path.exists(flags["save"]) and not os.path.isdir(flags["save"]):
         raise UserError(f"--save {flags['save']} is a file, not a directory")
+    check_output_path("--save", flags["save"], directory=True)
+    if flags["tensorboard_dir"]:
+        check_output_path("--tensorboard-dir", flags["tensorboard_dir"], directory=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     model_parallel = (flags["tensor_model_parallel_size"] * flags["pipeline_model_parallel_size"]
                       * flags["context_parallel_size"])
@@ -349,12 +346,8 @@ def _check_gpu_flags(flags: dict) -> str:
         raise UserError("--recompute-granularity full needs --recompute-method uniform|block and --recompute-num-layers")
     if granularity != "full" and (method is not None or layers is not None):
         raise UserError("--recompute-method and --recompute-num-layers apply only with --recompute-granularity full")
-    if layers is not None and layers < 1:
-        raise UserError("--recompute-num-layers must be >= 1")
     if flags["overlap_param_gather"] and not flags["use_distributed_optimizer"]:
         raise UserError("--overlap-param-gather needs --use-distributed-optimizer")
-    if flags["gpu_memory_gb"] <= 0:
-        raise UserError("--gpu-memory-gb must be > 0")
     if flags["dry_run"]:
         return impl or ("transformer_engine" if flags["fp8_format"] else "local")
     if flags["fp8_format"]:
