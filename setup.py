@@ -28,12 +28,12 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         "dali": ["nvidia-dali-cuda120>=1.40"],
-        "eval": ["lm-eval>=0.4,<0.5", "matplotlib>=3.7", "tokenizers>=0.15"],
+        "eval": ["lm-eval>=0.4,<0.5", "matplotlib>=3.7", "tokenizers>=0.15", "wonderwords==3.0.1"],
         "data": ["pyarrow>=14", "zstandard>=0.22", "sentencepiece>=0.2", "tokenizers>=0.15"],
         "hf": ["transformers>=5.0", "safetensors>=0.4", "tokenizers>=0.15"],
         "dev": ["pytest>=8.0", "pytest-timeout>=2.2", "matplotlib>=3.7", "tokenizers>=0.15",
                 "pyarrow>=14", "zstandard>=0.22", "sentencepiece>=0.2", "transformers>=5.0", "safetensors>=0.4",
-                "lm-eval>=0.4,<0.5"],
+                "lm-eval>=0.4,<0.5", "wonderwords==3.0.1"],
     },
     entry_points={"console_scripts": [
         "ratplus-pretrain=megatron_ratplus.cli.pretrain:main",

@@ -24,6 +24,7 @@ HOW_TO_GET = {
             "(github.com/NVIDIA/apex); the PyPI package named 'apex' is unrelated",
     "nvidia.dali": "pip install 'megatron-ratplus[dali]' (needs CUDA 12)",
     "lm_eval": "pip install 'megatron-ratplus[eval]' (lm-evaluation-harness 0.4)",
+    "wonderwords": "pip install 'megatron-ratplus[eval]' (wonderwords 3.0.1, the word lists RULER draws from)",
 }
 # What must import for the package to be usable from PyTorch (TE's top level imports without its
 # torch extension).
