@@ -452,6 +452,18 @@ def check_tasks(names: Sequence[str], sources: RulerSources) -> List[RulerTask]:
     return tasks
 
 
+def ruler_scores(model, tokenizer, samples: Sequence[RulerSample], pattern=None, batch_size: int = 4,
+                 max_length: Optional[int] = None) -> List[float]:
+    """Each sample's score: its greedy continuation (sparse decode cache, at most the task's
+    budget) post-processed and matched against its references with the task's metric."""
+    metric = task_spec(samples[0].task).metric
+    with evaluating(model, pattern):
+        outputs = greedy_until(model, [s.tokens for s in samples], tokenizer.decode, max(s.budget for s in samples),
+                               max_length or model.config.seq_length, stop_tokens=[tokenizer.eod],
+                               batch_size=batch_size)
+    return [score(metric, postprocess(o), s.references) for o, s in zip(outputs, samples)]
+
+
 def ruler_table(model, patterns: Sequence, tasks: Sequence[str] = tuple(TASKS), lengths: Sequence[int] = RULER_LENGTHS,
                 samples: int = 500, tokenizer=None, sources: Optional[RulerSources] = None, seed: int = DEFAULT_SEED,
                 batch_size: int = 4, max_length: Optional[int] = None) -> List[dict]:
@@ -468,10 +480,7 @@ def ruler_table(model, patterns: Sequence, tasks: Sequence[str] = tuple(TASKS), 
         for length in lengths:
             data = make_samples(task.name, length, samples, tokenizer, sources, seed)
             for pattern in patterns:
-                with evaluating(model, pattern):
-                    outputs = greedy_until(model, [s.tokens for s in data], tokenizer.decode, task.budget, limit,
-                                           stop_tokens=[tokenizer.eod], batch_size=batch_size)
-                scores = [score(task.metric, postprocess(o), s.references) for o, s in zip(outputs, data)]
+                scores = ruler_scores(model, tokenizer, data, pattern, batch_size, limit)
                 rows.append(dict(pattern=str(pattern), task=task.name, context_length=length, metric=task.metric,
                                  samples=len(scores), accuracy=sum(scores) / len(scores)))
     return rows
