@@ -41,8 +41,8 @@ NIAH = ("{Some} special magic {t} {are} hidden within the following text. Make s
 NIAH_PREFIX = " The special magic {t} for {q} mentioned in the provided text {are}"
 VT = ("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\nQuestion: "
       "Find all variables that are assigned the value {value} in the text above.")
-VT_PREFIX = (" Answer: According to the chain(s) of variable assignment in the text above, 5 variables are assgined the "
-             "value {value}, they are: ")
+VT_PREFIX = (" Answer: According to the chain(s) of variable assignment in the text above, 5 variables are "
+             "assgined the value {value}, they are: ")
 CWE_HEAD = ("Below is a numbered list of words. In these words, some appear more often than others. Memorize the ones "
             "that appear most often.\n")
 CWE_QUESTION = "\nQuestion: What are the 10 most common words in the above list?"
@@ -291,7 +291,8 @@ def test_postprocessing_and_scores_equal_rulers_on_random_cases():
         prediction = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
         expected = "".join("\n" if ord(c) < 32 else c for c in prediction.strip()).strip()
         assert postprocess(prediction) == expected
-        references = ["".join(rng.choice("abcABxyz") for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(1, 4))]
+        references = ["".join(rng.choice("abcABxyz") for _ in range(rng.randint(1, 3)))
+                      for _ in range(rng.randint(1, 4))]
         hits = [1.0 if r.lower() in expected.lower() else 0.0 for r in references]
         assert score(TASKS["niah_multivalue"].metric, postprocess(prediction), references) == sum(hits) / len(hits)
         assert score(TASKS["qa_1"].metric, postprocess(prediction), references) == max(hits)
@@ -312,7 +313,8 @@ def test_ruler_scores_greedy_output_and_summary(megatron_single):
     own = [postprocess(tok.decode(t)) for t in
            generate(model, prompts, SamplingConfig(max_new_tokens=12, stop_tokens=[tok.eod])).tokens]
     assert all(len(o) >= 4 for o in own)
-    samples = [RulerSample("niah_multivalue", "", "", prompts[0], [own[0][:2], own[0][2:4].upper(), "\u00e9\u00e9"], 12),
+    samples = [RulerSample("niah_multivalue", "", "", prompts[0], [own[0][:2], own[0][2:4].upper(), "\u00e9\u00e9"],
+                           12),
                RulerSample("niah_multivalue", "", "", prompts[1], [own[1][-3:]], 12)]
     assert ruler_scores(model, tok, samples, sparse, batch_size=2) == pytest.approx([2 / 3, 1.0])
     rows = [dict(pattern=p, task=t, context_length=n, metric="string_match_all", samples=1, accuracy=a)

@@ -177,7 +177,8 @@ class _Generation:
     def too_short(self, make, step: int) -> ContextLengthError:
         need = len(self.encode(make(step)[0])) + self.task.budget
         return ContextLengthError(f"a length of {self.length} tokens is too short for RULER's {self.task.name}: its "
-                                  f"smallest prompt needs {need} tokens with its {self.task.budget}-token answer budget")
+                                  f"smallest prompt needs {need} tokens with its {self.task.budget}-token answer "
+                                  f"budget")
 
     def fit(self, make, step: int, budget: int, length: int, cap: Optional[int] = None) -> int:
         """RULER's sizing: from one step, grow by ``step`` while prompt + answers + budget stays
@@ -452,6 +453,14 @@ def check_tasks(names: Sequence[str], sources: RulerSources) -> List[RulerTask]:
     return tasks
 
 
+def check_lengths(lengths: Sequence[int], limit: int) -> int:
+    """``limit`` if every RULER length fits in it, else ContextLengthError."""
+    too_long = [n for n in lengths if n > limit]
+    if too_long:
+        raise ContextLengthError(f"RULER length {too_long[0]} exceeds the model's maximum length of {limit}")
+    return limit
+
+
 def ruler_scores(model, tokenizer, samples: Sequence[RulerSample], pattern=None, batch_size: int = 4,
                  max_length: Optional[int] = None) -> List[float]:
     """Each sample's score: its greedy continuation (sparse decode cache, at most the task's
@@ -469,10 +478,7 @@ def ruler_table(model, patterns: Sequence, tasks: Sequence[str] = tuple(TASKS), 
                 batch_size: int = 4, max_length: Optional[int] = None) -> List[dict]:
     """Rows {pattern, task, context_length, metric, samples, accuracy} for every task, length
     and pattern: the mean score (in [0, 1]) of greedy continuations through the sparse decode cache."""
-    limit = max_length or model.config.seq_length
-    too_long = [n for n in lengths if n > limit]
-    if too_long:
-        raise ContextLengthError(f"RULER length {too_long[0]} exceeds the model's maximum length of {limit}")
+    limit = check_lengths(lengths, max_length or model.config.seq_length)
     tokenizer = tokenizer or ByteTokenizer()
     sources = sources or RulerSources()
     rows = []

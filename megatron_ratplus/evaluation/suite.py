@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 from megatron_ratplus.evaluation.errors import ContextLengthError
 from megatron_ratplus.evaluation.perplexity import perplexity_table
 from megatron_ratplus.evaluation.report import format_table, plot_perplexity_vs_dilation, write_table
-from megatron_ratplus.evaluation.ruler import DEFAULT_SEED, RULER_LENGTHS, ruler_summary, ruler_table
+from megatron_ratplus.evaluation.ruler import DEFAULT_SEED, RULER_LENGTHS, check_lengths, ruler_summary, ruler_table
 from megatron_ratplus.evaluation.ruler_sources import RulerSources
 from megatron_ratplus.evaluation.search import DEFAULT_CANDIDATES, search_patterns
 
@@ -32,6 +32,9 @@ def run(model, tokens, patterns: Sequence[str], table: Optional[str] = None, plo
     Returns {"perplexity": rows, "ruler": rows, "search": result} (the parts that ran).
     """
     out = out or sys.stdout
+    if ruler:  # the lengths are checked before any evaluation runs
+        ruler_lengths = ruler_lengths or default_lengths(model.config.seq_length)
+        check_lengths(ruler_lengths, model.config.seq_length)
     results = {"perplexity": perplexity_table(model, tokens, patterns)}
     print(format_table(results["perplexity"], PPL_COLUMNS), file=out)
     if table:
@@ -39,8 +42,7 @@ def run(model, tokens, patterns: Sequence[str], table: Optional[str] = None, plo
     if plot:
         plot_perplexity_vs_dilation(results["perplexity"], plot)
     if ruler:
-        lengths = ruler_lengths or default_lengths(model.config.seq_length)
-        results["ruler"] = ruler_table(model, patterns, ruler, lengths, ruler_samples, tokenizer, ruler_sources,
+        results["ruler"] = ruler_table(model, patterns, ruler, ruler_lengths, ruler_samples, tokenizer, ruler_sources,
                                        ruler_seed, batch_size)
         print(format_table(ruler_summary(results["ruler"])), file=out)
         if ruler_table_path:
