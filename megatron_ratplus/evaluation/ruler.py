@@ -23,7 +23,6 @@ tokenizers); a qa prompt always holds all of its question's own paragraphs.
 
 from __future__ import annotations
 
-import math
 import random
 import re
 import string
