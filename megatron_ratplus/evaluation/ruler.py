@@ -28,6 +28,7 @@ import re
 import string
 import uuid
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from megatron_ratplus.data.tokenizer import ByteTokenizer
@@ -203,8 +204,9 @@ class _Generation:
         raise self.too_short(make, step)
 
 
-def _sorted_words(name: str) -> List[str]:
-    return sorted(set(wonderwords_list(name)))
+@lru_cache(maxsize=None)
+def _sorted_words(name: str) -> Tuple[str, ...]:
+    return tuple(sorted(set(wonderwords_list(name))))
 
 
 def _sentences(text: str) -> List[str]:
