@@ -28,8 +28,10 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.9,<2.12"],  # the range megatron-core 0.16.1 accepts
         "dali": ["nvidia-dali-cuda120>=1.40"],
-        # rouge: LongBench's Rouge-L; fuzzywuzzy (dev): the reference LongBench's edit similarity is tested against
-        "eval": ["lm-eval>=0.4,<0.5", "matplotlib>=3.7", "tokenizers>=0.15", "rouge==1.0.1"],
+        # rouge: LongBench's Rouge-L; wonderwords: RULER's word lists; fuzzywuzzy (dev only): the
+        # reference LongBench's edit similarity is tested against
+        "eval": ["lm-eval>=0.4,<0.5", "matplotlib>=3.7", "tokenizers>=0.15", "rouge==1.0.1",
+                 "wonderwords==3.0.1"],
         "data": ["pyarrow>=14", "zstandard>=0.22", "sentencepiece>=0.2", "tokenizers>=0.15"],
         "hf": ["transformers>=5.0,<6", "safetensors>=0.4", "tokenizers>=0.15",
                "accelerate>=1.0"],  # lm-eval's `--model hf` imports accelerate
@@ -37,7 +39,7 @@ setup(
         "dev": ["pytest>=8.0", "pytest-timeout>=2.2", "matplotlib>=3.7", "tokenizers>=0.15",
                 "pyarrow>=14", "zstandard>=0.22", "sentencepiece>=0.2", "transformers>=5.0,<6", "safetensors>=0.4",
                 "accelerate>=1.0", "lm-eval>=0.4,<0.5", "fastapi>=0.163", "uvicorn>=0.54", "openai>=3.51",
-                "rouge==1.0.1", "fuzzywuzzy==0.18.0"],
+                "rouge==1.0.1", "fuzzywuzzy==0.18.0", "wonderwords==3.0.1"],
     },
     entry_points={"console_scripts": [
         "ratplus-pretrain=megatron_ratplus.cli.pretrain:main",

@@ -25,6 +25,7 @@ HOW_TO_GET = {
     "nvidia.dali": "pip install 'megatron-ratplus[dali]' (needs CUDA 12)",
     "lm_eval": "pip install 'megatron-ratplus[eval]' (lm-evaluation-harness 0.4)",
     "rouge": "pip install 'megatron-ratplus[eval]' (the rouge package 1.0.1, LongBench's Rouge-L)",
+    "wonderwords": "pip install 'megatron-ratplus[eval]' (wonderwords 3.0.1, the word lists RULER draws from)",
 }
 # What must import for the package to be usable from PyTorch (TE's top level imports without its
 # torch extension).

@@ -60,7 +60,7 @@ BAD = [
     ("convert_heads_0", "convert", A + ["--num-attention-heads", "0"], 2),
     ("convert_pretrain_lr_negative", "convert", A + ["--pretrain-lr", "-1"], 2),
     ("eval_search_budget_nan", "eval", ["--load", "{W}/ck", "--search-budget", "nan"], 2),
-    ("eval_retrieval_samples_0", "eval", ["--load", "{W}/ck", "--retrieval-samples", "0"], 2),
+    ("eval_ruler_samples_0", "eval", ["--load", "{W}/ck", "--ruler-tasks", "vt", "--ruler-samples", "0"], 2),
     ("eval_buckets_underscore", "eval", ["--load", "{W}/ck", "--longbench-buckets", "1_000"], 2),
     ("estimate_mfu_0", "estimate", ["--train-iters", "1", "--mfu", "0"], 2),
     ("estimate_micro_batch_0", "estimate", ["--train-iters", "1", "--micro-batch-size", "0"], 2),

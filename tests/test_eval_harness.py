@@ -1,4 +1,4 @@
-"""lm-evaluation-harness model, RULER-style and LongBench-style suites on a random-weight model.
+"""lm-evaluation-harness model and the LongBench-style suite on a random-weight model (RULER: test_ruler.py).
 
 References are independent: direct forward passes of one unpadded sequence at a time, and
 ``inference.generate`` (greedy) for decoding.
@@ -6,9 +6,7 @@ References are independent: direct forward passes of one unpadded sequence at a 
 
 import json
 import os
-import re
 import types
-from collections import Counter
 
 import pytest
 import torch
@@ -191,36 +189,6 @@ def test_bad_input_fails_in_one_line(model, tok, tmp_path):
     assert logprob == pytest.approx(_reference(model, long[73:], [1, 2])[0], abs=1e-5)
     with pytest.raises(EvaluationError, match="unknown ratplus model argument\\(s\\): q"):
         _lm(model, tok, "dense", q=3)
-
-
-def test_ruler_tasks_hold_their_answers_and_score_greedy_output(model, tok):
-    from megatron_ratplus.evaluation.retrieval import (TASKS, RetrievalSample, make_samples, retrieval_accuracy,
-                                                       retrieval_table)
-
-    for task in TASKS:
-        samples = make_samples(task, 700, 3, seed=2)
-        assert samples == make_samples(task, 700, 3, seed=2)  # offline and reproducible
-        for s in samples:
-            text = bytes(s.context).decode()
-            assert len(s.context) + s.answer_tokens <= 700 and all(r in text for r in s.references)
-            if task != "common_words":
-                assert len(s.context) + s.answer_tokens == 700
-            else:
-                counts = Counter(re.findall(r"\d+\. ([a-z]+)", text))
-                assert sorted(w for w, n in counts.items() if n > 1) == sorted(s.references)
-                assert {counts[r] for r in s.references} == {3} and len(counts) > 10
-    # scoring: the share of the references in the greedy continuation (the model's own output here)
-    prompt = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(8)).tolist()
-    set_attention_pattern(model, SPARSE)
-    own = tok.decode(generate(model, [prompt], SamplingConfig(max_new_tokens=8, stop_tokens=[tok.eod])).tokens[0])
-    fake = [RetrievalSample("niah_multivalue", prompt, [own[:3], own[3:6], "\u01ff\u01fe"], 8)]
-    assert retrieval_accuracy(model, tok, fake, SPARSE) == pytest.approx(2 / 3)
-    with pytest.raises(ContextLengthError, match="exceeds the model's maximum length of 128"):
-        retrieval_table(model, ["dense"], [256], ["niah_single"], 1, tokenizer=tok)
-    with pytest.raises(ContextLengthError, match="too short for niah_multivalue"):
-        make_samples("niah_multivalue", 100, 1)
-    with pytest.raises(UnknownTaskError, match="unknown RULER-style task 'passkey'"):
-        make_samples("passkey", 500, 1)
 
 
 def test_longbench_runner_truncates_in_the_middle_and_scores_official_metrics(model, tok, tmp_path):

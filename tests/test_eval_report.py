@@ -20,7 +20,8 @@ def _results(tmp_path, name, shift):
         lm = {"results": {"piqa": {"alias": "piqa", "acc,none": 0.5 + 0.05 * i - shift,
                                    "acc_stderr,none": 0.01, "acc_norm,none": 0.4 + 0.01 * i}}}
         rows += from_lm_eval(lm, pattern)
-        rows += from_ruler([dict(pattern=pattern, task="niah_single", context_length=n, accuracy=a - 0.1 * i)
+        rows += from_ruler([dict(pattern=pattern, task="niah_single_1", context_length=n, accuracy=a - 0.1 * i,
+                                     metric="string_match_all")
                             for n, a in ((128, 1.0), (256, 0.8))])
         rows.append(dict(suite="longbench", task="hotpotqa", metric="qa_f1", pattern=pattern, value=0.2,
                          length="<4000"))
@@ -34,12 +35,12 @@ def test_report_table_and_plots(tmp_path):
     paths = [_results(tmp_path, "ckpt_a", 0.0), _results(tmp_path, "ckpt_b", 0.1)]
     results = [read_results(p) for p in paths]
     metrics = choose_metrics(results)
-    assert metrics[("lm_eval", "piqa")] == "acc" and metrics[("ruler", "niah_single")] == "string_match_all"
+    assert metrics[("lm_eval", "piqa")] == "acc" and metrics[("ruler", "niah_single_1")] == "string_match_all"
     columns, rows = table_rows(results, metrics)
-    assert columns == ["perplexity", "piqa", "niah_single", "hotpotqa", "average"]
+    assert columns == ["perplexity", "piqa", "niah_single_1", "hotpotqa", "average"]
     assert len(rows) == 2 * len(PATTERNS) and rows[1]["checkpoint"] == "ckpt_a"
     # dilated:16 of ckpt_a: piqa 0.55, niah mean over lengths (0.9 + 0.7) / 2 = 0.8, hotpotqa 0.2
-    assert rows[1]["niah_single"] == pytest.approx(0.8)
+    assert rows[1]["niah_single_1"] == pytest.approx(0.8)
     assert rows[1]["average"] == pytest.approx((0.55 + 0.8 + 0.2) / 3)
 
     written = write_report(results, str(tmp_path / "out"), {"piqa": "acc_norm"})

@@ -2,12 +2,13 @@
 
     ratplus-eval --load checkpoints/ratplus-tiny --patterns dense,dilated:4,dilated:16,dilated:64
     ratplus-eval --load CKPT --patterns dense,dilated:16,w=256,p=4 --lm-eval-tasks piqa,hellaswag \\
-        --retrieval --longbench hotpotqa,trec --longbench-dir LongBench/data --results ckpt.json
+        --ruler-tasks niah_single_1,vt,cwe --ruler-lengths 4096,8192 --longbench hotpotqa,trec \\
+        --longbench-dir LongBench/data --results ckpt.json
     ratplus-eval report ckpt_a.json ckpt_b.json --output report/
 
 Prints validation perplexity per pattern (and its decode KV cache relative to dense); with the
 sparse-inference flags it also writes the table (CSV/JSON), plots perplexity against D, runs
-the RULER-style synthetic tasks and searches per-layer patterns for a KV budget. The benchmark
+RULER's synthetic tasks and searches per-layer patterns for a KV budget. The benchmark
 flags run lm-evaluation-harness tasks (one column per pattern) and LongBench-style tasks from
 local files; --results writes every number to one JSON file, and ``ratplus-eval report`` puts
 such files side by side (Markdown table and PNG plots). The validation split is the
@@ -24,9 +25,10 @@ from megatron_ratplus.cli import run_cli
 from megatron_ratplus.cli.types import int_list, non_negative_int, positive_float, positive_int
 from megatron_ratplus.data.datasets import DEFAULT_SEED, DEFAULT_SPLIT
 from megatron_ratplus.errors import ArgumentParser, UserError
-from megatron_ratplus.evaluation.retrieval import TASKS
+from megatron_ratplus.evaluation.ruler import DEFAULT_SEED as RULER_SEED
+from megatron_ratplus.evaluation.ruler import RULER_LENGTHS, TASKS, check_tasks
+from megatron_ratplus.evaluation.ruler_sources import RulerSources
 from megatron_ratplus.evaluation.search import DEFAULT_CANDIDATES
-from megatron_ratplus.evaluation.suite import RETRIEVAL_LENGTHS
 from megatron_ratplus.patterns import split_pattern_list
 from megatron_ratplus.userfiles import check_output_path
 
@@ -36,16 +38,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sparse inference")
     group.add_argument("--table", help="write the perplexity table to this .csv or .json file")
     group.add_argument("--plot", help="write perplexity against D (with and without a window) to this .png")
-    group.add_argument("--retrieval", nargs="*", choices=TASKS, default=None,
-                       help="run RULER-style synthetic tasks per pattern (default all: " + ", ".join(TASKS) + ")")
-    group.add_argument("--retrieval-lengths", type=int_list, default=list(RETRIEVAL_LENGTHS),
-                       help="context lengths for retrieval (default %s)" % ",".join(map(str, RETRIEVAL_LENGTHS)))
-    group.add_argument("--retrieval-samples", type=positive_int, default=8, help="samples per task and length")
-    group.add_argument("--retrieval-table", help="write the retrieval accuracies to this .csv or .json file")
+    group.add_argument("--ruler-tasks", type=_ruler_tasks, metavar="TASK,...",
+                       help="RULER tasks per pattern and length ('all': " + ", ".join(TASKS) + ")")
+    group.add_argument("--ruler-lengths", type=int_list,
+                       help="RULER lengths in model tokens, prompt + answer budget (default: %s up to the model's "
+                            "maximum)" % ",".join(map(str, RULER_LENGTHS)))
+    group.add_argument("--ruler-samples", type=positive_int, default=500, help="samples per RULER task and length (RULER: 500)")
+    group.add_argument("--ruler-seed", type=non_negative_int, default=RULER_SEED, help="RULER's random seed (default 42)")
+    group.add_argument("--ruler-essay", help="essay haystack: RULER's PaulGrahamEssays.json ({\"text\": ...})")
+    group.add_argument("--ruler-qa-squad", help="qa_1's data: SQuAD 2.0 dev-v2.0.json")
+    group.add_argument("--ruler-qa-hotpot", help="qa_2's data: HotpotQA hotpot_dev_distractor_v1.json")
+    group.add_argument("--ruler-table", help="write the RULER scores (per task, length, pattern) to this .csv or .json")
     group.add_argument("--search-budget", type=positive_float, default=None,
                        help="choose per-layer patterns for a KV-cache budget: a fraction of dense (<= 1) or bytes")
     group.add_argument("--search-candidates", default=",".join(DEFAULT_CANDIDATES),
                        help="candidate patterns for the search (comma-separated)")
+
+
+def _ruler_tasks(text: str):
+    names = list(TASKS) if text == "all" else [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in TASKS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown RULER task '{unknown[0] if unknown else text}' "
+                                         f"(choose from all, {', '.join(TASKS)})")
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +113,7 @@ def build_report_parser() -> argparse.ArgumentParser:
 def check_arguments(args) -> None:
     """Fail before any evaluation runs on a bad output path or setting (UserError, one line)."""
     for flag, path, exts in (("--table", args.table, (".csv", ".json")), ("--plot", args.plot, (".png",)),
-                             ("--retrieval-table", args.retrieval_table, (".csv", ".json"))):
+                             ("--ruler-table", args.ruler_table, (".csv", ".json"))):
         if path is None:
             continue
         if os.path.splitext(path)[1].lower() not in exts:
@@ -105,6 +121,8 @@ def check_arguments(args) -> None:
         if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise UserError(f"{flag} '{path}': directory does not exist")
         check_output_path(flag, path)
+    if args.ruler_tasks:
+        check_tasks(args.ruler_tasks, ruler_sources(args))
     split_pattern_list(args.patterns)
     split_pattern_list(args.search_candidates)
     if getattr(args, "longbench", None) and not args.longbench_dir:
@@ -124,14 +142,19 @@ def check_arguments(args) -> None:
         check_output_path("--results", results)
 
 
+def ruler_sources(args) -> RulerSources:
+    return RulerSources(args.ruler_essay, args.ruler_qa_squad, args.ruler_qa_hotpot)
+
+
 def run_suite(model, tokens, args, tokenizer=None, out=None) -> dict:
     """Check the sparse-inference flags, then run evaluation/suite.py with their values."""
     from megatron_ratplus.evaluation import suite
 
     check_arguments(args)
     return suite.run(model, tokens, split_pattern_list(args.patterns), table=args.table, plot=args.plot,
-                     retrieval=args.retrieval, retrieval_lengths=args.retrieval_lengths,
-                     retrieval_samples=args.retrieval_samples, retrieval_table_path=args.retrieval_table,
+                     ruler=args.ruler_tasks, ruler_lengths=args.ruler_lengths, ruler_samples=args.ruler_samples,
+                     ruler_sources=ruler_sources(args), ruler_seed=args.ruler_seed, ruler_table_path=args.ruler_table,
+                     batch_size=getattr(args, "batch_size", 4),
                      search_budget=args.search_budget, search_candidates=split_pattern_list(args.search_candidates),
                      tokenizer=tokenizer, out=out)
 
@@ -166,7 +189,7 @@ def run_benchmarks(model, tokenizer, args, out=None) -> dict:
 def write_results_file(args, found: dict) -> None:
     from megatron_ratplus.evaluation import results as results_file
 
-    rows = (results_file.from_perplexity(found["perplexity"]) + results_file.from_ruler(found.get("retrieval", []))
+    rows = (results_file.from_perplexity(found["perplexity"]) + results_file.from_ruler(found.get("ruler", []))
             + found.get("lm_eval", []) + results_file.from_longbench(found.get("longbench", [])))
     results_file.write_results(args.results, args.name or os.path.basename(os.path.normpath(args.load)), rows)
 

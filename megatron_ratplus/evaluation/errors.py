@@ -8,7 +8,7 @@ class EvaluationError(UserError):
 
 
 class UnknownTaskError(EvaluationError):
-    """A task name that no suite (lm-eval, RULER-style, LongBench) knows."""
+    """A task name that no suite (lm-eval, RULER, LongBench) knows."""
 
 
 class DatasetMissingError(EvaluationError):

@@ -4,7 +4,7 @@ One JSON object per evaluated checkpoint::
 
     {"checkpoint": "ratplus-124m", "rows": [
         {"suite": "lm_eval", "task": "piqa", "metric": "acc", "pattern": "dilated:16", "value": 0.61},
-        {"suite": "ruler", "task": "niah_single", "metric": "string_match_all", "pattern": "dense",
+        {"suite": "ruler", "task": "niah_single_1", "metric": "string_match_all", "pattern": "dense",
          "length": 1024, "value": 0.75}, ...]}
 
 ``length`` is present for per-length rows (a RULER context length or a LongBench length
@@ -35,14 +35,14 @@ def from_perplexity(rows) -> List[dict]:
 
 
 def from_ruler(rows) -> List[dict]:
-    """Per-length rows as measured, plus each task's mean over lengths."""
-    out = [_row("ruler", r["task"], "string_match_all", r["pattern"], r["accuracy"], r["context_length"])
-           for r in rows]
+    """Per-length rows as measured, plus each task's mean over lengths (RULER's average over
+    tasks is the mean of a pattern's task rows)."""
+    out = [_row("ruler", r["task"], r["metric"], r["pattern"], r["accuracy"], r["context_length"]) for r in rows]
     groups = {}
     for r in rows:
-        groups.setdefault((r["task"], r["pattern"]), []).append(r["accuracy"])
-    return out + [_row("ruler", task, "string_match_all", pattern, sum(v) / len(v))
-                  for (task, pattern), v in groups.items()]
+        groups.setdefault((r["task"], r["metric"], r["pattern"]), []).append(r["accuracy"])
+    return out + [_row("ruler", task, metric, pattern, sum(v) / len(v))
+                  for (task, metric, pattern), v in groups.items()]
 
 
 def from_longbench(rows) -> List[dict]:
