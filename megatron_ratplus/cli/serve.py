@@ -17,6 +17,7 @@ import sys
 from typing import List, Optional
 
 from megatron_ratplus.cli import run_cli
+from megatron_ratplus.cli.types import non_negative_float, non_negative_int, positive_float, positive_int
 from megatron_ratplus.errors import ArgumentParser, UserError
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -30,34 +31,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated patterns or compositions offered, the first is the default "
                              "(default: the checkpoint's recorded pattern)")
     parser.add_argument("--served-model-name", default=None, help="model id in the API (default: --load's name)")
-    parser.add_argument("--max-model-len", type=int, default=None,
+    parser.add_argument("--max-model-len", type=positive_int, default=None,
                         help="prompt plus generated tokens per sequence (default: the model's seq_length)")
-    parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoding at once, all patterns")
-    parser.add_argument("--cache-memory-gb", type=float, default=1.0, help="decode-cache pool, all patterns")
-    parser.add_argument("--max-waiting", type=int, default=256, help="queued sequences before 429")
-    parser.add_argument("--max-prefill-tokens", type=int, default=8192,
+    parser.add_argument("--max-num-seqs", type=positive_int, default=64, help="sequences decoding at once, all patterns")
+    parser.add_argument("--cache-memory-gb", type=positive_float, default=1.0, help="decode-cache pool, all patterns")
+    parser.add_argument("--max-waiting", type=positive_int, default=256, help="queued sequences before 429")
+    parser.add_argument("--max-prefill-tokens", type=positive_int, default=8192,
                         help="prompt tokens prefilled per engine step (a longer prompt goes alone)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=non_negative_int, default=8000)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and cache dtype")
     parser.add_argument("--bf16", action="store_true", help="same as --dtype bfloat16")
-    parser.add_argument("--drain-timeout", type=float, default=30.0,
+    parser.add_argument("--drain-timeout", type=non_negative_float, default=30.0,
                         help="seconds running requests get to finish after SIGTERM")
     return parser
 
 
 def check_arguments(args) -> None:
-    for flag in ("max_num_seqs", "max_waiting", "max_prefill_tokens"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise UserError(f"--max-model-len must be >= 2, got {args.max_model_len}")
-    if not args.cache_memory_gb > 0:
-        raise UserError(f"--cache-memory-gb must be > 0, got {args.cache_memory_gb}")
-    if not 0 <= args.port < 65536:
+    if args.port >= 65536:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
-    if args.drain_timeout < 0:
-        raise UserError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
     if not os.path.isdir(args.load):
         raise UserError(f"--load '{args.load}' is not a directory")
 
