@@ -1,6 +1,6 @@
 """Write a small SYNTHETIC dataset in LongBench's JSONL format (not LongBench's data).
 
-    python examples/longbench_synthetic.py OUT_DIR [--samples 4] [--seed 0]
+    python3 examples/longbench_synthetic.py OUT_DIR [--samples 4] [--seed 0]
 
 For trying ``ratplus-eval --longbench`` where LongBench's own data cannot be fetched: four
 tasks under LongBench's names, so that their templates, budgets, first-line rules and metrics

@@ -1,6 +1,6 @@
 """Synthetic stand-ins for RULER's user-provided files, in RULER's input formats.
 
-    python examples/ruler_standins.py DIR
+    python3 examples/ruler_standins.py DIR
 
 writes DIR/essay.json ({"text": ...}, as RULER's PaulGrahamEssays.json), DIR/squad.json (SQuAD
 2.0 dev layout) and DIR/hotpotqa.json (HotpotQA distractor dev layout): random sentences from a

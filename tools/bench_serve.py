@@ -9,7 +9,7 @@ second of ``--requests`` requests in all. The pool for each pattern is sized fro
 ``--cache-mb`` budget at ``--max-model-len`` = prompt + new tokens, so a sparse pattern holds more
 sequences (P + W + 1 + T/D slots per head instead of T, docs/DESIGN.md §5) and batches them.
 
-Usage: python tools/bench_serve.py [--patterns dense,dilated:16,dilated:64] [--prompt-lens 2048,8192]
+Usage: python3 tools/bench_serve.py [--patterns dense,dilated:16,dilated:64] [--prompt-lens 2048,8192]
        [--new-tokens 32] [--cache-mb 64] [--clients N] [--requests 1] [--rate R] [--layers 2]
        [--hidden 128] [--heads 2] [--max-num-seqs 64]
 """

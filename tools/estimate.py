@@ -5,7 +5,7 @@ estimate does not need, such as data paths, are ignored), plus the cluster: --gp
 --gpu-memory-gb, --mfu, --peak-tflops. Exit status 0 when the layout fits, 1 when it does not
 (the reason is printed), 2 on a usage error.
 
-    python tools/estimate.py --config examples/configs/pretrain_1.5b_100b.yaml --gpus 64
+    python3 tools/estimate.py --config examples/configs/pretrain_1.5b_100b.yaml --gpus 64
 """
 
 from __future__ import annotations

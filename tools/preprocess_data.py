@@ -21,7 +21,7 @@ Bad input, decided once for a 100B-token job that should not die on one bad line
   ``preprocess_data.py: error: ...``, exit status 2, and nothing is written (outputs go to
   temporary files renamed into place only when everything succeeded).
 
-    python tools/preprocess_data.py --input shard-*.parquet --output-prefix data/fineweb \\
+    python3 tools/preprocess_data.py --input shard-*.parquet --output-prefix data/fineweb \\
         --tokenizer-type sentencepiece --tokenizer-model tokenizer.model --workers 64
 """
 
