@@ -26,7 +26,7 @@ def sentence(rng: random.Random) -> str:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python examples/ruler_standins.py DIR", file=sys.stderr)
+        print("usage: python3 examples/ruler_standins.py DIR", file=sys.stderr)
         return 2
     out, rng = argv[0], random.Random(0)
     os.makedirs(out, exist_ok=True)
