@@ -30,7 +30,7 @@ def checkpoint(monkeypatch, megatron_single):
     model = build_model(config).eval()
     loaded = []
 
-    def load_model(path, pattern=None):
+    def load_model(path, pattern=None, dtype="fp32"):
         if path != "CKPT":
             raise UserError(f"'{path}' is not a checkpoint directory")
         loaded.append(pattern)
@@ -62,7 +62,7 @@ def test_generate_cli_prints_the_api_continuations(checkpoint, capsys):
     (["--load", "CKPT", "--prompt", "x" * 60, "--max-new-tokens", "10"], "exceeds the model's maximum length"),
     (["--load", "CKPT", "--prompt", "x", "--stop", "ab"], "a stop string must be one token"),
     (["--load", "CKPT"], "give at least one --prompt"),
-    (["--load", "CKPT", "--prompt", "x", "--max-new-tokens", "abc"], "invalid int value: 'abc'"),
+    (["--load", "CKPT", "--prompt", "x", "--max-new-tokens", "abc"], "argument --max-new-tokens: expected an integer, got 'abc'"),
 ])
 def test_generate_cli_bad_input_is_one_line(checkpoint, capsys, argv, needle):
     assert cli.main(argv) == 2

@@ -34,7 +34,9 @@ def run_cli(prog: str, main: Callable[[], object]) -> int:
     """Call ``main``; a UserError becomes ``prog: error: message`` and exit status 2; Ctrl-C one
     line and 130; a full disk or a read-only file system one line and 1 (docs/DESIGN.md §10).
     SIGTERM unwinds like Ctrl-C (exit 143) so no temporary file outlives it."""
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+    unwind = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if unwind:
         signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
@@ -58,4 +60,7 @@ def run_cli(prog: str, main: Callable[[], object]) -> int:
     except Terminated:
         print(f"{prog}: terminated (SIGTERM)", file=sys.stderr)
         return 143
+    finally:
+        if unwind:  # a console script called in-process (tests, notebooks) leaves no handler behind
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return 0
