@@ -35,6 +35,7 @@ def steps(monkeypatch):
 
 def test_sigterm_saves_exits_0_and_resume_matches(tmp_path, capsys, steps):
     sig = signal.SIGTERM
+    before = signal.getsignal(sig)
     uninterrupted = str(tmp_path / "full")
     assert pretrain_cli.main(FLAGS + ["--save", uninterrupted]) == 0
     full_losses = list(steps["losses"])
@@ -47,7 +48,7 @@ def test_sigterm_saves_exits_0_and_resume_matches(tmp_path, capsys, steps):
     assert f"stopped after iteration 2 (received {signal.Signals(sig).name})" in out
     assert checkpoint.latest_checkpoint(save).endswith("iter_0000002")
     assert len(steps["losses"]) == 4  # iteration 2 was finished, both steps
-    assert signal.getsignal(sig) == signal.SIG_DFL  # the handler is gone with the run
+    assert signal.getsignal(sig) == before  # the run's handler is gone with the run
 
     steps["signal_at"] = {}
     assert pretrain_cli.main(FLAGS + ["--save", save, "--load", save, "--exit-signal-handler"]) == 0
@@ -106,6 +107,7 @@ def test_repeated_signals_are_one_request():
     the SIGUSR1 save runs): the run still finishes its iteration and saves; the earlier handler
     never runs, and it is back in place afterwards."""
     caught = []
+    term_before = signal.getsignal(signal.SIGTERM)
     previous = signal.signal(signal.SIGUSR1, lambda *_: caught.append("outer"))
     try:
         with ExitConditions(signal_handler=True) as exits:
@@ -114,6 +116,6 @@ def test_repeated_signals_are_one_request():
                 os.kill(os.getpid(), sig)
             assert exits.reason(2) == "received SIGUSR1" and not caught
         os.kill(os.getpid(), signal.SIGUSR1)
-        assert caught == ["outer"] and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        assert caught == ["outer"] and signal.getsignal(signal.SIGTERM) == term_before
     finally:
         signal.signal(signal.SIGUSR1, previous)
