@@ -10,6 +10,7 @@ from importlib import metadata
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name as _norm
 from packaging.version import Version
 
 from conftest import REPO
@@ -29,10 +30,6 @@ def _pins():
                 assert spec.operator == "==", f"{line}: constraints pin exact versions"
                 pins[_norm(req.name)] = Version(spec.version)
     return pins
-
-
-def _norm(name):
-    return name.lower().replace("_", "-").replace(".", "-")
 
 
 def _setup_requirements():
