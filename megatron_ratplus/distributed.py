@@ -38,7 +38,7 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, context_par
             dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
                                     rank=0, world_size=1)
     if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+        _destroy_model_parallel_groups()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
@@ -46,6 +46,18 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1, context_par
         virtual_pipeline_model_parallel_size=virtual_pipeline,
     )
     tensor_parallel_rng.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
+def _destroy_model_parallel_groups() -> None:
+    """Forget megatron's groups and destroy them, keeping the default group. megatron's
+    ``destroy_model_parallel`` drops its references but destroys only a few gloo groups; the rest
+    stay registered in torch, each with its own gloo threads and sockets, so every re-initialisation
+    in one process (tools, tests) would leak them. torch has no public list of groups, hence the
+    registry read here."""
+    parallel_state.destroy_model_parallel()
+    for group in list(dist.distributed_c10d._world.pg_map):
+        if group is not dist.GroupMember.WORLD:
+            dist.destroy_process_group(group)
 
 
 def device() -> torch.device:
