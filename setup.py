@@ -33,11 +33,11 @@ setup(
         "eval": ["lm-eval>=0.4,<0.5", "matplotlib>=3.7", "tokenizers>=0.15", "rouge==1.0.1",
                  "wonderwords==3.0.1"],
         "data": ["pyarrow>=14", "zstandard>=0.22", "sentencepiece>=0.2", "tokenizers>=0.15"],
-        "hf": ["transformers>=5.0,<6", "safetensors>=0.4", "tokenizers>=0.15",
+        "hf": ["transformers>=4.57,<6", "safetensors>=0.4", "tokenizers>=0.15",
                "accelerate>=1.0"],  # lm-eval's `--model hf` imports accelerate
         "serve": ["fastapi>=0.163", "uvicorn>=0.54"],
         "dev": ["pytest>=8.0", "pytest-timeout>=2.2", "matplotlib>=3.7", "tokenizers>=0.15",
-                "pyarrow>=14", "zstandard>=0.22", "sentencepiece>=0.2", "transformers>=5.0,<6", "safetensors>=0.4",
+                "pyarrow>=14", "zstandard>=0.22", "sentencepiece>=0.2", "transformers>=4.57,<6", "safetensors>=0.4",
                 "accelerate>=1.0", "lm-eval>=0.4,<0.5", "fastapi>=0.163", "uvicorn>=0.54", "openai>=3.51",
                 "rouge==1.0.1", "fuzzywuzzy==0.18.0", "wonderwords==3.0.1"],
     },

@@ -228,6 +228,101 @@ def test_padded_ids_are_never_sampled_or_scored(tmp_path, megatron_single):
     torch.testing.assert_close(hf_loss, real_only, rtol=1e-5, atol=1e-6)
 
 
+def test_transformers_outputs_and_options(exported):
+    """What a transformers causal LM offers: return_dict=False tuples, hidden states (the
+    embeddings, each layer's output, the last after the final norm), inputs_embeds (forward and
+    generate), AutoModel for the decoder alone; output_attentions and a pattern split at its
+    commas into separate arguments are refused with one clear message."""
+    from transformers import AutoModel
+
+    root, _ = exported
+    colon = SPARSE.replace(",", ":")
+    hf = AutoModelForCausalLM.from_pretrained(str(root / "hf"), trust_remote_code=True, attention_pattern=colon)
+    base = AutoModel.from_pretrained(str(root / "hf"), trust_remote_code=True, attention_pattern=colon)
+    tokens = torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        out = hf(tokens, output_hidden_states=True)
+        as_tuple = hf(tokens, return_dict=False)
+        embedded = hf.get_input_embeddings()(tokens)
+        from_embeds = hf(inputs_embeds=embedded).logits
+        decoder = base(tokens).last_hidden_state
+        first_layer = hf.model.layers[0](embedded, torch.arange(40).expand(2, 40), torch.ones(2, 40, dtype=torch.bool), None)
+    ours, _ = _ours_logits(root / "ours", SPARSE, tokens)
+    torch.testing.assert_close(out.logits[..., :257], ours[..., :257], rtol=1e-5, atol=1e-5 * ours[..., :257].abs().max())
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1 and torch.equal(as_tuple[0], out.logits)
+    assert len(out.hidden_states) == LAYERS + 1 and torch.equal(out.hidden_states[0], embedded)
+    torch.testing.assert_close(out.hidden_states[1], first_layer)
+    torch.testing.assert_close(decoder, out.hidden_states[-1])
+    torch.testing.assert_close(torch.nn.functional.linear(decoder, hf.get_input_embeddings().weight)[..., :257],
+                               out.logits[..., :257])
+    torch.testing.assert_close(from_embeds, out.logits)
+    assert hf(tokens).hidden_states is None
+    prompt = tokens[:1, :9]
+    by_ids = hf.generate(prompt, max_new_tokens=8, do_sample=False)[0, 9:]
+    by_embeds = hf.generate(inputs_embeds=hf.get_input_embeddings()(prompt), max_new_tokens=8, do_sample=False)[0]
+    assert by_embeds.tolist() == by_ids.tolist()
+    with pytest.raises(ValueError, match="output_attentions is not supported"):
+        hf(tokens, output_attentions=True)
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        hf(tokens, inputs_embeds=embedded)
+    with pytest.raises(ValueError, match=r"attention_pattern=dilated:16:w=8:p=2"):
+        AutoModelForCausalLM.from_pretrained(str(root / "hf"), trust_remote_code=True, attention_pattern="dilated:4",
+                                             w=3, p=2)
+
+
+_PROBE = """
+import json, sys, torch, transformers
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+directory, pattern, tokens = sys.argv[1], sys.argv[2], torch.tensor(json.loads(sys.argv[3]))
+tokenizer = AutoTokenizer.from_pretrained(directory)
+model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, attention_pattern=pattern)
+with torch.no_grad():
+    logits = model(tokens).logits[..., :257]
+    hidden = AutoModel.from_pretrained(directory, trust_remote_code=True, attention_pattern=pattern)(tokens)[0]
+    generated = model.generate(**tokenizer("RAT+ at", return_tensors="pt"), max_new_tokens=12, do_sample=False)
+print(json.dumps({"version": transformers.__version__, "logits": logits.tolist(),
+                  "decoder_matches": bool(torch.allclose(hidden, model(tokens, output_hidden_states=True).hidden_states[-1])),
+                  "generated": generated[0].tolist()}))
+"""
+
+# The supported range's ends (setup.py: transformers>=4.57,<6), each with the hub and tokenizers
+# versions it requires; the pinned version in between is what the rest of this file runs.
+RANGE_ENDS = {"4.57.6": ["transformers==4.57.6", "tokenizers==0.22.2", "huggingface_hub==0.36.0"],
+              "5.0.0": ["transformers==5.0.0", "tokenizers==0.22.2", "huggingface_hub==1.3.0", "httpx==0.28.1",
+                        "httpcore==1.0.9"]}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("version", sorted(RANGE_ENDS))
+def test_supported_transformers_range_ends(exported, tmp_path_factory, version):
+    """The export, loaded by the oldest and the newest-major-start transformers we support (installed
+    beside the pinned one, first on the path of a fresh interpreter), computes our logits at a
+    sparse pattern given in its comma-free spelling, loads as AutoModel, and generates from
+    ``tokenizer(text, return_tensors="pt")`` (4.x passed token_type_ids before the export set
+    model_input_names) the tokens our own decoder generates."""
+    import sys
+
+    root, _ = exported
+    target = tmp_path_factory.mktemp(f"transformers-{version}")
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                          *RANGE_ENDS[version]], capture_output=True, text=True, timeout=600)
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    tokens = torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(12))
+    env = dict(os.environ, PYTHONPATH=str(target), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    done = subprocess.run([sys.executable, "-c", _PROBE, str(root / "hf"), SPARSE.replace(",", ":"),
+                           json.dumps(tokens.tolist())], env=env, cwd=str(target), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout[done.stdout.index('{"version"'):])  # after anything transformers prints
+    assert result["version"] == version and result["decoder_matches"]
+    ours, model = _ours_logits(root / "ours", SPARSE, tokens)
+    torch.testing.assert_close(torch.tensor(result["logits"]), ours[..., :257], rtol=1e-5,
+                               atol=1e-5 * ours[..., :257].abs().max())
+    prompt = list("RAT+ at".encode())
+    expected = generate(model, [prompt], SamplingConfig(max_new_tokens=12), pattern=SPARSE).tokens[0]
+    assert result["generated"][:len(prompt)] == prompt and result["generated"][len(prompt):] == expected
+
+
 def test_modeling_files_are_self_contained():
     for name in ("modeling_ratplus.py", "configuration_ratplus.py"):
         with open(os.path.join(os.path.dirname(modeling_ratplus.__file__), name)) as f:
@@ -237,7 +332,8 @@ def test_modeling_files_are_self_contained():
         assert roots <= {"torch", "transformers", "re", "dataclasses", "typing", "__future__"}, (name, roots)
 
 
-@pytest.mark.parametrize("text", ["dense", "dilated:16,w=256,p=4", "local:w=3,p=1", "dense;dilated:4;dense;dilated:4",
+@pytest.mark.parametrize("text", ["dense", "dilated:16,w=256,p=4", "dilated:16:w=256:p=4", "local:w=3:p=1",
+                                  "dense;dilated:5:p=1;(local:w=2:p=1|dilated:3,w=1)", "local:w=3,p=1", "dense;dilated:4;dense;dilated:4",
                                   "cycle(dense;dilated:8,w=2)", "2*dense;2*dilated:4", "dense|dilated:4,p=1",
                                   "1*local:w=3|3*dilated:6,p=1;3*dilated:2", "2*(dense|dilated:3);2*dilated:5"])
 def test_modeling_parser_agrees_with_ours(text):
@@ -275,10 +371,13 @@ def test_hf_import_bad_inputs(tmp_path, capsys, exported):
 
 
 @pytest.mark.integration
-def test_stock_lm_eval_cli_scores_the_export_as_our_model(exported, tmp_path):
-    """The README's command, `lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True`,
-    run as a user runs it (the console script, from the repository root, offline) on a local
-    multiple-choice task: every per-choice log-likelihood it logs equals our model's."""
+@pytest.mark.parametrize("pattern", ["dense", SPARSE])
+def test_stock_lm_eval_cli_scores_the_export_as_our_model(exported, tmp_path, pattern):
+    """The README's command, `lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True`
+    (plus `attention_pattern=` in the comma-free spelling for a sparse pattern), run as a user runs
+    it (the console script, from the repository root, offline) on a local multiple-choice task:
+    every per-choice log-likelihood it logs equals our model's at that pattern. The comma spelling,
+    which lm-eval splits into separate arguments, is refused with the message naming the other."""
     from transformers import AutoTokenizer
 
     root, _ = exported
@@ -291,17 +390,25 @@ def test_stock_lm_eval_cli_scores_the_export_as_our_model(exported, tmp_path):
         "doc_to_text: \"Q: {{question}}\\nA:\"\ndoc_to_target: label\ndoc_to_choice: '{{choices}}'\n"
         "metric_list:\n  - metric: acc\n", encoding="utf-8")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = ["lm_eval", "--model", "hf", "--model_args", f"pretrained={root / 'hf'},trust_remote_code=True",
-           "--tasks", "local_mc", "--include_path", str(tmp_path), "--device", "cpu", "--batch_size", "2",
-           "--log_samples", "--output_path", str(tmp_path / "out")]
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    model_args = f"pretrained={root / 'hf'},trust_remote_code=True"
+
+    def lm_eval(spelling):
+        cmd = ["lm_eval", "--model", "hf", "--model_args", model_args + spelling, "--tasks", "local_mc",
+               "--include_path", str(tmp_path), "--device", "cpu", "--batch_size", "2", "--log_samples",
+               "--output_path", str(tmp_path / "out")]
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+
+    if pattern != "dense":
+        split = lm_eval(f",attention_pattern={pattern}")
+        assert split.returncode != 0 and "attention_pattern=dilated:16:w=8:p=2" in split.stderr, split.stderr[-2000:]
+    done = lm_eval("" if pattern == "dense" else f",attention_pattern={pattern.replace(',', ':')}")
     assert done.returncode == 0, done.stderr[-3000:]
     samples = [json.loads(line) for path in (tmp_path / "out").rglob("samples_local_mc_*.jsonl")
                for line in path.read_text(encoding="utf-8").splitlines()]
     assert len(samples) == len(docs)
     tokenizer = AutoTokenizer.from_pretrained(str(root / "hf"), trust_remote_code=True)
-    model, _, _ = checkpoint.load_model(str(root / "ours"))
+    model, _, _ = checkpoint.load_model(str(root / "ours"), pattern=pattern)
     checked = 0
     for sample in samples:
         doc = sample["doc"]

@@ -48,6 +48,7 @@ def local_to_hf_names(num_layers: int) -> Dict[str, str]:
 def hf_config(config, tokenizer, pattern: str) -> dict:
     return {"model_type": "ratplus", "architectures": ["RATPlusForCausalLM"],
             "auto_map": {"AutoConfig": "configuration_ratplus.RATPlusConfig",
+                         "AutoModel": "modeling_ratplus.RATPlusModel",
                          "AutoModelForCausalLM": "modeling_ratplus.RATPlusForCausalLM"},
             **{hf: getattr(config, ours) for ours, hf in _CONFIG_KEYS.items()},
             "attention_pattern": pattern, "rope_theta": float(config.rotary_base),

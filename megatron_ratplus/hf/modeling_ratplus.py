@@ -16,7 +16,7 @@ Without the recurrence (the attention-only baseline) W_in has no g rows and k, v
 Attention patterns: query t may attend key j <= t iff (j + 1) % D == 0 (dilated), t - j <= W
 (window) or j < P (sinks). Grammar (megatron-ratplus's, without top-k)::
 
-    pattern      dense | dilated:D[,w=W][,p=P] | local:w=W[,p=P]
+    pattern      dense | dilated:D[,w=W][,p=P] | local:w=W[,p=P]   (':' may replace each ',')
     composition  item (';' item)* | 'cycle(' item (';' item)* ')'     one item per layer
     item         [N '*'] layer;  layer := heads | '(' heads ')';  heads := [N '*'] pattern ('|' ...)
 
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_ratplus import RATPlusConfig
 
@@ -66,7 +66,7 @@ def parse_pattern(text: str) -> Pattern:
     if kind not in ("dilated", "local"):
         raise ValueError(f"attention pattern '{source}': this exported model supports dense, dilated and local")
     fields = {}
-    for i, part in enumerate(p.strip() for p in rest.split(",")):
+    for i, part in enumerate(p.strip() for p in re.split("[,:]", rest)):
         name, eq, value = part.partition("=")
         if not eq and kind == "dilated" and i == 0:
             name, value = "d", part
@@ -374,6 +374,8 @@ class RATPlusPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
+        if getattr(getattr(module, "weight", None), "_is_hf_initialized", False):
+            return  # loaded by transformers 5, which may still call this on the module (AutoModel in 5.0)
         if isinstance(module, (nn.Linear, nn.Embedding)):
             module.weight.normal_(0.0, self.config.initializer_range)
         elif isinstance(module, RMSNorm):
@@ -381,6 +383,8 @@ class RATPlusPreTrainedModel(PreTrainedModel):
 
 
 class RATPlusModel(RATPlusPreTrainedModel):
+    """The decoder without its head (``AutoModel``): hidden states after the final norm."""
+
     def __init__(self, config: RATPlusConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -402,23 +406,59 @@ class RATPlusModel(RATPlusPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def forward(self, input_ids, attention_mask=None, cache: Optional[RATPlusDecodeCache] = None):
-        b, s = input_ids.shape
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None,
+                use_cache=None, output_hidden_states=None, output_attentions=None, return_dict=None,
+                cache=None, **unused):
+        """With ``use_cache``, the prompt fills a new RATPlusDecodeCache (returned as the output's
+        cache), and later calls feed new tokens one at a time. ``hidden_states``, when asked: the
+        embeddings, then each layer's output, the last one after the final norm."""
+        if output_attentions:  # SDPA never materialises the probabilities; refuse rather than return None
+            raise ValueError("RAT+ attention runs fused (scaled_dot_product_attention) and has no attention "
+                             "probabilities to return: output_attentions is not supported")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and not isinstance(cache, RATPlusDecodeCache):
+            raise ValueError("RAT+ decodes with its own RATPlusDecodeCache, not a transformers Cache")
+        if cache is None and use_cache:
+            cache = RATPlusDecodeCache(self.config.num_hidden_layers)
+        embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        collect = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        hidden, states = self._run(embeds, attention_mask, cache, collect)
+        out = BaseModelOutputWithPast(last_hidden_state=hidden, hidden_states=states,
+                                      **{_CACHE_FIELD: cache if use_cache else None})
+        return out if _return_dict(self.config, return_dict) else out.to_tuple()
+
+    def _run(self, embeds, attention_mask, cache, collect: bool):
+        b, s = embeds.shape[:2]
+        if cache is not None and cache.lengths is not None and s > 1:  # several new tokens: one at a time
+            steps = [self._run(embeds[:, i:i + 1], None if attention_mask is None else
+                               attention_mask[:, i - s:][:, :1], cache, collect) for i in range(s)]
+            hidden = torch.cat([h for h, _ in steps], dim=1)
+            return hidden, (tuple(torch.cat(parts, dim=1) for parts in zip(*(st for _, st in steps)))
+                            if collect else None)
         valid = (attention_mask[:, -s:].bool() if attention_mask is not None
-                 else torch.ones(b, s, dtype=torch.bool, device=input_ids.device))
-        start = cache.lengths if cache is not None and cache.lengths is not None else input_ids.new_zeros(b)
+                 else torch.ones(b, s, dtype=torch.bool, device=embeds.device))
+        start = cache.lengths if cache is not None and cache.lengths is not None else valid.new_zeros(b, dtype=torch.long)
         positions = start.unsqueeze(1) + torch.cumsum(valid.long(), dim=1) - 1  # real tokens count from 0
         positions = positions.clamp(min=0)
-        h = self.embed_tokens(input_ids)
+        h, states = embeds, [embeds]
         for layer in self.layers:
             h = layer(h, positions, valid, cache)
+            states.append(h)
         if cache is not None:
             cache.lengths = start + valid.long().sum(1)
-        return self.norm(h)
+        h = self.norm(h)
+        states[-1] = h
+        return h, (tuple(states) if collect else None)
 
 
 class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
-    def __init__(self, config: RATPlusConfig):
+    def __init__(self, config: RATPlusConfig, **stray):
+        if stray:  # e.g. lm-eval's key=value model_args split 'dilated:16,w=8' at its comma
+            raise ValueError(f"unexpected model argument(s) {', '.join(sorted(stray))}: write a pattern's "
+                             f"parameters with ':' (attention_pattern=dilated:16:w=8:p=2), which survives "
+                             f"comma-separated argument lists")
         super().__init__(config)
         self.model = RATPlusModel(config)
         self.post_init()
@@ -436,32 +476,30 @@ class RATPlusForCausalLM(RATPlusPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
 
-    def forward(self, input_ids=None, attention_mask=None, cache=None, past_key_values=None, labels=None,
-                use_cache=None, return_dict=None, **unused):
-        """Logits [b, s, vocab] (padded ids -inf). With ``use_cache``, the prompt fills a new
-        RATPlusDecodeCache, and later calls feed the new tokens one at a time."""
-        cache = cache if cache is not None else past_key_values
-        if cache is not None and not isinstance(cache, RATPlusDecodeCache):
-            raise ValueError("RAT+ decodes with its own RATPlusDecodeCache, not a transformers Cache")
-        if cache is None and use_cache:
-            cache = RATPlusDecodeCache(self.config.num_hidden_layers)
-        if cache is not None and cache.lengths is not None and input_ids.shape[1] > 1:  # several new tokens
-            logits = torch.cat([self._logits(self.model(input_ids[:, i:i + 1], self._step_mask(attention_mask,
-                               input_ids.shape[1] - i), cache)) for i in range(input_ids.shape[1])], dim=1)
-        else:
-            logits = self._logits(self.model(input_ids, attention_mask, cache))
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None, labels=None,
+                use_cache=None, output_hidden_states=None, output_attentions=None, return_dict=None,
+                cache=None, **unused):
+        """Logits [b, s, vocab] (padded ids -inf); the cache as in RATPlusModel.forward."""
+        out = self.model(input_ids, attention_mask, past_key_values, inputs_embeds, use_cache,
+                         output_hidden_states, output_attentions, return_dict=True, cache=cache)
+        logits = self._logits(out.last_hidden_state)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{field: cache if use_cache else None})
-
-    @staticmethod
-    def _step_mask(attention_mask, back: int):
-        return None if attention_mask is None else attention_mask[:, -back:][:, :1]
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                        **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
+        return result if _return_dict(self.config, return_dict) else result.to_tuple()
 
     def _logits(self, hidden):
         logits = F.linear(hidden, self.model.embed_tokens.weight)
         if self.config.real_vocab_size < self.config.vocab_size:
             logits[..., self.config.real_vocab_size:] = float("-inf")
         return logits
+
+
+# transformers 5 renamed the outputs' cache field from past_key_values to cache
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _return_dict(config: RATPlusConfig, asked: Optional[bool]) -> bool:
+    return asked if asked is not None else config.return_dict

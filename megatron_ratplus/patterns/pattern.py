@@ -11,6 +11,9 @@ Grammar of one pattern::
     local:w=W[,p=P]
     topk:k=K[,block=B][,pool=mean|max][,d=D][,w=W][,p=P]
 
+':' may stand for any ',' (``dilated:16:w=256:p=4``): argument lists that split at commas, such
+as lm-eval's ``--model_args``, pass that spelling through whole.
+
 The rule: query t may attend key j <= t iff (j + 1) % D == 0 (a dilated state), or t - j <= W
 (window, which always holds for j = t), or j < P (sinks). Top-k additionally keeps only the K
 best earlier key blocks plus the query's own block. This module is the rule's one PyTorch home
@@ -110,17 +113,17 @@ def parse_pattern(text) -> AttentionPattern:
     text = text.strip().lower()
     if not text:
         raise PatternError("empty pattern string")
-    kind, _, rest = text.partition(":")
+    kind, colon, rest = text.partition(":")
     kind = kind.strip()
     if kind not in KINDS:
         raise PatternError(f"pattern '{source}': unknown kind '{kind}' (expected one of {', '.join(KINDS)})")
     if kind == "dense":
-        if rest.strip():
+        if colon:
             raise PatternError(f"pattern '{source}': 'dense' takes no parameters")
         return AttentionPattern("dense", dilation=1)
 
     fields = {}
-    for i, part in enumerate(p.strip() for p in rest.split(",")):
+    for i, part in enumerate(p.strip() for p in re.split("[,:]", rest)):  # ':' survives lm-eval's comma split
         if not part:
             raise PatternError(f"pattern '{source}': empty parameter")
         if "=" not in part:
