@@ -361,6 +361,7 @@ def test_hf_import_bad_inputs(tmp_path, capsys, exported):
     cases.append((["--input", str(broken)], "missing tensors model.norm.weight"))
     cases.append((["--input", str(root / "ours"), "--to", "hf", "--attention-pattern", "dilated:0"], "dilation"))
     cases.append((["--input", str(root / "ours"), "--to", "hf", "--max-shard-size", "lots"], "invalid size"))
+    cases.append((["--input", str(root / "ours"), "--to", "hf", "--max-shard-size", "0KB"], "at least 1 byte"))
     cases.append((["--input", str(root / "ours"), "--to", "hf", "--attention-pattern", "topk:k=2"], "top-k"))
     for flags, needle in cases:
         out = tmp_path / "out"

@@ -17,24 +17,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 from megatron_ratplus.cli import run_cli
-from megatron_ratplus.cli.types import positive_float, positive_int
+from megatron_ratplus.cli.types import byte_size, positive_float, positive_int
 from megatron_ratplus.errors import ArgumentParser, UserError
 from megatron_ratplus.userfiles import check_output_path
 
 FORMATS = ("authors", "ours", "hf")
 TARGETS = ("ours", "authors", "hf", "torch")
-
-
-def _size(text: str) -> int:
-    """'5GB', '500MB', '64KB', '1000' -> bytes."""
-    match = re.fullmatch(r"(\d+)\s*([KMG]?)B?", text.strip().upper())
-    if not match:
-        raise argparse.ArgumentTypeError(f"invalid size '{text}' (e.g. 5GB, 500MB)")
-    return int(match.group(1)) * {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}[match.group(2)]
 
 
 def build_parser():
@@ -58,7 +49,7 @@ def build_parser():
     h = p.add_argument_group("Hugging Face export")
     h.add_argument("--attention-pattern", help="the exported model's default pattern (default: the checkpoint's "
                    "adaptation pattern, else dense); any pattern can still be chosen at load time")
-    h.add_argument("--max-shard-size", type=_size, default=5 * 1024 ** 3, help="split model.safetensors above "
+    h.add_argument("--max-shard-size", type=byte_size, default=5 * 1024 ** 3, help="split model.safetensors above "
                    "this size (default 5GB)")
     return p
 

@@ -59,6 +59,17 @@ probability = Typed(float, "in (0, 1]", lambda v: 0 < v <= 1)
 fraction = Typed(float, "in [0, 1)", lambda v: 0 <= v < 1)
 
 
+def byte_size(text: str) -> int:
+    """'5GB', '500MB', '64KB', '1000' -> bytes, at least one."""
+    match = re.fullmatch(r"(\d+)\s*([KMG]?)B?", str(text).strip().upper())
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid size '{text}' (e.g. 5GB, 500MB)")
+    size = int(match.group(1)) * {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}[match.group(2)]
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"must be a size of at least 1 byte, got '{text}'")
+    return size
+
+
 def int_list(text: str) -> List[int]:
     """'4000,8000' -> [4000, 8000]: comma-separated integers >= 1."""
     return [positive_int(word) for word in str(text).split(",")]
