@@ -98,6 +98,39 @@ def test_continuous_batching_equals_generate(model):
     assert engine.stats.finished["length"] + engine.stats.finished["stop"] == len(seqs)
 
 
+def test_chunked_prefill_interleaves_decode_and_equals_generate(model):
+    """A prompt longer than --max-prefill-tokens is prefilled in chunks of at most that many
+    tokens over several steps while another sequence keeps decoding (one token per step): both
+    get generate()'s greedy tokens, and an echoed prompt's logprobs cover every chunk."""
+    for pattern in PATTERNS:
+        pools = {p: PatternPool(model, p, 2, SEQ, torch.float32) for p in PATTERNS}
+        engine = Engine(pools, max_num_seqs=4, max_waiting=8, max_prefill_tokens=7)
+        g = torch.Generator().manual_seed(9)
+        short, long_prompt = torch.randint(0, 256, (5,), generator=g).tolist(), \
+            torch.randint(0, 256, (61,), generator=g).tolist()  # 61 = 8 chunks of 7 and one of 5
+        params = SamplingParams(max_tokens=20, temperature=0)
+        running = Sequence(short, params, pattern, ByteTokenizer(), [])
+        engine.submit([running])
+        engine.step()
+        chunked = Sequence(long_prompt, SamplingParams(max_tokens=6, temperature=0, logprobs=1, echo=True), pattern,
+                           ByteTokenizer(), [])
+        engine.submit([chunked])
+        prefilled, decoded = [], []
+        while not chunked.tokens:
+            engine.step()
+            prefilled.append(engine.stats.prompt_tokens - len(short))
+            decoded.append(len(running.tokens))
+        assert prefilled == [7 * i for i in range(1, 9)] + [61]  # one chunk per step, then the rest
+        assert decoded == list(range(3, 3 + len(decoded)))  # the other sequence decoded between every chunk
+        while not (chunked.finished and running.finished):
+            engine.step()
+        assert running.tokens == _reference(model, short, pattern, 20)[0]
+        assert chunked.tokens == _reference(model, long_prompt, pattern, 6)[0], pattern
+        assert len(chunked.prompt_logprobs) == 61 and chunked.prompt_logprobs[0] is None
+        engine.step()
+        assert engine.running == 0 and all(pool.free == 2 for pool in pools.values())
+
+
 def test_seeded_sampling_ignores_batch(model):
     """A seeded sampled sequence draws the same tokens alone or beside other sequences."""
     def run(companions):
