@@ -180,17 +180,20 @@ async def _wait(engine: Engine, seqs: List[Sequence], events: asyncio.Queue, req
     """Wait until every sequence of a non-streaming request has finished -> True; a client that
     goes away first cancels them (their rows are freed at the next engine step) -> False."""
     left, getter = len(seqs), None
+    loop = asyncio.get_running_loop()
+    checked = loop.time()
     try:
         while left:
             getter = getter or asyncio.ensure_future(events.get())
             done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
-            if not done:
+            if done:
+                _, _, _, reason = getter.result()
+                getter = None
+                left -= reason is not None
+            if left and loop.time() - checked >= DISCONNECT_POLL_S:  # every token notifies: check by the clock
                 if await request.is_disconnected():
                     return False
-                continue
-            _, _, _, reason = getter.result()
-            getter = None
-            left -= reason is not None
+                checked = loop.time()
         return True
     finally:
         if getter is not None:
