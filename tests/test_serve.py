@@ -494,10 +494,11 @@ def test_server_burst_queues_then_sigterm_drains(ckpt):
 @pytest.mark.integration
 def test_server_tensor_parallel(ckpt, capsys):
     """Under torchrun with two ranks (gloo), rank 0 serves and the ranks split the heads: the
-    greedy text of both patterns equals one process's ratplus-generate; SIGTERM stops all ranks."""
+    greedy text of both patterns equals one process's ratplus-generate (the prompt prefilled in
+    chunks, which the other rank replays); SIGTERM stops all ranks."""
     prompt = "Once upon a time"
     expected = {pattern: _generate_cli(capsys, ckpt, prompt, pattern, 20) for pattern in PATTERNS}
-    with Server(ckpt, "--patterns", ",".join(PATTERNS), ranks=2) as server:
+    with Server(ckpt, "--patterns", ",".join(PATTERNS), "--max-prefill-tokens", "5", ranks=2) as server:
         client = server.client()
         for pattern in PATTERNS:
             batch = client.completions.create(model="tiny", prompt=[prompt, "ab"], max_tokens=20, temperature=0,
