@@ -95,6 +95,19 @@ def test_chunked_prefill_equals_one_shot_prefill(model, pattern):
     """A prompt prefilled in uneven chunks (chunks of 1, boundaries off the multiples of D, two
     rows continued together at different positions) gives every chunk position the one-shot
     prefill's logits, and the same greedy decode after it."""
+    _check_chunked_prefill(model, pattern)
+
+
+@pytest.mark.parametrize("pattern", ["dense", "dilated:4,w=3,p=2", "topk:k=1,block=2"])
+def test_chunked_prefill_in_query_blocks(model, pattern, monkeypatch):
+    """The same when the chunk's queries attend a few at a time (a long chunk over a long cache)."""
+    from megatron_ratplus.inference import cache
+
+    monkeypatch.setattr(cache, "CHUNK_SCORES", 64)  # one or two queries per block here
+    _check_chunked_prefill(model, pattern)
+
+
+def _check_chunked_prefill(model, pattern):
     set_attention_pattern(model, pattern)
     gen = torch.Generator().manual_seed(5)
     n, steps = 23, 10

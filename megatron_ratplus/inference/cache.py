@@ -31,6 +31,9 @@ from megatron_ratplus.ops.topk import topk_allowed_mask
 from megatron_ratplus.patterns import AttentionPattern, visible
 
 
+CHUNK_SCORES = 2 ** 26  # a continued prefill's attention scores held at once (256 MiB in fp32)
+
+
 class CacheFullError(RuntimeError):
     """A sequence ran past the positions its decode cache was sized for."""
 
@@ -139,22 +142,29 @@ class PatternKV:
             self.write_chunk(keys, values, starts, lengths)
             used = int((starts + lengths).max())
             k_all, v_all = self.keys[:, :, :used], self.values[:, :, :used]
-            if self.pattern.kind == "topk":
-                mask = topk_allowed_mask(query, k_all, self.pattern, scale, query_pos=q_pos)
-            else:
-                mask = visible(self.pattern, q_pos[:, None, :, None],
-                               torch.arange(used, device=query.device)[None, None, None, :])
+            positions = torch.arange(used, device=query.device).expand(query.shape[0], used)
         else:  # the cached slots, as seen from the chunk, then the chunk; write after attending
             cached = self.slot_positions(starts - 1)
             cached = torch.where(cached < starts.unsqueeze(1), cached, -1)  # sinks not yet written
             used = cached.shape[1]
             k_all = torch.cat([self.keys[:, :, :used], keys], dim=2)
             v_all = torch.cat([self.values[:, :, :used], values], dim=2)
-            positions = torch.cat([cached, q_pos], dim=1)[:, None, None, :]  # [b, 1, 1, used + s]
-            mask = (positions >= 0) & visible(self.pattern, q_pos[:, None, :, None], positions)
-        scores = torch.einsum("bhsd,bhkd->bhsk", query.float(), k_all.float()) * scale
-        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
-        out = torch.einsum("bhsk,bhkd->bhsd", probs, v_all.float()).to(query.dtype)
+            positions = torch.cat([cached, q_pos], dim=1)  # [b, used + s]
+        k_all, v_all = k_all.float(), v_all.float()
+        # queries in blocks: at most CHUNK_SCORES fp32 scores (and their mask) at a time
+        block = max(1, CHUNK_SCORES // (query.shape[0] * query.shape[1] * k_all.shape[2]))
+        out = []
+        for i in range(0, seq, block):
+            q, t = query[:, :, i:i + block], q_pos[:, i:i + block]
+            if self.pattern.kind == "topk":  # full layout: positions are the slots
+                mask = topk_allowed_mask(q, k_all, self.pattern, scale, query_pos=t)
+            else:
+                j = positions[:, None, None, :]
+                mask = (j >= 0) & visible(self.pattern, t[:, None, :, None], j)
+            scores = torch.einsum("bhsd,bhkd->bhsk", q.float(), k_all) * scale
+            probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
+            out.append(torch.einsum("bhsk,bhkd->bhsd", probs, v_all).to(query.dtype))
+        out = torch.cat(out, dim=2)
         if self.compact:
             self.write_chunk(keys, values, starts, lengths)
         return out
