@@ -86,6 +86,68 @@ def _check_step_decode(model, pattern, full_logits):
             pos += 1
 
 
+CHUNKED = ["dense", "dilated:4,w=3,p=2", "dilated:3", "local:w=5", "local:w=2,p=1", "dense|dilated:4,w=1",
+           "topk:k=1,block=2"]
+
+
+@pytest.mark.parametrize("pattern", CHUNKED)
+def test_chunked_prefill_equals_one_shot_prefill(model, pattern):
+    """A prompt prefilled in uneven chunks (chunks of 1, boundaries off the multiples of D, two
+    rows continued together at different positions) gives every chunk position the one-shot
+    prefill's logits, and the same greedy decode after it."""
+    _check_chunked_prefill(model, pattern)
+
+
+@pytest.mark.parametrize("pattern", ["dense", "dilated:4,w=3,p=2", "topk:k=1,block=2"])
+def test_chunked_prefill_in_query_blocks(model, pattern, monkeypatch):
+    """The same when the chunk's queries attend a few at a time (a long chunk over a long cache)."""
+    from megatron_ratplus.inference import cache
+
+    monkeypatch.setattr(cache, "CHUNK_SCORES", 64)  # one or two queries per block here
+    _check_chunked_prefill(model, pattern)
+
+
+def _check_chunked_prefill(model, pattern):
+    set_attention_pattern(model, pattern)
+    gen = torch.Generator().manual_seed(5)
+    n, steps = 23, 10
+    tokens = torch.randint(0, VOCAB, (2, n), generator=gen)
+    # (rows, lengths): a row alone or both rows at once, each from where it stands
+    schedule = [([0], [5]), ([1], [3]), ([0, 1], [1, 7]), ([0], [1]), ([0], [6]), ([0, 1], [10, 1]), ([1], [12])]
+    with DecodeSession(model, 2, n + steps) as whole, DecodeSession(model, 2, n + steps) as chunked:
+        expected = whole.prefill(tokens, torch.tensor([n, n]))
+        assert expected.std() > 0.1  # random weights: the logits depend on the tokens
+        done = [0, 0]
+        for rows, lengths in schedule:
+            first, last = rows[0], rows[-1] + 1
+            starts = torch.tensor([done[r] for r in rows])
+            chunk = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+            for i, (r, m) in enumerate(zip(rows, lengths)):
+                chunk[i, :m] = tokens[r, done[r]:done[r] + m]
+            logits = chunked.rows(first, last).prefill(chunk, torch.tensor(lengths), starts)
+            for i, (r, m) in enumerate(zip(rows, lengths)):
+                torch.testing.assert_close(logits[i, :m], expected[r, done[r]:done[r] + m], **TOL,
+                                           msg=f"row {r} positions {done[r]}..{done[r] + m - 1}")
+                done[r] += m
+        assert done == [n, n] and chunked.sequence_lengths.tolist() == [n, n]
+        next_whole = next_chunked = expected[:, -1].argmax(-1)
+        for _ in range(steps):
+            a, b = whole.step(next_whole), chunked.step(next_chunked)
+            torch.testing.assert_close(b, a, **TOL)
+            next_whole, next_chunked = a.argmax(-1), b.argmax(-1)
+            assert next_whole.tolist() == next_chunked.tolist()
+
+
+def test_chunked_prefill_input_errors(model):
+    set_attention_pattern(model, "dilated:4")
+    with DecodeSession(model, 1, 10) as session:
+        session.prefill(torch.zeros(1, 4, dtype=torch.long), torch.tensor([4]))
+        with pytest.raises(ValueError, match="starts at each sequence's length"):
+            session.prefill(torch.zeros(1, 2, dtype=torch.long), torch.tensor([2]), torch.tensor([3]))
+        with pytest.raises(ValueError, match="1..10"):
+            session.prefill(torch.zeros(1, 7, dtype=torch.long), torch.tensor([7]), torch.tensor([4]))
+
+
 def _capture_keys(model, tokens):
     """Rotated k~ and v~ [b, heads, s, d_h] each layer's core attention sees in a full forward."""
     captured = []

@@ -29,7 +29,7 @@ from megatron_ratplus.data.tokenizer import ByteTokenizer  # noqa: E402
 from megatron_ratplus.inference import SamplingConfig, generate  # noqa: E402
 from megatron_ratplus.model import build_model  # noqa: E402
 from megatron_ratplus.serving.engine import Engine, QueueFull  # noqa: E402
-from megatron_ratplus.serving.pool import PatternPool  # noqa: E402
+from megatron_ratplus.serving.pool import PatternPool, row_bytes  # noqa: E402
 from megatron_ratplus.serving.sequence import SamplingParams, Sequence  # noqa: E402
 
 SEQ = 128
@@ -96,6 +96,39 @@ def test_continuous_batching_equals_generate(model):
     engine.step()
     assert engine.running == 0 and engine.idle
     assert engine.stats.finished["length"] + engine.stats.finished["stop"] == len(seqs)
+
+
+def test_chunked_prefill_interleaves_decode_and_equals_generate(model):
+    """A prompt longer than --max-prefill-tokens is prefilled in chunks of at most that many
+    tokens over several steps while another sequence keeps decoding (one token per step): both
+    get generate()'s greedy tokens, and an echoed prompt's logprobs cover every chunk."""
+    for pattern in PATTERNS:
+        pools = {p: PatternPool(model, p, 2, SEQ, torch.float32) for p in PATTERNS}
+        engine = Engine(pools, max_num_seqs=4, max_waiting=8, max_prefill_tokens=7)
+        g = torch.Generator().manual_seed(9)
+        short, long_prompt = torch.randint(0, 256, (5,), generator=g).tolist(), \
+            torch.randint(0, 256, (61,), generator=g).tolist()  # 61 = 8 chunks of 7 and one of 5
+        params = SamplingParams(max_tokens=20, temperature=0)
+        running = Sequence(short, params, pattern, ByteTokenizer(), [])
+        engine.submit([running])
+        engine.step()
+        chunked = Sequence(long_prompt, SamplingParams(max_tokens=6, temperature=0, logprobs=1, echo=True), pattern,
+                           ByteTokenizer(), [])
+        engine.submit([chunked])
+        prefilled, decoded = [], []
+        while not chunked.tokens:
+            engine.step()
+            prefilled.append(engine.stats.prompt_tokens - len(short))
+            decoded.append(len(running.tokens))
+        assert prefilled == [7 * i for i in range(1, 9)] + [61]  # one chunk per step, then the rest
+        assert decoded == list(range(3, 3 + len(decoded)))  # the other sequence decoded between every chunk
+        while not (chunked.finished and running.finished):
+            engine.step()
+        assert running.tokens == _reference(model, short, pattern, 20)[0]
+        assert chunked.tokens == _reference(model, long_prompt, pattern, 6)[0], pattern
+        assert len(chunked.prompt_logprobs) == 61 and chunked.prompt_logprobs[0] is None
+        engine.step()
+        assert engine.running == 0 and all(pool.free == 2 for pool in pools.values())
 
 
 def test_seeded_sampling_ignores_batch(model):
@@ -335,6 +368,90 @@ def test_server_bad_requests_and_disconnect(ckpt):
         assert metrics["ratplus_generation_tokens_total"] < SEQ - 8
 
 
+def _open_stream(server, body):
+    """A streaming request left open (its first event read): the caller closes it."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.readline().startswith(b"data: ")
+    return conn
+
+
+@pytest.mark.integration
+def test_server_chunked_prefill_equals_generate(ckpt, capsys):
+    """With --max-prefill-tokens 8 a 90-token prompt is prefilled in 12 chunks while another
+    request is decoding: its greedy text equals ratplus-generate's under either pattern."""
+    prompt = "The quick brown fox jumps over the lazy dog. " * 2
+    expected = {pattern: _generate_cli(capsys, ckpt, prompt, pattern, 16) for pattern in PATTERNS}
+    flags = ["--patterns", ",".join(PATTERNS), "--max-prefill-tokens", "8", "--max-model-len", "1024"]
+    with Server(ckpt, *flags) as server:
+        for pattern in PATTERNS:
+            other = _open_stream(server, {"prompt": "abc", "max_tokens": 1000, "temperature": 0,
+                                          "attention_pattern": pattern})
+            before = server.metrics()["ratplus_generation_tokens_total"]
+            status, body, _ = server.post({"prompt": prompt, "max_tokens": 16, "temperature": 0,
+                                           "attention_pattern": pattern})
+            assert status == 200 and prompt + body["choices"][0]["text"] == expected[pattern]
+            metrics = server.metrics()
+            assert metrics["ratplus_requests_running"] == 1  # the other request is still decoding
+            assert metrics["ratplus_generation_tokens_total"] - before > 16 + 12  # and decoded between the chunks
+            other.sock.shutdown(socket.SHUT_RDWR)
+            other.close()
+            assert _settled(server)["ratplus_requests_running"] == 0
+
+
+@pytest.mark.integration
+def test_server_cancels_dropped_non_streaming_request(ckpt):
+    """A non-streaming request whose client closes the socket is cancelled: running sequences
+    back to 0 and the pool's used bytes back to idle within seconds, long before its max_tokens."""
+    with Server(ckpt, "--patterns", "dense", "--max-model-len", "4096") as server:
+        idle = server.metrics()
+        used = 'ratplus_cache_pool_bytes{pattern="dense",state="used"}'
+        assert idle["ratplus_requests_running"] == 0 and idle[used] == 0
+        body = json.dumps({"prompt": "abc", "max_tokens": 4000, "temperature": 0}).encode()
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 30
+        while server.metrics()["ratplus_generation_tokens_total"] < 5:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert server.metrics()[used] > 0
+        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+        closed = time.monotonic()
+        while (metrics := server.metrics())["ratplus_requests_running"] or metrics[used] != idle[used]:
+            assert time.monotonic() - closed < 10, metrics
+            time.sleep(0.05)
+        assert metrics['ratplus_requests_finished_total{reason="cancelled"}'] == 1
+        assert metrics["ratplus_generation_tokens_total"] < 4000
+        assert metrics["ratplus_requests_waiting"] == 0
+
+
+@pytest.mark.integration
+def test_server_bf16_equals_generate_bf16(ckpt, model, capsys):
+    """--bf16 (load_model's bf16 path: parameters, activations and decode cache): a greedy
+    completion equals ratplus-generate --bf16 under either pattern; --dtype takes fp32 or bf16."""
+    prompt = "Once upon a time"
+    expected = {}
+    for pattern in PATTERNS:
+        assert generate_cli.main(["--load", ckpt, "--pattern", pattern, "--prompt", prompt, "--max-new-tokens", "20",
+                                  "--bf16"]) == 0
+        expected[pattern] = capsys.readouterr().out[:-1]
+    assert serve_cli.main(["--load", ckpt, "--dtype", "fp16", "--port", str(_free_port())]) == 2
+    assert "--dtype must be one of fp32, bf16" in capsys.readouterr().err
+    with Server(ckpt, "--patterns", ",".join(PATTERNS), "--dtype", "bf16") as server:
+        for pattern in PATTERNS:
+            status, body, _ = server.post({"prompt": prompt, "max_tokens": 20, "temperature": 0,
+                                           "attention_pattern": pattern})
+            assert status == 200 and prompt + body["choices"][0]["text"] == expected[pattern], pattern
+        metrics = _settled(server)
+        for pattern in PATTERNS:  # bf16 key/value slots (the recurrent state stays fp32)
+            rows = metrics[f'ratplus_cache_pool_rows{{pattern="{pattern}"}}']
+            bf16, fp32 = (rows * row_bytes(model, pattern, SEQ, dtype) for dtype in (torch.bfloat16, torch.float32))
+            assert metrics[f'ratplus_cache_pool_bytes{{pattern="{pattern}",state="free"}}'] == bf16 < fp32
+
+
 @pytest.mark.integration
 def test_server_burst_queues_then_sigterm_drains(ckpt):
     """A burst beyond the pool and queue: every admitted request completes, the rest get 429
@@ -377,10 +494,11 @@ def test_server_burst_queues_then_sigterm_drains(ckpt):
 @pytest.mark.integration
 def test_server_tensor_parallel(ckpt, capsys):
     """Under torchrun with two ranks (gloo), rank 0 serves and the ranks split the heads: the
-    greedy text of both patterns equals one process's ratplus-generate; SIGTERM stops all ranks."""
+    greedy text of both patterns equals one process's ratplus-generate (the prompt prefilled in
+    chunks, which the other rank replays); SIGTERM stops all ranks."""
     prompt = "Once upon a time"
     expected = {pattern: _generate_cli(capsys, ckpt, prompt, pattern, 20) for pattern in PATTERNS}
-    with Server(ckpt, "--patterns", ",".join(PATTERNS), ranks=2) as server:
+    with Server(ckpt, "--patterns", ",".join(PATTERNS), "--max-prefill-tokens", "5", ranks=2) as server:
         client = server.client()
         for pattern in PATTERNS:
             batch = client.completions.create(model="tiny", prompt=[prompt, "ab"], max_tokens=20, temperature=0,

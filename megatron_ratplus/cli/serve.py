@@ -20,10 +20,6 @@ from megatron_ratplus.cli import run_cli
 from megatron_ratplus.cli.types import non_negative_float, non_negative_int, positive_float, positive_int
 from megatron_ratplus.errors import ArgumentParser, UserError
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="ratplus-serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--load", required=True, help="checkpoint directory (from ratplus-pretrain)")
@@ -37,11 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-memory-gb", type=positive_float, default=1.0, help="decode-cache pool, all patterns")
     parser.add_argument("--max-waiting", type=positive_int, default=256, help="queued sequences before 429")
     parser.add_argument("--max-prefill-tokens", type=positive_int, default=8192,
-                        help="prompt tokens prefilled per engine step (a longer prompt goes alone)")
+                        help="prompt tokens prefilled per engine step (a longer prompt is prefilled in "
+                             "chunks of at most this many, the running sequences decoding between them)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=non_negative_int, default=8000)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and cache dtype")
-    parser.add_argument("--bf16", action="store_true", help="same as --dtype bfloat16")
+    parser.add_argument("--dtype", default="fp32",
+                        help="parameters, activations and decode cache: fp32 or bf16 (ratplus-generate's "
+                             "and lm-eval's types; default fp32)")
+    parser.add_argument("--bf16", action="store_true", help="same as --dtype bf16 (as ratplus-generate --bf16)")
     parser.add_argument("--drain-timeout", type=non_negative_float, default=30.0,
                         help="seconds running requests get to finish after SIGTERM")
     return parser
@@ -91,20 +90,22 @@ def run(args) -> int:
     import uvicorn
 
     from megatron_ratplus import distributed
-    from megatron_ratplus.checkpoint import load_model
+    from megatron_ratplus.checkpoint import EVAL_DTYPES, load_model
     from megatron_ratplus.serving import replica
     from megatron_ratplus.serving.api import ServedModel, build_app
     from megatron_ratplus.serving.server import DrainingServer
 
     check_arguments(args)
-    dtype = getattr(torch, "bfloat16" if args.bf16 else DTYPES[args.dtype])
+    dtype_name = "bf16" if args.bf16 else args.dtype
+    if dtype_name not in EVAL_DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(EVAL_DTYPES)}, got '{args.dtype}'")
+    dtype = EVAL_DTYPES[dtype_name]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     distributed.initialize(tensor_parallel=world)  # torchrun: the model split over all ranks
     leader = torch.distributed.get_rank() == 0
-    model, config, tokenizer = load_model(args.load)
+    model, config, tokenizer = load_model(args.load, dtype=dtype_name)  # cast there, evaluation's path
     patterns = offered_patterns(args.patterns, str(config.attention_pattern))
     max_model_len = args.max_model_len or config.seq_length
-    model = model.to(dtype).eval()
     announce = replica.announce if world > 1 and leader else None
     engine = build_engine(model, patterns, max_model_len, args, dtype, announce)
     if not leader:

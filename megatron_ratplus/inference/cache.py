@@ -28,7 +28,10 @@ import torch.nn.functional as F
 
 from megatron_ratplus import backend
 from megatron_ratplus.ops.topk import topk_allowed_mask
-from megatron_ratplus.patterns import AttentionPattern
+from megatron_ratplus.patterns import AttentionPattern, visible
+
+
+CHUNK_SCORES = 2 ** 26  # a continued prefill's attention scores held at once (256 MiB in fp32)
 
 
 class CacheFullError(RuntimeError):
@@ -101,6 +104,70 @@ class PatternKV:
         if end is not None and bool(end.any()):
             slot = self._state_slot((t + 1) // self.pattern.dilation - 1)[end]
             self.keys[rows[end], :, slot], self.values[rows[end], :, slot] = key[end], value[end]
+
+    def write_chunk(self, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor,
+                    lengths: torch.Tensor) -> None:
+        """Write [b, heads, s, d_h] keys/values of positions starts[b] .. starts[b] + lengths[b] - 1
+        (a prefill continued from the cached positions 0 .. starts[b] - 1; chunked prefill)."""
+        for b, (start, n) in enumerate(zip(starts.tolist(), lengths.tolist())):
+            k, v = keys[b, :, :n], values[b, :, :n]
+            if not self.compact:
+                self.keys[b, :, start:start + n], self.values[b, :, start:start + n] = k, v
+                continue
+            if start < self.n_sink:
+                m = min(self.n_sink, start + n) - start
+                self.keys[b, :, start:start + m], self.values[b, :, start:start + m] = k[:, :m], v[:, :m]
+            tail = min(n, self.n_ring)  # the chunk's last W + 1 positions take the ring
+            pos = torch.arange(start + n - tail, start + n, device=keys.device)
+            slot = self.n_sink + pos % self.n_ring
+            self.keys[b][:, slot], self.values[b][:, slot] = k[:, n - tail:], v[:, n - tail:]
+            self.ring_pos[b, pos % self.n_ring] = pos
+            d = self.pattern.dilation
+            if d:
+                first = -(-(start + 1) // d) * d - 1  # first chunk end >= start
+                if first < start + n:
+                    ends = torch.arange(first, start + n, d, device=keys.device)
+                    slot = self._state_slot((ends + 1) // d - 1)
+                    self.keys[b][:, slot], self.values[b][:, slot] = k[:, ends - start], v[:, ends - start]
+
+    def attend_chunk(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor,
+                     lengths: torch.Tensor, scale: float) -> torch.Tensor:
+        """A continued prefill: [b, heads, s, d_h] queries and keys/values at positions
+        starts[b] + i attend the cached slots the pattern kept of positions < starts[b] plus the
+        chunk's own keys under the pattern's rule, then the chunk is written to its slots.
+        -> [b, heads, s, d_h]. Computed in fp32 on the mask path (prefill, not the decode kernel)."""
+        seq = query.shape[2]
+        q_pos = starts.unsqueeze(1) + torch.arange(seq, device=query.device)  # [b, s]
+        if not self.compact:  # slot = position: write first, then attend slots 0 .. last position
+            self.write_chunk(keys, values, starts, lengths)
+            used = int((starts + lengths).max())
+            k_all, v_all = self.keys[:, :, :used], self.values[:, :, :used]
+            positions = torch.arange(used, device=query.device).expand(query.shape[0], used)
+        else:  # the cached slots, as seen from the chunk, then the chunk; write after attending
+            cached = self.slot_positions(starts - 1)
+            cached = torch.where(cached < starts.unsqueeze(1), cached, -1)  # sinks not yet written
+            used = cached.shape[1]
+            k_all = torch.cat([self.keys[:, :, :used], keys], dim=2)
+            v_all = torch.cat([self.values[:, :, :used], values], dim=2)
+            positions = torch.cat([cached, q_pos], dim=1)  # [b, used + s]
+        k_all, v_all = k_all.float(), v_all.float()
+        # queries in blocks: at most CHUNK_SCORES fp32 scores (and their mask) at a time
+        block = max(1, CHUNK_SCORES // (query.shape[0] * query.shape[1] * k_all.shape[2]))
+        out = []
+        for i in range(0, seq, block):
+            q, t = query[:, :, i:i + block], q_pos[:, i:i + block]
+            if self.pattern.kind == "topk":  # full layout: positions are the slots
+                mask = topk_allowed_mask(q, k_all, self.pattern, scale, query_pos=t)
+            else:
+                j = positions[:, None, None, :]
+                mask = (j >= 0) & visible(self.pattern, t[:, None, :, None], j)
+            scores = torch.einsum("bhsd,bhkd->bhsk", q.float(), k_all) * scale
+            probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
+            out.append(torch.einsum("bhsk,bhkd->bhsd", probs, v_all).to(query.dtype))
+        out = torch.cat(out, dim=2)
+        if self.compact:
+            self.write_chunk(keys, values, starts, lengths)
+        return out
 
     def rows(self, start: int, stop: int) -> "PatternKV":
         """This store restricted to sequences [start, stop): views of the same storage, so a
@@ -203,6 +270,13 @@ class LayerCache:
         """Prefill from rotated k~ and v~ [b, heads, s, d_h] of prompts of ``lengths`` tokens."""
         for a, b, store in self.stores:
             store.fill(keys[:, a:b], values[:, a:b], lengths)
+
+    def attend_chunk(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor,
+                     lengths: torch.Tensor, scale: float) -> torch.Tensor:
+        """A continued prefill of [b, heads, s, d_h] rotated q, k~, v~ at positions starts[b] + i
+        (``lengths[b]`` real tokens): attend the cache and the chunk, write the chunk."""
+        return torch.cat([store.attend_chunk(query[:, a:b], keys[:, a:b], values[:, a:b], starts, lengths, scale)
+                          for a, b, store in self.stores], dim=1)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, t: torch.Tensor,
                scale: float) -> torch.Tensor:

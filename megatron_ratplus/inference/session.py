@@ -49,6 +49,7 @@ class DecodeSession(BaseInferenceContext):
             for m in self.mixers}
         self.sequence_lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.decode_mode = False
+        self.chunk_starts = None  # [b] during a continued prefill (``prefill(..., starts)``)
 
     # megatron's context API: one static batch (ragged positions are ours), prefill then decode
     def is_static_batching(self) -> bool:
@@ -107,14 +108,38 @@ class DecodeSession(BaseInferenceContext):
         return self.model(tokens, positions, None, inference_context=self, runtime_gather_output=True)
 
     @torch.no_grad()
-    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Right-padded prompts [b, s] of ``lengths`` tokens -> logits [b, s, vocab]."""
-        if int(lengths.max()) > self.capacity or int(lengths.min()) < 1:
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, starts: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        """Right-padded prompts [b, s] of ``lengths`` tokens -> logits [b, s, vocab].
+
+        ``starts`` [b] (chunked prefill): the tokens continue each sequence from position
+        ``starts[b]``, which must be the length it already holds (its earlier chunks, prefilled
+        or continued); the recurrent state carries over and the chunk attends what the cache kept.
+        Without it (or all zero) the cache is filled from position 0.
+        """
+        lengths = lengths.to(self.device)
+        if int(lengths.min()) < 1:
+            raise ValueError("prompt lengths must be >= 1")
+        starts = None if starts is None or not bool(starts.any()) else starts.to(self.device)
+        if starts is not None:
+            if not bool((starts == self.sequence_lengths).all()):
+                raise ValueError(f"a continued prefill starts at each sequence's length "
+                                 f"({self.sequence_lengths.tolist()}), got {starts.tolist()}")
+            if int(starts.min()) < 1:
+                raise ValueError("a continued prefill continues every sequence of the batch (none at 0)")
+        end = lengths if starts is None else starts + lengths
+        if int(end.max()) > self.capacity:
             raise ValueError(f"prompt lengths must be in 1..{self.capacity}")
-        self.sequence_lengths.copy_(lengths)  # in place: a row view's lengths are its pool's
+        self.sequence_lengths.copy_(end)  # in place: a row view's lengths are its pool's
         self.decode_mode = False
-        positions = torch.arange(tokens.shape[1], device=self.device).expand_as(tokens)
-        return self._logits(tokens.to(self.device), positions)
+        self.chunk_starts = starts
+        offset = 0 if starts is None else starts.unsqueeze(1)
+        positions = (torch.arange(tokens.shape[1], device=self.device) + offset).expand_as(tokens)
+        positions = positions.clamp(max=self.capacity - 1)  # padding past the cache
+        try:
+            return self._logits(tokens.to(self.device), positions)
+        finally:
+            self.chunk_starts = None
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:

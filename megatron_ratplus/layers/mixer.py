@@ -137,6 +137,27 @@ class RATPlusMixer(MegatronModule):
         cache.fill(key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3), lengths)
         return self.attend(query, key, value)
 
+    def prefill_chunk(self, query, key, value, gate_logits, rotary_pos_emb, cache, starts, lengths):
+        """A prefill continued from the cached positions 0 .. starts[b] - 1 (chunked prefill):
+        right-padded chunks [s, b, heads, d_h] of ``lengths`` tokens at positions starts[b] + i.
+
+        The scan starts from the cache's fp32 state and leaves it at each chunk's last token; q
+        and k~ are rotated at their positions; the chunk's queries attend the slots the pattern
+        kept plus the chunk's own keys (``LayerCache.attend_chunk``), which are then cached.
+        """
+        seq, batch = query.shape[:2]
+        if self.recurrence:
+            k32, v32, _ = self.recur(key.float(), value.float(), gate_logits, cache.state)
+            rows = torch.arange(batch, device=query.device)
+            cache.state = torch.stack([k32[lengths - 1, rows], v32[lengths - 1, rows]], dim=1)
+            key, value = k32.to(key.dtype), v32.to(value.dtype)
+        positions = starts.unsqueeze(0) + torch.arange(seq, device=query.device).unsqueeze(1)  # [s, b]
+        positions = positions.clamp(max=rotary_pos_emb_length(rotary_pos_emb, positions) - 1)  # padding only
+        query, key = self.rotate(query, key, _rope_at(rotary_pos_emb, positions))
+        out = cache.attend_chunk(*(x.permute(1, 2, 0, 3) for x in (query, key, value)), starts, lengths,
+                                 self.core_attention.softmax_scale)
+        return out.permute(2, 0, 1, 3)
+
     def decode_step(self, query, key, value, gate_logits, rotary_pos_emb, cache, positions):
         """One token per sequence: q, k, v, gate logits [b, heads, d_h] at ``positions`` [b] (ragged)
         -> attention output [b, heads, d_h].
@@ -171,6 +192,10 @@ class RATPlusMixer(MegatronModule):
             if inference_context.is_decode_only():
                 attended = self.decode_step(query[0], key[0], value[0], None if gate_logits is None else gate_logits[0],
                                             rotary_pos_emb, cache, inference_context.sequence_lengths - 1)[None]
+            elif getattr(inference_context, "chunk_starts", None) is not None:
+                starts = inference_context.chunk_starts
+                attended = self.prefill_chunk(query, key, value, gate_logits, rotary_pos_emb, cache, starts,
+                                              inference_context.sequence_lengths - starts)
             else:
                 attended = self.prefill(query, key, value, gate_logits, rotary_pos_emb, cache,
                                         inference_context.sequence_lengths)
@@ -191,6 +216,14 @@ def _rope_at(rotary_pos_emb, positions: torch.Tensor):
     if isinstance(rotary_pos_emb, tuple):
         return tuple(_rope_at(freqs, positions) for freqs in rotary_pos_emb)
     return rotary_pos_emb[positions].squeeze(2)
+
+
+def rotary_pos_emb_length(rotary_pos_emb, positions: torch.Tensor) -> int:
+    """Positions megatron's RoPE table covers (any position when there is no table)."""
+    if rotary_pos_emb is None:
+        return int(positions.max()) + 1
+    table = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
+    return table.shape[0]
 
 
 def set_attention_pattern(model: torch.nn.Module, pattern: Union[str, AttentionPattern, list]) -> None:

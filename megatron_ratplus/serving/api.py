@@ -18,7 +18,8 @@ from typing import List, Optional, Union
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi import Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from megatron_ratplus.serving.engine import Draining, Engine, QueueFull
@@ -103,7 +104,7 @@ def build_app(engine: Engine, served: ServedModel) -> FastAPI:
         return PlainTextResponse(_metrics(engine), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         if body.model is not None and body.model != served.name:
             raise APIError(404, f"model '{body.model}' is not served here (this server serves '{served.name}')",
                            "model", "model_not_found")
@@ -131,10 +132,8 @@ def build_app(engine: Engine, served: ServedModel) -> FastAPI:
         if body.stream:
             return StreamingResponse(_stream(engine, seqs, events, head, body, served),
                                      media_type="text/event-stream")
-        left = len(seqs)
-        while left:
-            _, _, _, reason = await events.get()
-            left -= reason is not None
+        if not await _wait(engine, seqs, events, request):
+            return Response(status_code=499)  # nobody is listening any more
         choices = [{"index": i, "text": (served.tokenizer.decode(s.prompt) if body.echo else "") + s.text,
                     "logprobs": _logprobs(s, served.tokenizer, 0, len(s.logprobs), body.echo),
                     "finish_reason": s.finish_reason} for i, s in enumerate(seqs)]
@@ -172,6 +171,35 @@ def _sampling(body: CompletionRequest, served: ServedModel, longest: int) -> Sam
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                           top_k=max(body.top_k, 0), seed=body.seed, stop=stop, logprobs=body.logprobs,
                           echo=body.echo)
+
+
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+
+
+async def _wait(engine: Engine, seqs: List[Sequence], events: asyncio.Queue, request: Request) -> bool:
+    """Wait until every sequence of a non-streaming request has finished -> True; a client that
+    goes away first cancels them (their rows are freed at the next engine step) -> False."""
+    left, getter = len(seqs), None
+    loop = asyncio.get_running_loop()
+    checked = loop.time()
+    try:
+        while left:
+            getter = getter or asyncio.ensure_future(events.get())
+            done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
+            if done:
+                _, _, _, reason = getter.result()
+                getter = None
+                left -= reason is not None
+            if left and loop.time() - checked >= DISCONNECT_POLL_S:  # every token notifies: check by the clock
+                if await request.is_disconnected():
+                    return False
+                checked = loop.time()
+        return True
+    finally:
+        if getter is not None:
+            getter.cancel()
+        if left:
+            engine.cancel(seqs)
 
 
 async def _stream(engine: Engine, seqs: List[Sequence], events: asyncio.Queue, head: dict,
@@ -243,9 +271,10 @@ def _metrics(engine: Engine) -> str:
         lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"])
         lines.extend(f"{name}{labels} {value}" for labels, value in samples)
 
-    metric("ratplus_requests_running", "gauge", "Sequences decoding in the cache pool.", [("", engine.running)])
+    metric("ratplus_requests_running", "gauge", "Sequences in the cache pool (decoding or prefilling in chunks).",
+           [("", engine.running)])
     metric("ratplus_requests_waiting", "gauge", "Sequences queued for a free cache row.", [("", len(engine.waiting))])
-    used = [(f'{{pattern="{p}",state="used"}}', len(pool.live) * pool.row_bytes) for p, pool in engine.pools.items()]
+    used = [(f'{{pattern="{p}",state="used"}}', pool.used * pool.row_bytes) for p, pool in engine.pools.items()]
     free = [(f'{{pattern="{p}",state="free"}}', pool.free * pool.row_bytes) for p, pool in engine.pools.items()]
     metric("ratplus_cache_pool_bytes", "gauge", "Decode-cache pool bytes by pattern, used and free.", used + free)
     rows = [(f'{{pattern="{p}"}}', pool.rows) for p, pool in engine.pools.items()]

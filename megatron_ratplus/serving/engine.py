@@ -2,6 +2,10 @@
 cancelled sequences, admits waiting ones into free pool rows, prefills them, and decodes every
 pattern's live rows in one batched step each (patterns take turns, docs/DESIGN.md §5).
 
+Chunked prefill: a step prefills at most ``max_prefill_tokens`` prompt tokens. A prompt longer
+than what is left of that budget is prefilled in chunks, one per step, in its pool's top row
+(one such prompt per pool at a time), while the other sequences keep decoding between its chunks.
+
 Admission is by worst-case cache size: a sequence only enters a pool row, and every row was
 allocated at start for ``max_model_len`` positions, so load never allocates cache memory; what
 does not fit waits in a bounded queue (``QueueFull`` beyond it).
@@ -72,7 +76,8 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return sum(len(pool.live) for pool in self.pools.values())
+        """Sequences holding a cache row: decoding, or being prefilled in chunks."""
+        return sum(pool.used for pool in self.pools.values())
 
     @property
     def idle(self) -> bool:
@@ -99,25 +104,34 @@ class Engine:
                 if self._stop:
                     break
             self.step()
-        for seq in list(self.waiting) + [s for pool in self.pools.values() for s in pool.live]:
+        filling = [pool.filling for pool in self.pools.values() if pool.filling is not None]
+        for seq in list(self.waiting) + filling + [s for pool in self.pools.values() for s in pool.live]:
             seq.finish("length")
             seq.notify(seq)
         self.waiting.clear()
+        for pool in self.pools.values():
+            pool.filling = None
 
     @torch.no_grad()
     def step(self) -> None:
-        """Retire, admit and prefill, then one decode step per pattern with live rows."""
+        """Retire; the next chunk of each prompt being prefilled in chunks; admit and prefill; then
+        one decode step per pattern with live rows."""
         start = time.perf_counter()
         self._retire()
-        for pool, seqs in self._admit().items():
+        budget = self.max_prefill_tokens
+        for pool in self.pools.values():  # prompts already being prefilled in chunks go first
+            if pool.filling is not None and budget > 0:
+                budget -= self._prefill_chunk(pool, budget)
+        admitted, chunked = self._admit(budget)
+        for pool, seqs in admitted.items():
             logits = pool.prefill(seqs)
             for i, seq in enumerate(seqs):
                 self.stats.prompt_tokens += len(seq.prompt)
-                if seq.params.echo and seq.params.logprobs is not None:
-                    seq.prompt_logprobs = [None] + [
-                        _logprob(logits[i, j], seq.prompt[j + 1], seq.params.logprobs)
-                        for j in range(len(seq.prompt) - 1)]
+                _prompt_logprobs(seq, logits[i], 0)
             self._advance(seqs, logits[torch.arange(len(seqs)), [len(s.prompt) - 1 for s in seqs]])
+        for pool, (seq, first) in chunked.items():
+            pool.filling, pool.filled = seq, 0
+            self._prefill_chunk(pool, first)
         self._retire()
         for pool in self.pools.values():
             if pool.live:
@@ -127,11 +141,30 @@ class Engine:
         self.stats.steps += 1
         self.stats.step_seconds += time.perf_counter() - start
 
-    def _admit(self) -> Dict[PatternPool, List[Sequence]]:
+    def _prefill_chunk(self, pool: PatternPool, budget: int) -> int:
+        """Prefill the next chunk (at most ``budget`` tokens) of ``pool``'s prompt being prefilled
+        in chunks; after its last chunk it joins the live rows with its first token. -> tokens."""
+        seq, start = pool.filling, pool.filled
+        tokens = seq.prompt[start:start + budget]
+        logits = pool.chunk(tokens, start)
+        pool.filled += len(tokens)
+        self.stats.prompt_tokens += len(tokens)
+        _prompt_logprobs(seq, logits, start)
+        if pool.filled == len(seq.prompt):
+            pool.filling = None
+            pool.promote(seq)
+            self._advance([seq], logits[-1:])
+        return len(tokens)
+
+    def _admit(self, budget: int):
         """Waiting sequences (first come, first served per pattern) that fit a free row, up to
-        ``max_num_seqs`` running and ``max_prefill_tokens`` prompt tokens this step (at least one)."""
+        ``max_num_seqs`` running and ``budget`` prompt tokens this step. A prompt longer than
+        what is left of the budget starts a chunked prefill in its pool if none is under way
+        there (its first chunk takes the rest of the budget). -> ({pool: whole prompts},
+        {pool: (sequence, first chunk's tokens)})."""
         admitted: Dict[PatternPool, List[Sequence]] = collections.defaultdict(list)
-        room, budget = self.max_num_seqs - self.running, self.max_prefill_tokens
+        chunked: Dict[PatternPool, tuple] = {}
+        room = self.max_num_seqs - self.running
         with self._wake:
             kept = collections.deque()
             while self.waiting:
@@ -140,15 +173,17 @@ class Engine:
                 if seq.cancelled:
                     seq.finish("length")
                     continue
-                fits = room > 0 and pool.free > len(admitted[pool]) and (
-                    len(seq.prompt) <= budget or budget == self.max_prefill_tokens)
-                if fits:
+                row = room > 0 and pool.free > len(admitted[pool]) + (pool in chunked)
+                if row and len(seq.prompt) <= budget:
                     admitted[pool].append(seq)
                     room, budget = room - 1, budget - len(seq.prompt)
+                elif row and budget > 0 and pool.filling is None and pool not in chunked:
+                    chunked[pool] = (seq, budget)
+                    room, budget = room - 1, 0
                 else:
                     kept.append(seq)
             self.waiting = kept
-        return {pool: seqs for pool, seqs in admitted.items() if seqs}
+        return {pool: seqs for pool, seqs in admitted.items() if seqs}, chunked
 
     def _advance(self, seqs: List[Sequence], logits: torch.Tensor) -> None:
         """Sample each sequence's next token from its logits row and tell its client."""
@@ -166,9 +201,25 @@ class Engine:
 
     def _retire(self) -> None:
         for pool in self.pools.values():
+            seq = pool.filling
+            if seq is not None and seq.cancelled:  # its top row is simply free again
+                pool.filling = None
+                self.stats.finished[seq.finish_reason or "cancelled"] += 1
             for seq in [s for s in pool.live if s.finished or s.cancelled]:
                 pool.release(seq)
                 self.stats.finished[seq.finish_reason or "cancelled"] += 1
+
+
+def _prompt_logprobs(seq: Sequence, logits: torch.Tensor, start: int) -> None:
+    """Echoed prompts with logprobs: each prompt token's logprob from the chunk's logits
+    [n, vocab] at positions start .. start + n - 1 (the first token has none)."""
+    if not (seq.params.echo and seq.params.logprobs is not None):
+        return
+    if start == 0:
+        seq.prompt_logprobs = [None]
+    for j in range(logits.shape[0]):
+        if start + j + 1 < len(seq.prompt):
+            seq.prompt_logprobs.append(_logprob(logits[j], seq.prompt[start + j + 1], seq.params.logprobs))
 
 
 def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:

@@ -4,8 +4,11 @@ A row holds one sequence's sparse decode cache for ``max_model_len`` positions (
 §5: P + W + 1 + T/D slots per layer and head plus the recurrent state), so a sequence admitted
 into a free row can never outgrow its memory. Live sequences occupy rows 0..n-1: a decode step
 runs one batched forward over exactly those rows (a ``DecodeSession.rows`` view), and a
-finishing sequence's row is refilled by moving the last live row into it. Under tensor
-parallelism ``announce`` hands each operation to the other ranks first (serving/replica.py).
+finishing sequence's row is refilled by moving the last live row into it. A prompt prefilled
+in chunks (chunked prefill, at most one per pool at a time) fills the pool's top row across
+engine steps, outside the decoding rows, and moves to the next live row once its last chunk is
+in. Under tensor parallelism ``announce`` hands each operation to the other ranks first
+(serving/replica.py).
 """
 
 from __future__ import annotations
@@ -34,10 +37,17 @@ class PatternPool:
         self.row_bytes = row_bytes(model, pattern, max_model_len, dtype)
         self.session = DecodeSession(model, rows, max_model_len, dtype)
         self.live: List[Sequence] = []  # row i holds live[i]
+        self.filling: Optional[Sequence] = None  # a prompt being prefilled in chunks, in the top row
+        self.filled = 0  # its prompt tokens prefilled so far
+
+    @property
+    def used(self) -> int:
+        """Rows holding a sequence: the live ones and the one being prefilled in chunks."""
+        return len(self.live) + (self.filling is not None)
 
     @property
     def free(self) -> int:
-        return self.rows - len(self.live)
+        return self.rows - self.used
 
     @property
     def nbytes(self) -> int:
@@ -62,6 +72,24 @@ class PatternPool:
         logits = self.session.rows(start, start + len(seqs)).prefill(tokens, lengths)
         self.live.extend(seqs)
         return logits
+
+    def chunk(self, tokens: List[int], start: int) -> torch.Tensor:
+        """Prefill ``tokens`` at positions start, start + 1, ... of the top row (positions before
+        ``start`` are its earlier chunks) -> logits [len(tokens), vocab]."""
+        if self.announce:
+            self.announce(("chunk", self.pattern, (tokens, start)))
+        self.activate()
+        row = self.session.rows(self.rows - 1, self.rows)
+        starts = torch.tensor([start]) if start else None
+        return row.prefill(torch.tensor([tokens]), torch.tensor([len(tokens)]), starts)[0]
+
+    def promote(self, seq: Sequence) -> None:
+        """The top row's prompt is all in: it becomes the next live row (decoded from now on)."""
+        if self.announce:
+            self.announce(("promote", self.pattern, None))
+        if len(self.live) != self.rows - 1:
+            self.session.move_row(self.rows - 1, len(self.live))
+        self.live.append(seq)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One decode step of every live row, fed ``tokens`` [n] -> logits [n, vocab]."""

@@ -41,6 +41,10 @@ def follow(pools: Dict[str, PatternPool]) -> None:
             pool = pools[pattern]
             if op == "prefill":
                 pool.prefill([SimpleNamespace(prompt=prompt) for prompt in arg])
+            elif op == "chunk":
+                pool.chunk(*arg)
+            elif op == "promote":
+                pool.promote(SimpleNamespace())
             elif op == "step":
                 pool.step(torch.tensor(arg))
             else:
