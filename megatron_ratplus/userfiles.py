@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import shutil
+import tempfile
 from typing import Iterator, List, Tuple, Type
 
 from megatron_ratplus.errors import UserError
@@ -99,6 +100,11 @@ def check_output_path(flag: str, path: str, directory: bool = False) -> None:
         raise UserError(f"{flag} {path}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(full) and not os.access(full, os.W_OK)):
         raise UserError(f"{flag} {path}: {full if os.path.exists(full) else parent} is not writable")
+    try:  # access() says yes to root, and on file systems like /proc that create nothing: try it
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=parent))
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot create anything in {parent} "
+                        f"({os.strerror(err.errno).lower()})") from None
 
 
 def publish(tmp: str, path: str) -> None:

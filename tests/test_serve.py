@@ -32,7 +32,8 @@ from megatron_ratplus.serving.engine import Engine, QueueFull  # noqa: E402
 from megatron_ratplus.serving.pool import PatternPool, row_bytes  # noqa: E402
 from megatron_ratplus.serving.sequence import SamplingParams, Sequence  # noqa: E402
 
-SEQ = 128
+SEQ = 128  # --max-model-len of most servers here
+TRAINED = 4096  # the checkpoint's seq_length: the longest --max-model-len it may serve
 SPARSE = "dilated:4,w=3,p=2"  # past several dilation periods, windows and sinks within a few tokens
 PATTERNS = ["dense", SPARSE]
 
@@ -41,7 +42,7 @@ PATTERNS = ["dense", SPARSE]
 def ckpt(tmp_path_factory, megatron_single):
     """A randomly initialised two-layer byte-level model (sharp distributions: no near-ties)."""
     torch.manual_seed(0)
-    config = preset("tiny", num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=SEQ,
+    config = preset("tiny", num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=TRAINED,
                     vocab_size=384, real_vocab_size=257)
     state = {k: v.detach().clone() for k, v in build_model(config).state_dict().items()
              if not k.endswith("_extra_state")}
@@ -180,7 +181,14 @@ def test_bad_flags(ckpt, capsys, tmp_path):
     """Bad flags: one line on stderr, exit 2 (nothing listens)."""
     cases = [["--load", str(tmp_path / "missing")], ["--load", ckpt, "--patterns", "dilated:0"],
              ["--load", ckpt, "--max-num-seqs", "0"], ["--load", ckpt, "--cache-memory-gb", "1e-9"],
-             ["--load", ckpt, "--patterns", "dense,dense"]]
+             ["--load", ckpt, "--patterns", "dense,dense"], ["--load", ckpt, "--max-model-len", str(TRAINED + 1)],
+             ["--load", ckpt, "--host", "no such host"]]
+    with socket.socket() as taken:  # a port in use
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert serve_cli.main(["--load", ckpt, "--port", str(taken.getsockname()[1])]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cannot listen on 127.0.0.1" in err[0], err
     for argv in cases:
         assert serve_cli.main(argv + ["--port", str(_free_port())]) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()

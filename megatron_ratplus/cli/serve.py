@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from typing import List, Optional
 
 from megatron_ratplus.cli import run_cli
 from megatron_ratplus.cli.types import non_negative_float, non_negative_int, positive_float, positive_int
 from megatron_ratplus.errors import ArgumentParser, UserError
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="ratplus-serve", description=__doc__.split("\n\n")[0])
@@ -53,6 +55,16 @@ def check_arguments(args) -> None:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
     if not os.path.isdir(args.load):
         raise UserError(f"--load '{args.load}' is not a directory")
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads: a host that does not resolve or a port
+    in use is one line at once, not a uvicorn log line after the load."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as err:
+        raise UserError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
 
 
 def offered_patterns(text: Optional[str], recorded: str) -> List[str]:
@@ -101,11 +113,14 @@ def run(args) -> int:
         raise UserError(f"--dtype must be one of {', '.join(EVAL_DTYPES)}, got '{args.dtype}'")
     dtype = EVAL_DTYPES[dtype_name]
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    sock = listening_socket(args.host, args.port) if int(os.environ.get("RANK", "0")) == 0 else None
     distributed.initialize(tensor_parallel=world)  # torchrun: the model split over all ranks
     leader = torch.distributed.get_rank() == 0
     model, config, tokenizer = load_model(args.load, dtype=dtype_name)  # cast there, evaluation's path
     patterns = offered_patterns(args.patterns, str(config.attention_pattern))
     max_model_len = args.max_model_len or config.seq_length
+    if max_model_len > config.seq_length:  # as ratplus-generate: positions past training were never seen
+        raise UserError(f"--max-model-len {max_model_len} exceeds the model's trained length {config.seq_length}")
     announce = replica.announce if world > 1 and leader else None
     engine = build_engine(model, patterns, max_model_len, args, dtype, announce)
     if not leader:
@@ -116,10 +131,11 @@ def run(args) -> int:
     app = build_app(engine, served)
     engine.start()
     rows = ", ".join(f"{p}: {pool.rows} sequences" for p, pool in engine.pools.items())
-    print(f"ratplus-serve: {served.name} on http://{args.host}:{args.port} ({rows})", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    port = sock.getsockname()[1]
+    print(f"ratplus-serve: {served.name} on http://{args.host}:{port} ({rows})", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, host=args.host, port=port, log_level="warning", timeout_graceful_shutdown=5)
     try:
-        DrainingServer(config, engine, args.drain_timeout).run()
+        DrainingServer(config, engine, args.drain_timeout).run(sockets=[sock])
     finally:
         engine.stop()
         if world > 1:
