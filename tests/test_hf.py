@@ -333,7 +333,7 @@ def test_modeling_files_are_self_contained():
 
 
 @pytest.mark.parametrize("text", ["dense", "dilated:16,w=256,p=4", "dilated:16:w=256:p=4", "local:w=3:p=1",
-                                  "dense;dilated:5:p=1;(local:w=2:p=1|dilated:3,w=1)", "local:w=3,p=1", "dense;dilated:4;dense;dilated:4",
+                                  "dense;dilated:5:p=1;(local:w=2:p=1|dilated:3,w=1);dense", "local:w=3,p=1", "dense;dilated:4;dense;dilated:4",
                                   "cycle(dense;dilated:8,w=2)", "2*dense;2*dilated:4", "dense|dilated:4,p=1",
                                   "1*local:w=3|3*dilated:6,p=1;3*dilated:2", "2*(dense|dilated:3);2*dilated:5"])
 def test_modeling_parser_agrees_with_ours(text):
