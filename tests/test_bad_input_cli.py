@@ -92,6 +92,9 @@ BAD = [
     # output paths checked before the work
     ("eval_table_is_directory", "eval", ["--load", "{W}/ck", "--table", "{W}/table_dir.csv"], 2),
     ("pretrain_tensorboard_under_file", "pretrain", P + ["--tensorboard-dir", "{W}/a_file/tb"], 2),
+    ("pretrain_tensorboard_uncreatable", "pretrain", P + ["--tensorboard-dir", "/proc/ratplus-tb"], 2),
+    ("convert_max_shard_size_0", "convert", ["--input", "{W}/ck", "--output", "{W}/conv", "--to", "hf",
+                                             "--max-shard-size", "0"], 2),
     ("convert_output_inside_input", "convert", ["--input", "{W}/ck", "--output", "{W}/ck/iter_0000099",
                                                 "--to", "hf"], 2),
     ("preprocess_refused_makes_no_folder", "preprocess", ["--input", "{W}/empty.jsonl", "--output-prefix",
