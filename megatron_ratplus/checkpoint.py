@@ -17,6 +17,7 @@ data.tokenizer.padded_vocab_size); each rank's RNG states are sharded state of t
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -24,6 +25,7 @@ import random
 import re
 import shutil
 import socket
+import threading
 from typing import Optional
 
 import numpy as np
@@ -54,6 +56,7 @@ ITER_DIR = re.compile(r"iter_(\d{7})$")
 META_KEYS = ("model", "tokenizer", "args")  # what every reader of ratplus.json relies on
 RNG_KEY = "rng_state"
 WRITER_THREADS = 2
+_WRITER_THREAD = "(_write_files_from_queue)"  # the name Python gives torch FileSystemWriter's threads
 # Passed to every sharded_state_dict of a save and of a load, and recorded in the checkpoint as
 # dist_checkpointing content metadata, as Megatron-LM does. Megatron's distributed optimizer
 # saves its Adam state per gradient bucket ("dp_reshardable", Megatron-LM's default): every rank
@@ -255,25 +258,40 @@ def save(save_dir: str, iteration: int, model_chunks, optimizer, common: dict, m
     tmp = os.path.join(save_dir, TMP_PREFIX + os.path.basename(final))
     if os.path.exists(final):
         raise CheckpointError(f"{final} exists; refusing to overwrite a checkpoint")
+    marker_tmp = os.path.join(save_dir, TMP_PREFIX + LATEST)
     if _is_rank0():
         os.makedirs(save_dir, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # debris of an interrupted save
         os.makedirs(tmp)
     _barrier()
-    state = sharded_training_state(model_chunks, optimizer)
-    state.update(common, rng_world_size=_world()[1])
-    state[RNG_KEY] = _sharded_rng_state()
-    writer = ThreadedSaveStrategy("torch_dist", 1, thread_count=WRITER_THREADS)
-    dist_checkpointing.save(state, tmp, sharded_strategy=writer, content_metadata=dict(SHARDED_METADATA))
-    _barrier()
-    if _is_rank0():
-        with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
-            json.dump({**meta, "iteration": iteration}, f, indent=2)
-        os.rename(tmp, final)
-        marker_tmp = os.path.join(save_dir, TMP_PREFIX + LATEST)
-        with open(marker_tmp, "w", encoding="utf-8") as f:
-            f.write(os.path.basename(final))
-        os.replace(marker_tmp, os.path.join(save_dir, LATEST))
+    try:
+        state = sharded_training_state(model_chunks, optimizer)
+        state.update(common, rng_world_size=_world()[1])
+        state[RNG_KEY] = _sharded_rng_state()
+        writer = ThreadedSaveStrategy("torch_dist", 1, thread_count=WRITER_THREADS)
+        dist_checkpointing.save(state, tmp, sharded_strategy=writer, content_metadata=dict(SHARDED_METADATA))
+        _barrier()
+        if _is_rank0():
+            with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
+                json.dump({**meta, "iteration": iteration}, f, indent=2)
+            os.rename(tmp, final)
+            with open(marker_tmp, "w", encoding="utf-8") as f:
+                f.write(os.path.basename(final))
+            os.replace(marker_tmp, os.path.join(save_dir, LATEST))
+    except BaseException:
+        # Ctrl-C, SIGTERM (run_cli's Terminated) or a full disk inside the save: the previous
+        # checkpoint is untouched; remove this save's unfinished directory so no .tmp.iter_*
+        # outlives the run (a SIGKILL's debris is cleared by the next lock_save_dir). First wait
+        # for torch's writer threads: a signal stops only the main thread, and they would go on
+        # writing into the directory being removed.
+        for thread in threading.enumerate():
+            if thread is not threading.current_thread() and _WRITER_THREAD in thread.name:
+                thread.join()
+        if _is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.remove(marker_tmp)
+        raise
     _barrier()
     return final
 
@@ -284,6 +302,13 @@ def _first_failure(err: BaseException) -> str:
         err = next(iter(err.failures.values()))[0]
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def _interrupted(err: BaseException) -> bool:
+    """Whether ``err`` is (a CheckpointException wrapping) a signal rather than a bad file."""
+    if isinstance(err, CheckpointException) and err.failures:
+        err = next(iter(err.failures.values()))[0]
+    return not isinstance(err, Exception)
 
 
 def load(path: str, model_chunks, optimizer=None) -> dict:
@@ -305,6 +330,8 @@ def load(path: str, model_chunks, optimizer=None) -> dict:
     # Truncated or mismatched files surface as many error types; torch's CheckpointException
     # (wrapping every rank's failure) derives from BaseException, not Exception.
     except (Exception, CheckpointException) as err:
+        if _interrupted(err):  # Ctrl-C or SIGTERM while loading: run_cli's one line and 130/143
+            raise
         raise CheckpointError(f"cannot load {ckpt}: {_first_failure(err)}") from None
     # Saved with the other --transformer-impl, a checkpoint may lack only Transformer Engine's
     # FP8 metadata (``_extra_state``), which then starts fresh (docs/DESIGN.md §7).

@@ -10,7 +10,6 @@ stays bounded on a 100B-token corpus.
 from __future__ import annotations
 
 import collections
-import contextlib
 import glob
 import gzip
 import json
@@ -25,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from megatron_ratplus.data.tokenizer import DataError, build_tokenizer
-from megatron_ratplus.userfiles import check_output_path, publish, remove_stale_temps
+from megatron_ratplus.userfiles import check_output_path, make_parents, publish, remove_folders, remove_stale_temps
 
 BATCH = 512  # records per task sent to a worker
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -250,17 +249,6 @@ def output_prefixes(prefix: str, keys: Sequence[str], partitions: int) -> Dict[T
     return out
 
 
-def _make_parents(folder: str) -> list:
-    """Create ``folder`` and its missing parents; the ones created, outermost first."""
-    missing = []
-    while not os.path.exists(folder):
-        missing.insert(0, folder)
-        folder = os.path.dirname(folder)
-    for path in missing:
-        os.mkdir(path)
-    return missing
-
-
 def build(paths: Sequence[str], output_prefix: str, tokenizer_spec: str = "byte", json_keys=("text",),
           append_eod: bool = True, workers: int = 1, partitions: int = 1, progress: bool = False) -> dict:
     """Tokenize ``paths`` into indexed datasets; returns counts (documents, tokens, skipped by reason)."""
@@ -291,7 +279,7 @@ def build(paths: Sequence[str], output_prefix: str, tokenizer_spec: str = "byte"
                disable=None if progress else True)  # None: only on a terminal, never in a log or pipe
     created, builders = [], {}
     try:  # from the first folder made: a signal at any point leaves nothing behind
-        created += _make_parents(os.path.dirname(os.path.abspath(output_prefix)))
+        created += make_parents(os.path.dirname(os.path.abspath(output_prefix)))
         for k, p in prefixes.items():
             builders[k] = IndexedDatasetBuilder(p + ".bin" + tmp, dtype=dtype)
         tasks = (task for path in paths for task in read_batches(path, keys))
@@ -327,9 +315,7 @@ def build(paths: Sequence[str], output_prefix: str, tokenizer_spec: str = "byte"
             for path in (prefix + ".bin" + tmp, prefix + ".idx" + tmp):
                 if os.path.exists(path):
                     os.remove(path)
-        for folder in reversed(created):  # a refused run leaves no folders behind either
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
+        remove_folders(created)  # a refused or signalled run leaves no folders behind either
         raise
     finally:
         bar.close()
