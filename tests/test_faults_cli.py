@@ -127,3 +127,54 @@ def test_signal_while_convert_writes(tmp_path, authors_file, sig, status, word):
     again = run(argv)
     assert again.returncode == 0, again.stderr[-3000:]
     assert os.listdir(tmp_path / "made") == ["conv"] and checkpoint.read_meta(output)["iteration"] == 0
+
+
+# ---- a full disk (a small tmpfs) during a checkpoint save and during preprocessing -------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(SIZE) -> a fresh tmpfs of SIZE under tmp_path, unmounted at the end."""
+    mounted = []
+
+    def mount(size: str) -> str:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs to fill: {done.stderr.strip() or done.returncode}")
+        mounted.append(str(folder))
+        return str(folder)
+
+    try:
+        yield mount
+    finally:
+        for folder in mounted:
+            subprocess.run(["umount", "-l", folder], capture_output=True)
+
+
+def test_full_disk_during_a_checkpoint_save(tmp_path, small_disk, megatron_single):
+    """600 KiB hold iteration 1's checkpoint (~400 KiB) but not iteration 2's as well: one line
+    naming the checkpoint, exit 1, iteration 1 the newest and loadable, no .tmp.iter_*."""
+    save = os.path.join(small_disk("600k"), "ck")
+    argv = COMMANDS["pretrain"] + TRAIN + ["--train-iters", "2", "--save-interval", "1", "--save", save]
+    one_line(run(argv), 1, "ratplus-pretrain: error: no space left on device writing", "iter_0000002")
+    assert checkpoint.latest_checkpoint(save) == os.path.join(save, "iter_0000001") and no_temps(save) == []
+    assert not os.path.exists(os.path.join(save, "iter_0000002"))
+    model, _, _ = checkpoint.load_model(save)
+    assert len(model.state_dict()) > 5
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_full_disk_during_preprocess(tmp_path, small_disk, workers):
+    """The output does not fit: one line naming it, exit 1, no .bin/.idx published, no temporary
+    file and no folder the run made."""
+    corpus = tmp_path / "corpus.jsonl"
+    with open(corpus, "w", encoding="utf-8") as f:
+        for i in range(2000):
+            f.write(json.dumps({"text": f"lorem ipsum dolor sit amet {i} " * 10}) + "\n")
+    disk = small_disk("64k")
+    argv = COMMANDS["preprocess"] + ["--input", str(corpus), "--output-prefix", os.path.join(disk, "out", "pre"),
+                                     "--workers", str(workers)]
+    one_line(run(argv), 1, "preprocess_data.py: error: no space left on device writing", "pre.bin")
+    assert os.listdir(disk) == []

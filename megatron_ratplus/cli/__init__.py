@@ -21,7 +21,8 @@ def _root_cause(err: BaseException) -> BaseException:
         failures = getattr(err, "failures", None)
         wrapped = [f[0] for f in failures.values() if isinstance(f, tuple) and f and isinstance(f[0], BaseException)] \
             if isinstance(failures, dict) else []
-        inner = wrapped[0] if wrapped else err.__cause__ or err.__context__
+        # "raise ... from None" replaced its context on purpose (checkpoint.save naming the file)
+        inner = wrapped[0] if wrapped else err.__cause__ or (None if err.__suppress_context__ else err.__context__)
         if inner is None or id(inner) in seen:
             return err
         err = inner

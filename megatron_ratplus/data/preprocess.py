@@ -10,6 +10,8 @@ stays bounded on a 100B-token corpus.
 from __future__ import annotations
 
 import collections
+import contextlib
+import errno
 import glob
 import gzip
 import json
@@ -308,14 +310,18 @@ def build(paths: Sequence[str], output_prefix: str, tokenizer_spec: str = "byte"
         for prefix in prefixes.values():
             publish(prefix + ".bin" + tmp, prefix + ".bin")
             publish(prefix + ".idx" + tmp, prefix + ".idx")
-    except BaseException:
+    except BaseException as err:
         for key, prefix in prefixes.items():
             if key in builders:
-                builders[key].data_file.close()
+                with contextlib.suppress(OSError):  # on a full disk, closing flushes and fails again
+                    builders[key].data_file.close()
             for path in (prefix + ".bin" + tmp, prefix + ".idx" + tmp):
                 if os.path.exists(path):
                     os.remove(path)
         remove_folders(created)  # a refused or signalled run leaves no folders behind either
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) and not err.filename:
+            # a failed buffered write names no file: name the output, for run_cli's one line
+            raise OSError(err.errno, err.strerror, f"{output_prefix}.bin/.idx") from None
         raise
     finally:
         bar.close()
