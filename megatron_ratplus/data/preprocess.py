@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import zlib
 from typing import Dict, Iterator, Sequence, Tuple
 
@@ -222,6 +223,37 @@ def _init_pool_worker(spec: str, keys, append_eod: bool) -> None:
     _init_worker(spec, keys, append_eod)
 
 
+@contextlib.contextmanager
+def _signals_deferred():
+    """Ctrl-C and SIGTERM only noted until ``release()`` (or the block's end), then handled as
+    they would have been. Python runs a signal's handler in the main thread at the next bytecode,
+    wherever that is: inside fork's at-fork hooks (logging's lock release) a KeyboardInterrupt is
+    printed as "Exception ignored" and lost, and the run went on to the end; inside
+    multiprocessing.Pool() it left the workers running, holding the caller's pipes open."""
+    noted, previous = [], {}
+    if threading.current_thread() is threading.main_thread():  # elsewhere signals are not ours to handle
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, frame: noted.append(signum))
+
+    def release():
+        while previous:
+            sig, handler = previous.popitem()
+            signal.signal(sig, handler)
+        if noted:
+            sig = noted[0]
+            noted.clear()
+            handler = signal.getsignal(sig)
+            if callable(handler):
+                handler(sig, None)  # KeyboardInterrupt, run_cli's Terminated
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), sig)
+
+    try:
+        yield release
+    finally:
+        release()
+
+
 def _ordered(tasks: Iterator, workers: int, spec: str, keys, append_eod: bool):
     """(task, result) in input order; at most 2 x workers tasks in flight (bounded memory)."""
     _init_worker(spec, keys, append_eod)
@@ -229,16 +261,24 @@ def _ordered(tasks: Iterator, workers: int, spec: str, keys, append_eod: bool):
         for task in tasks:
             yield task, encode_batch(task)
         return
-    with multiprocessing.Pool(workers, initializer=_init_pool_worker, initargs=(spec, keys, append_eod)) as pool:
-        pending = collections.deque()
-        for task in tasks:
-            pending.append((task, pool.apply_async(encode_batch, (task,))))
-            if len(pending) >= 2 * workers:
-                done, result = pending.popleft()
-                yield done, result.get()
-        while pending:
+    # The pool is made with signals deferred, and one that came meanwhile is raised inside the
+    # with, which then terminates the workers.
+    with _signals_deferred() as release:
+        with multiprocessing.Pool(workers, initializer=_init_pool_worker, initargs=(spec, keys, append_eod)) as pool:
+            release()
+            yield from _in_order(pool, tasks, workers)
+
+
+def _in_order(pool, tasks: Iterator, workers: int):
+    pending = collections.deque()
+    for task in tasks:
+        pending.append((task, pool.apply_async(encode_batch, (task,))))
+        if len(pending) >= 2 * workers:
             done, result = pending.popleft()
             yield done, result.get()
+    while pending:
+        done, result = pending.popleft()
+        yield done, result.get()
 
 
 def output_prefixes(prefix: str, keys: Sequence[str], partitions: int) -> Dict[Tuple[str, int], str]:
