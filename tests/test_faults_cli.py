@@ -178,3 +178,36 @@ def test_full_disk_during_preprocess(tmp_path, small_disk, workers):
                                      "--workers", str(workers)]
     one_line(run(argv), 1, "preprocess_data.py: error: no space left on device writing", "pre.bin")
     assert os.listdir(disk) == []
+
+
+# ---- LongBench files through ratplus-eval --longbench --------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    save = str(tmp_path_factory.mktemp("tiny") / "ck")
+    done = run(COMMANDS["pretrain"] + TRAIN + ["--train-iters", "1", "--save", save])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return save
+
+
+GOOD_SAMPLE = {"context": "some text", "input": "a question", "answers": ["an answer"], "length": 3,
+               "all_classes": None}
+LONGBENCH_FILES = [  # (id, the file's bytes, words of the one line besides the file name)
+    ("latin1", json.dumps({**GOOD_SAMPLE, "context": "caf\xe9"}, ensure_ascii=False).encode("latin-1") + b"\n",
+     ("is not UTF-8",)),
+    ("line_is_a_number", (json.dumps(GOOD_SAMPLE) + "\n5\n").encode(), ("line 2", "must be a JSON object, got int")),
+    ("answers_a_string", (json.dumps(GOOD_SAMPLE) + "\n" + json.dumps({**GOOD_SAMPLE, "answers": "an answer"})
+                          + "\n").encode(), ("line 2", "answers must be list")),
+    ("context_a_number", json.dumps({**GOOD_SAMPLE, "context": 5}).encode() + b"\n", ("line 1", "context must be str")),
+]
+
+
+@pytest.mark.parametrize("content,words", [case[1:] for case in LONGBENCH_FILES],
+                         ids=[case[0] for case in LONGBENCH_FILES])
+def test_bad_longbench_file_is_one_line_naming_it(tmp_path, tiny_checkpoint, content, words):
+    (tmp_path / "hotpotqa.jsonl").write_bytes(content)
+    before = sorted(os.listdir(tmp_path))
+    result = run(COMMANDS["eval"] + ["--load", tiny_checkpoint, "--patterns", "dense", "--longbench", "hotpotqa",
+                                     "--longbench-dir", str(tmp_path), "--longbench-samples", "2"])
+    line = one_line(result, 2, "ratplus-eval: error: ", str(tmp_path / "hotpotqa.jsonl"), *words)
+    assert result.stdout == "" and sorted(os.listdir(tmp_path)) == before, line
