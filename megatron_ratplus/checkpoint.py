@@ -21,8 +21,8 @@ import contextlib
 import errno
 import fcntl
 import json
-import queue
 import os
+import queue
 import random
 import re
 import shutil
@@ -43,9 +43,9 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 )
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import _write_files_from_queue
 from torch.futures import Future
-from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_ratplus.config import SHAPE_KEYS
 from megatron_ratplus.errors import UserError

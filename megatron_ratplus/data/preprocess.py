@@ -230,10 +230,18 @@ def _signals_deferred():
     wherever that is: inside fork's at-fork hooks (logging's lock release) a KeyboardInterrupt is
     printed as "Exception ignored" and lost, and the run went on to the end; inside
     multiprocessing.Pool() it left the workers running, holding the caller's pipes open."""
-    noted, previous = [], {}
+    noted, previous, parent = [], {}, os.getpid()
+
+    def note(signum, frame):
+        if os.getpid() == parent:
+            noted.append(signum)
+        elif signum == signal.SIGTERM:  # a worker forked meanwhile, not yet in _init_pool_worker:
+            signal.signal(signum, signal.SIG_DFL)  # Pool.terminate's SIGTERM must end it (Ctrl-C: the
+            os.kill(os.getpid(), signum)  # parent's, ignored here as _init_pool_worker does)
+
     if threading.current_thread() is threading.main_thread():  # elsewhere signals are not ours to handle
         for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda signum, frame: noted.append(signum))
+            previous[sig] = signal.signal(sig, note)
 
     def release():
         while previous:
