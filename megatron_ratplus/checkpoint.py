@@ -17,13 +17,17 @@ data.tokenizer.padded_vocab_size); each rank's RNG states are sharded state of t
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
 import os
+import queue
 import random
 import re
 import shutil
 import socket
+import threading
 from typing import Optional
 
 import numpy as np
@@ -40,6 +44,8 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import _write_files_from_queue
+from torch.futures import Future
 
 from megatron_ratplus.config import SHAPE_KEYS
 from megatron_ratplus.errors import UserError
@@ -69,6 +75,60 @@ class CheckpointError(UserError):
     """A checkpoint path that cannot be used; the message is one line for the user."""
 
 
+class _Writer(FileSystemWriter):
+    """torch's FileSystemWriter whose writer threads report their failures to the caller.
+
+    torch's own extra threads die alone on an error: a full disk prints their traceback on
+    stderr and their files' results are lost, so the checkpoint's metadata would silently lack
+    them. Here every thread's first failure is raised in the calling thread, and only after all
+    writers stopped: a signal interrupts the main thread only, and the others would otherwise go
+    on writing into the directory the failed save removes. On a failure the queue of files is
+    emptied so the other threads stop after the file in hand. (torch 2.13's _write_data, with
+    that one change; the per-file work is torch's own function.)
+    """
+
+    def _write_data(self, planner, file_queue: queue.Queue) -> Future:
+        result_queue: queue.Queue = queue.Queue()
+        failures = []
+
+        def work():
+            try:
+                _write_files_from_queue(
+                    create_stream=self.fs.create_stream, file_queue=file_queue, result_queue=result_queue,
+                    planner=planner, transforms=self.transforms, inflight_threshhold=self.per_thread_copy_ahead,
+                    use_fsync=self.sync_files, thread_count=self.thread_count,
+                    serialization_format=self.serialization_format)
+            except BaseException as err:  # noqa: BLE001  (raised below, in the calling thread)
+                failures.append(err)
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        file_queue.get_nowait()
+
+        threads = [threading.Thread(target=work, name="ratplus-checkpoint-writer", daemon=True)
+                   for _ in range(1, self.thread_count)]
+        for thread in threads:
+            thread.start()
+        work()
+        for thread in threads:
+            while thread.is_alive():
+                try:
+                    thread.join()
+                except BaseException as err:  # noqa: BLE001  a signal while waiting: wait, then raise it
+                    failures.append(err)
+                    with contextlib.suppress(queue.Empty):
+                        while True:
+                            file_queue.get_nowait()
+        if failures:
+            raise failures[0]
+        results = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                results += result_queue.get_nowait()
+        done: Future = Future()
+        done.set_result(results)
+        return done
+
+
 class ThreadedSaveStrategy(TorchDistSaveShardedStrategy):
     """megatron's torch_dist format, written by threads of this process.
 
@@ -83,7 +143,7 @@ class ThreadedSaveStrategy(TorchDistSaveShardedStrategy):
         pyt_state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
         torch.distributed.checkpoint.save(
             mcore_to_pyt_state_dict(pyt_state, False),
-            storage_writer=FileSystemWriter(checkpoint_dir, thread_count=self.thread_count),
+            storage_writer=_Writer(checkpoint_dir, thread_count=self.thread_count),
             planner=MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
                                      flatten_state_dict=False))
 
@@ -255,35 +315,61 @@ def save(save_dir: str, iteration: int, model_chunks, optimizer, common: dict, m
     tmp = os.path.join(save_dir, TMP_PREFIX + os.path.basename(final))
     if os.path.exists(final):
         raise CheckpointError(f"{final} exists; refusing to overwrite a checkpoint")
+    marker_tmp = os.path.join(save_dir, TMP_PREFIX + LATEST)
     if _is_rank0():
         os.makedirs(save_dir, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # debris of an interrupted save
         os.makedirs(tmp)
     _barrier()
-    state = sharded_training_state(model_chunks, optimizer)
-    state.update(common, rng_world_size=_world()[1])
-    state[RNG_KEY] = _sharded_rng_state()
-    writer = ThreadedSaveStrategy("torch_dist", 1, thread_count=WRITER_THREADS)
-    dist_checkpointing.save(state, tmp, sharded_strategy=writer, content_metadata=dict(SHARDED_METADATA))
-    _barrier()
-    if _is_rank0():
-        with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
-            json.dump({**meta, "iteration": iteration}, f, indent=2)
-        os.rename(tmp, final)
-        marker_tmp = os.path.join(save_dir, TMP_PREFIX + LATEST)
-        with open(marker_tmp, "w", encoding="utf-8") as f:
-            f.write(os.path.basename(final))
-        os.replace(marker_tmp, os.path.join(save_dir, LATEST))
+    try:
+        state = sharded_training_state(model_chunks, optimizer)
+        state.update(common, rng_world_size=_world()[1])
+        state[RNG_KEY] = _sharded_rng_state()
+        writer = ThreadedSaveStrategy("torch_dist", 1, thread_count=WRITER_THREADS)
+        dist_checkpointing.save(state, tmp, sharded_strategy=writer, content_metadata=dict(SHARDED_METADATA))
+        _barrier()
+        if _is_rank0():
+            with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
+                json.dump({**meta, "iteration": iteration}, f, indent=2)
+            os.rename(tmp, final)
+            with open(marker_tmp, "w", encoding="utf-8") as f:
+                f.write(os.path.basename(final))
+            os.replace(marker_tmp, os.path.join(save_dir, LATEST))
+    except BaseException as err:
+        # Ctrl-C, SIGTERM (run_cli's Terminated) or a full disk inside the save: the previous
+        # checkpoint is untouched; remove this save's unfinished directory so no .tmp.iter_*
+        # outlives the run (a SIGKILL's debris is cleared by the next lock_save_dir). _Writer
+        # has stopped its threads before this point.
+        if _is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.remove(marker_tmp)
+        cause = _failure(err)
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) \
+                and not cause.filename:  # a failed flush names no file: name the checkpoint being written
+            raise OSError(cause.errno, cause.strerror, final) from None
+        raise
     _barrier()
     return final
 
 
 def _first_failure(err: BaseException) -> str:
     """One line naming what went wrong (a CheckpointException's first rank failure, unwrapped)."""
-    if isinstance(err, CheckpointException) and err.failures:
-        err = next(iter(err.failures.values()))[0]
+    err = _failure(err)
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def _failure(err: BaseException) -> BaseException:
+    """The first rank's failure inside a CheckpointException, else ``err``."""
+    if isinstance(err, CheckpointException) and err.failures:
+        return next(iter(err.failures.values()))[0]
+    return err
+
+
+def _interrupted(err: BaseException) -> bool:
+    """Whether ``err`` is (a CheckpointException wrapping) a signal rather than a bad file."""
+    return not isinstance(_failure(err), Exception)
 
 
 def load(path: str, model_chunks, optimizer=None) -> dict:
@@ -305,6 +391,8 @@ def load(path: str, model_chunks, optimizer=None) -> dict:
     # Truncated or mismatched files surface as many error types; torch's CheckpointException
     # (wrapping every rank's failure) derives from BaseException, not Exception.
     except (Exception, CheckpointException) as err:
+        if _interrupted(err):  # Ctrl-C or SIGTERM while loading: run_cli's one line and 130/143
+            raise
         raise CheckpointError(f"cannot load {ckpt}: {_first_failure(err)}") from None
     # Saved with the other --transformer-impl, a checkpoint may lack only Transformer Engine's
     # FP8 metadata (``_extra_state``), which then starts fresh (docs/DESIGN.md §7).

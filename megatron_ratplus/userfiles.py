@@ -127,3 +127,22 @@ def remove_stale_temps(pattern: str) -> None:
         if pid.isdigit() and int(pid) != os.getpid() and not os.path.exists(f"/proc/{pid}"):
             with contextlib.suppress(OSError):
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def make_parents(folder: str) -> list:
+    """Create ``folder`` and its missing parents; the ones created, outermost first (for
+    :func:`remove_folders` when the run fails or is signalled)."""
+    missing = []
+    while not os.path.exists(folder):
+        missing.insert(0, folder)
+        folder = os.path.dirname(folder)
+    for path in missing:
+        os.mkdir(path)
+    return missing
+
+
+def remove_folders(created: list) -> None:
+    """Remove the (empty) folders :func:`make_parents` created, innermost first."""
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)

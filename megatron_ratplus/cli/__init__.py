@@ -13,12 +13,20 @@ from megatron_ratplus.errors import UserError
 
 def _root_cause(err: BaseException) -> BaseException:
     """The exception at the bottom of a chain: megatron's checkpointing wraps a Ctrl-C or a full
-    disk in its own CheckpointException."""
+    disk in its own CheckpointException, and torch's distributed checkpoint in a
+    CheckpointException that holds each failed rank's exception in ``failures`` (rank ->
+    (exception, traceback)) rather than as a cause."""
     seen = {id(err)}
-    while (err.__cause__ or err.__context__) is not None and id(err.__cause__ or err.__context__) not in seen:
-        err = err.__cause__ or err.__context__
+    while True:
+        failures = getattr(err, "failures", None)
+        wrapped = [f[0] for f in failures.values() if isinstance(f, tuple) and f and isinstance(f[0], BaseException)] \
+            if isinstance(failures, dict) else []
+        # "raise ... from None" replaced its context on purpose (checkpoint.save naming the file)
+        inner = wrapped[0] if wrapped else err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+        if inner is None or id(inner) in seen:
+            return err
+        err = inner
         seen.add(id(err))
-    return err
 
 
 class Terminated(BaseException):
@@ -43,7 +51,17 @@ def run_cli(prog: str, main: Callable[[], object]) -> int:
     except UserError as err:
         print(f"{prog}: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return 2
-    except Exception as err:  # noqa: BLE001  (re-raised unless its root cause is one of the below)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"{prog}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
+    except BaseException as err:  # noqa: BLE001  (re-raised unless its root cause is one of the below)
+        # BaseException, not Exception: torch's CheckpointException (a signal or a full disk
+        # inside a checkpoint write) derives from BaseException; SystemExit passes through.
+        if isinstance(err, (SystemExit, GeneratorExit)):
+            raise
         cause = _root_cause(err)
         if isinstance(cause, (KeyboardInterrupt, Terminated)):
             print(f"{prog}: {'interrupted' if isinstance(cause, KeyboardInterrupt) else 'terminated (SIGTERM)'}",
@@ -54,12 +72,6 @@ def run_cli(prog: str, main: Callable[[], object]) -> int:
             print(f"{prog}: error: {os.strerror(cause.errno).lower()}{where}", file=sys.stderr)
             return 1
         raise
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except Terminated:
-        print(f"{prog}: terminated (SIGTERM)", file=sys.stderr)
-        return 143
     finally:
         if unwind:  # a console script called in-process (tests, notebooks) leaves no handler behind
             signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -133,6 +133,11 @@ def check_arguments(args) -> None:
     budget = getattr(args, "longbench_max_length", None)
     if budget is not None and budget < 2:
         raise UserError(f"--longbench-max-length must be >= 2, got {budget}")
+    if getattr(args, "longbench", None):  # a bad task name or data file, before the model loads and evaluates
+        from megatron_ratplus.evaluation.longbench import load_samples, task_spec
+
+        for name in args.longbench:
+            load_samples(args.longbench_dir, task_spec(name), args.longbench_samples)
     results = getattr(args, "results", None)
     if results and os.path.splitext(results)[1].lower() != ".json":
         raise UserError(f"--results '{results}' must end in .json")

@@ -23,7 +23,7 @@ from typing import Dict, Iterator, Mapping, Tuple
 import torch
 
 from megatron_ratplus.errors import UserError
-from megatron_ratplus.userfiles import remove_stale_temps
+from megatron_ratplus.userfiles import make_parents, remove_folders, remove_stale_temps
 
 
 class ConversionError(UserError):
@@ -68,15 +68,17 @@ def fresh_output(path: str) -> Iterator[str]:
     if os.path.lexists(path):
         raise ConversionError(f"output {path} already exists; refusing to write into or over it")
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
+    created = make_parents(parent)  # removed again unless the output is published
     tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.tmp-{os.getpid()}")
-    remove_stale_temps(glob.escape(tmp.rsplit(".tmp-", 1)[0]) + ".tmp-*")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    published = False
     try:
+        remove_stale_temps(glob.escape(tmp.rsplit(".tmp-", 1)[0]) + ".tmp-*")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
         yield tmp
         try:
             os.rename(tmp, path)  # fails, never merges, if another run created path meanwhile
+            published = True
         except OSError as err:
             if err.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
                 raise
@@ -84,3 +86,5 @@ def fresh_output(path: str) -> Iterator[str]:
                                   "this run's output is discarded") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not published:  # a failed or signalled conversion leaves no new empty folders either
+            remove_folders(created)

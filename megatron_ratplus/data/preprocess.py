@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import glob
 import gzip
 import json
@@ -18,6 +19,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import zlib
 from typing import Dict, Iterator, Sequence, Tuple
 
@@ -25,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from megatron_ratplus.data.tokenizer import DataError, build_tokenizer
-from megatron_ratplus.userfiles import check_output_path, publish, remove_stale_temps
+from megatron_ratplus.userfiles import check_output_path, make_parents, publish, remove_folders, remove_stale_temps
 
 BATCH = 512  # records per task sent to a worker
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -221,6 +223,45 @@ def _init_pool_worker(spec: str, keys, append_eod: bool) -> None:
     _init_worker(spec, keys, append_eod)
 
 
+@contextlib.contextmanager
+def _signals_deferred():
+    """Ctrl-C and SIGTERM only noted until ``release()`` (or the block's end), then handled as
+    they would have been. Python runs a signal's handler in the main thread at the next bytecode,
+    wherever that is: inside fork's at-fork hooks (logging's lock release) a KeyboardInterrupt is
+    printed as "Exception ignored" and lost, and the run went on to the end; inside
+    multiprocessing.Pool() it left the workers running, holding the caller's pipes open."""
+    noted, previous, parent = [], {}, os.getpid()
+
+    def note(signum, frame):
+        if os.getpid() == parent:
+            noted.append(signum)
+        elif signum == signal.SIGTERM:  # a worker forked meanwhile, not yet in _init_pool_worker:
+            signal.signal(signum, signal.SIG_DFL)  # Pool.terminate's SIGTERM must end it (Ctrl-C: the
+            os.kill(os.getpid(), signum)  # parent's, ignored here as _init_pool_worker does)
+
+    if threading.current_thread() is threading.main_thread():  # elsewhere signals are not ours to handle
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, note)
+
+    def release():
+        while previous:
+            sig, handler = previous.popitem()
+            signal.signal(sig, handler)
+        if noted:
+            sig = noted[0]
+            noted.clear()
+            handler = signal.getsignal(sig)
+            if callable(handler):
+                handler(sig, None)  # KeyboardInterrupt, run_cli's Terminated
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), sig)
+
+    try:
+        yield release
+    finally:
+        release()
+
+
 def _ordered(tasks: Iterator, workers: int, spec: str, keys, append_eod: bool):
     """(task, result) in input order; at most 2 x workers tasks in flight (bounded memory)."""
     _init_worker(spec, keys, append_eod)
@@ -228,16 +269,24 @@ def _ordered(tasks: Iterator, workers: int, spec: str, keys, append_eod: bool):
         for task in tasks:
             yield task, encode_batch(task)
         return
-    with multiprocessing.Pool(workers, initializer=_init_pool_worker, initargs=(spec, keys, append_eod)) as pool:
-        pending = collections.deque()
-        for task in tasks:
-            pending.append((task, pool.apply_async(encode_batch, (task,))))
-            if len(pending) >= 2 * workers:
-                done, result = pending.popleft()
-                yield done, result.get()
-        while pending:
+    # The pool is made with signals deferred, and one that came meanwhile is raised inside the
+    # with, which then terminates the workers.
+    with _signals_deferred() as release:
+        with multiprocessing.Pool(workers, initializer=_init_pool_worker, initargs=(spec, keys, append_eod)) as pool:
+            release()
+            yield from _in_order(pool, tasks, workers)
+
+
+def _in_order(pool, tasks: Iterator, workers: int):
+    pending = collections.deque()
+    for task in tasks:
+        pending.append((task, pool.apply_async(encode_batch, (task,))))
+        if len(pending) >= 2 * workers:
             done, result = pending.popleft()
             yield done, result.get()
+    while pending:
+        done, result = pending.popleft()
+        yield done, result.get()
 
 
 def output_prefixes(prefix: str, keys: Sequence[str], partitions: int) -> Dict[Tuple[str, int], str]:
@@ -248,17 +297,6 @@ def output_prefixes(prefix: str, keys: Sequence[str], partitions: int) -> Dict[T
         for shard in range(partitions):
             out[key, shard] = f"{base}_{shard}" if partitions > 1 else base
     return out
-
-
-def _make_parents(folder: str) -> list:
-    """Create ``folder`` and its missing parents; the ones created, outermost first."""
-    missing = []
-    while not os.path.exists(folder):
-        missing.insert(0, folder)
-        folder = os.path.dirname(folder)
-    for path in missing:
-        os.mkdir(path)
-    return missing
 
 
 def build(paths: Sequence[str], output_prefix: str, tokenizer_spec: str = "byte", json_keys=("text",),
@@ -291,7 +329,7 @@ def build(paths: Sequence[str], output_prefix: str, tokenizer_spec: str = "byte"
                disable=None if progress else True)  # None: only on a terminal, never in a log or pipe
     created, builders = [], {}
     try:  # from the first folder made: a signal at any point leaves nothing behind
-        created += _make_parents(os.path.dirname(os.path.abspath(output_prefix)))
+        created += make_parents(os.path.dirname(os.path.abspath(output_prefix)))
         for k, p in prefixes.items():
             builders[k] = IndexedDatasetBuilder(p + ".bin" + tmp, dtype=dtype)
         tasks = (task for path in paths for task in read_batches(path, keys))
@@ -320,16 +358,18 @@ def build(paths: Sequence[str], output_prefix: str, tokenizer_spec: str = "byte"
         for prefix in prefixes.values():
             publish(prefix + ".bin" + tmp, prefix + ".bin")
             publish(prefix + ".idx" + tmp, prefix + ".idx")
-    except BaseException:
+    except BaseException as err:
         for key, prefix in prefixes.items():
             if key in builders:
-                builders[key].data_file.close()
+                with contextlib.suppress(OSError):  # on a full disk, closing flushes and fails again
+                    builders[key].data_file.close()
             for path in (prefix + ".bin" + tmp, prefix + ".idx" + tmp):
                 if os.path.exists(path):
                     os.remove(path)
-        for folder in reversed(created):  # a refused run leaves no folders behind either
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
+        remove_folders(created)  # a refused or signalled run leaves no folders behind either
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) and not err.filename:
+            # a failed buffered write names no file: name the output, for run_cli's one line
+            raise OSError(err.errno, err.strerror, f"{output_prefix}.bin/.idx") from None
         raise
     finally:
         bar.close()

@@ -29,7 +29,7 @@ from megatron_ratplus.evaluation.metrics import check_metric, score
 from megatron_ratplus.evaluation.scoring import greedy_until
 from megatron_ratplus.model import evaluating
 from megatron_ratplus.optional import require
-from megatron_ratplus.userfiles import json_objects
+from megatron_ratplus.userfiles import json_objects, typed_fields
 
 CONTEXT_MARGIN = 500  # LongBench's model2maxlen: the truncation budget is the context minus 500 tokens
 
@@ -134,6 +134,14 @@ def load_samples(directory: str, task: LongBenchTask, limit: Optional[int] = Non
         missing = [k for k in ("context", "input", "answers") if k not in sample]
         if missing:
             raise DatasetMissingError(f"{path} line {number} lacks {', '.join(missing)}")
+        # a number where text belongs would be formatted into the prompt, a string of answers
+        # scored letter by letter: the fields' types are checked, naming the line
+        where = f"{path} line {number}"
+        typed_fields(sample, {"context": str, "input": str, "answers": list, "length": int}, where)
+        if sample.get("all_classes") is not None:
+            typed_fields(sample, {"all_classes": list}, where)
+        if not all(isinstance(answer, str) for answer in sample["answers"]):
+            raise DatasetMissingError(f"{where}: answers must be a list of strings, got {sample['answers']!r:.80}")
         samples.append(sample)
         if limit is not None and len(samples) == limit:
             break
