@@ -97,6 +97,7 @@ BAD = [
                                              "--max-shard-size", "0"], 2),
     ("convert_output_inside_input", "convert", ["--input", "{W}/ck", "--output", "{W}/ck/iter_0000099",
                                                 "--to", "hf"], 2),
+    ("preprocess_input_is_a_directory", "preprocess", ["--input", "{W}", "--output-prefix", "{W}/pre"], 2),
     ("preprocess_refused_makes_no_folder", "preprocess", ["--input", "{W}/empty.jsonl", "--output-prefix",
                                                           "{W}/made/sub/pre"], 2),
     # one line even where megatron's dataset would print "Exception ignored" when freed

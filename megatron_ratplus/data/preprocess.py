@@ -311,7 +311,8 @@ def build(paths: Sequence[str], output_prefix: str, tokenizer_spec: str = "byte"
         raise DataError("--json-keys must name distinct fields")
     for path in paths:
         if not os.path.isfile(path):
-            raise DataError(f"input file not found: {path}")
+            raise DataError(f"input {path} is a directory; name its files" if os.path.isdir(path)
+                            else f"input file not found: {path}")
     prefixes = output_prefixes(output_prefix, keys, partitions)
     for prefix in prefixes.values():
         for ext in (".bin", ".idx"):
