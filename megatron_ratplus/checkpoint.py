@@ -340,11 +340,16 @@ def save(save_dir: str, iteration: int, model_chunks, optimizer, common: dict, m
         # checkpoint is untouched; remove this save's unfinished directory so no .tmp.iter_*
         # outlives the run (a SIGKILL's debris is cleared by the next lock_save_dir). _Writer
         # has stopped its threads before this point.
+        cause = _failure(err)
+        # torch's zip writer reports a short write into a full disk as a RuntimeError ("unexpected
+        # pos"), not an OSError: a failure with (almost) no space left is that, seen before cleanup
+        if isinstance(cause, Exception) and not isinstance(cause, OSError) and \
+                shutil.disk_usage(save_dir).free < 2 ** 20:
+            cause = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         if _is_rank0():
             shutil.rmtree(tmp, ignore_errors=True)
             with contextlib.suppress(OSError):
                 os.remove(marker_tmp)
-        cause = _failure(err)
         if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) \
                 and not cause.filename:  # a failed flush names no file: name the checkpoint being written
             raise OSError(cause.errno, cause.strerror, final) from None
