@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import inspect
 import json
 import os
 import queue
@@ -44,7 +45,10 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.filesystem import _write_files_from_queue
+try:  # private: the per-file writer of torch's FileSystemWriter (see _Writer)
+    from torch.distributed.checkpoint.filesystem import _write_files_from_queue
+except ImportError:  # another torch than the pinned one: _Writer defers to torch's own threads
+    _write_files_from_queue = None
 from torch.futures import Future
 
 from megatron_ratplus.config import SHAPE_KEYS
@@ -88,6 +92,8 @@ class _Writer(FileSystemWriter):
     """
 
     def _write_data(self, planner, file_queue: queue.Queue) -> Future:
+        if not _WRITER_API:  # a torch whose private writer differs: its own threads (works; a full
+            return super()._write_data(planner, file_queue)  # disk then also prints torch's traceback)
         result_queue: queue.Queue = queue.Queue()
         failures = []
 
@@ -127,6 +133,13 @@ class _Writer(FileSystemWriter):
         done: Future = Future()
         done.set_result(results)
         return done
+
+
+# _Writer calls torch's private per-file writer with torch 2.13's arguments; any other shape
+# (the GPU image's torch, a future one) keeps torch's own _write_data.
+_WRITER_API = _write_files_from_queue is not None and hasattr(FileSystemWriter, "_write_data") and {
+    "create_stream", "file_queue", "result_queue", "planner", "transforms", "inflight_threshhold", "use_fsync",
+    "thread_count", "serialization_format"} == set(inspect.signature(_write_files_from_queue).parameters)
 
 
 class ThreadedSaveStrategy(TorchDistSaveShardedStrategy):

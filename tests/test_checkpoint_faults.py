@@ -192,6 +192,31 @@ def test_resume_restores_this_ranks_rng_state(tmp_path, megatron_single):
     assert torch.equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and got[2] == want[2]
 
 
+@pytest.mark.parametrize("own_writer", [True, False])
+def test_save_writes_every_tensor_with_either_writer(tmp_path, megatron_single, monkeypatch, own_writer):
+    """Our writer threads (torch 2.13's private per-file writer) and, on a torch whose private API
+    differs, torch's own: both write every tensor, and a load gives them back exactly."""
+    from megatron_ratplus.config import preset
+    from megatron_ratplus.model import build_model
+
+    if not own_writer:
+        monkeypatch.setattr(checkpoint, "_WRITER_API", False)
+    assert checkpoint._WRITER_API == own_writer
+    torch.manual_seed(3)
+    model = build_model(preset("tiny", num_layers=2, hidden_size=32, num_attention_heads=2, seq_length=32,
+                               vocab_size=256))
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    meta = {"model": checkpoint.model_meta(model.config), "tokenizer": "byte", "args": {}}
+    path = checkpoint.save(str(tmp_path / "ck"), 1, [model], None, {"iteration": 1}, meta)
+    with torch.no_grad():
+        for value in model.parameters():
+            value.normal_()
+    checkpoint.load(path, [model], None)
+    for key, value in model.state_dict().items():
+        if key in saved:
+            assert torch.equal(value, saved[key]), key
+
+
 def corrupt_checkpoint(tmp_path, how):
     """A copy of a good one-iteration checkpoint with one file damaged."""
     source = str(tmp_path.parent / "good")
