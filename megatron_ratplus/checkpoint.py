@@ -435,8 +435,27 @@ def model_meta(config) -> dict:
     return {key: getattr(config, key) for key in SHAPE_KEYS}
 
 
+def _read_hf_export(path: str):
+    """(meta, full state dict) of a Hugging Face export: its weights go straight into the built
+    model, one rank holding them all (tensor parallelism needs our format: ratplus-convert)."""
+    from megatron.core import parallel_state
+
+    from megatron_ratplus.convert import local
+    from megatron_ratplus.convert.hf import read_hf
+
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        raise CheckpointError(f"{path} is a Hugging Face export, which loads on one rank; for tensor "
+                              f"parallelism convert it first: ratplus-convert --input {path} --output CKPT")
+    state, shape, tokenizer_file = read_hf(path)
+    pattern = shape.pop("attention_pattern")
+    meta = {"model": model_meta(local.model_config(shape)), "attention_pattern": pattern,
+            "tokenizer": f"json:{tokenizer_file}" if tokenizer_file else "byte"}
+    return meta, state
+
+
 def load_model(path: str, pattern=None, dtype: str = "fp32", **config_overrides):
-    """(model, config, tokenizer) from a checkpoint, for evaluation and generation.
+    """(model, config, tokenizer) from a checkpoint or a Hugging Face export (ratplus-convert
+    --to hf), for evaluation, generation and serving.
 
     Initialises a one-rank process group if none exists; ``pattern`` switches every layer's
     attention pattern (any string of the pattern grammar); by default the model attends with the
@@ -453,15 +472,21 @@ def load_model(path: str, pattern=None, dtype: str = "fp32", **config_overrides)
 
     if dtype not in EVAL_DTYPES:
         raise UserError(f"dtype must be one of {', '.join(EVAL_DTYPES)}, not '{dtype}'")
-    meta = read_meta(path)
     if not parallel_state.model_parallel_is_initialized():
         distributed.initialize()
+    exported = os.path.isfile(os.path.join(path, "config.json"))  # ratplus-convert --to hf's directory
+    meta, state = _read_hf_export(path) if exported else (read_meta(path), None)
     tokenizer = build_tokenizer(meta["tokenizer"])
     recorded = {"attention_pattern": meta["attention_pattern"]} if "attention_pattern" in meta else {}
     # checkpoints written before real_vocab_size was recorded: the tokenizer's vocabulary is the real one
     config = model_config(**{"real_vocab_size": tokenizer.vocab_size, **meta["model"], **recorded, **config_overrides})
     model = build_model(config)
-    load(meta["path"], [model])
+    if state is None:
+        load(meta["path"], [model])
+    else:
+        from megatron_ratplus.convert.local import load_full_state
+
+        load_full_state(model, state)
     model.to(EVAL_DTYPES[dtype])  # loaded at the built dtype, then cast: the checkpoint's own dtype does not matter
     config.params_dtype, config.bf16 = EVAL_DTYPES[dtype], dtype == "bf16"
     model.eval()

@@ -94,6 +94,23 @@ def test_hf_logits_equal_ours(exported, pattern):
             assert (dense(tokens).logits[..., :257] - theirs[..., :257]).abs().max() > 1e-3 * scale
 
 
+def test_load_model_reads_an_hf_export(exported):
+    """ratplus-generate and ratplus-serve load an export directly: the same model, tokenizer and
+    recorded pattern as our checkpoint, logits equal to the bit at any pattern."""
+    root, _ = exported
+    tokens = torch.randint(0, 257, (2, 60), generator=torch.Generator().manual_seed(13))
+    for pattern in (None, SPARSE, COMPOSITION):
+        ours, _ = _ours_logits(root / "ours", pattern, tokens)
+        model, config, tokenizer = checkpoint.load_model(str(root / "hf"), pattern=pattern)
+        with torch.no_grad():
+            theirs = model(tokens, torch.arange(60).expand_as(tokens), None)
+        assert torch.equal(theirs, ours), pattern
+    _, ours_config, ours_tokenizer = checkpoint.load_model(str(root / "ours"))
+    assert (config.seq_length, config.real_vocab_size, str(config.attention_pattern)) == \
+           (ours_config.seq_length, ours_config.real_vocab_size, str(ours_config.attention_pattern))
+    assert type(tokenizer) is type(ours_tokenizer)
+
+
 def test_byte_tokenizer_exports_as_tokenizer_json(exported, tmp_path):
     from transformers import AutoTokenizer
 

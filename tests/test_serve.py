@@ -461,6 +461,26 @@ def test_server_bf16_equals_generate_bf16(ckpt, model, capsys):
 
 
 @pytest.mark.integration
+def test_server_loads_an_hf_export(ckpt, capsys, tmp_path):
+    """--load of a Hugging Face export (ratplus-convert --to hf) serves the same greedy text as our
+    checkpoint under either pattern; its name in the API is the export's folder."""
+    from megatron_ratplus.cli import convert as convert_cli
+
+    export = str(tmp_path / "tiny-hf")
+    assert convert_cli.main(["--input", ckpt, "--output", export, "--to", "hf"]) == 0
+    capsys.readouterr()  # convert's "wrote ..."
+    prompt = "Once upon a time"
+    expected = {pattern: _generate_cli(capsys, ckpt, prompt, pattern, 20) for pattern in PATTERNS}
+    assert {pattern: _generate_cli(capsys, export, prompt, pattern, 20) for pattern in PATTERNS} == expected
+    with Server(export, "--patterns", ",".join(PATTERNS)) as server:
+        for pattern in PATTERNS:
+            status, body, _ = server.post({"prompt": prompt, "max_tokens": 20, "temperature": 0,
+                                           "attention_pattern": pattern})
+            assert status == 200 and prompt + body["choices"][0]["text"] == expected[pattern], pattern
+            assert body["model"] == "tiny-hf"
+
+
+@pytest.mark.integration
 def test_server_burst_queues_then_sigterm_drains(ckpt):
     """A burst beyond the pool and queue: every admitted request completes, the rest get 429
     with Retry-After; SIGTERM then answers 503, lets the running request finish and exits 0."""

@@ -47,6 +47,14 @@ def model_config(shape: dict):
     return model_config(**shape)
 
 
+def load_full_state(model, state: Dict[str, torch.Tensor]) -> None:
+    """Put a full (one-rank, local names) state dict into a built model, every tensor accounted for."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:  # expected_shapes and the model disagree: a bug, not a user error
+        raise RuntimeError(f"model and converter disagree: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
 def write_local(state: Dict[str, torch.Tensor], shape: dict, tokenizer_spec: str, output: str, source: dict,
                 lr: float = 8e-4, tokenizer_file: Optional[str] = None) -> str:
     """Write ``state`` (full, local names) as a new checkpoint directory ``output``; returns it.
@@ -62,10 +70,7 @@ def write_local(state: Dict[str, torch.Tensor], shape: dict, tokenizer_spec: str
     check_tensors(state, expected_shapes(config), source.get("path", "source"))
     distributed.initialize()
     model = build_model(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:  # expected_shapes and the model disagree: a bug, not a user error
-        raise RuntimeError(f"model and converter disagree: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    load_full_state(model, state)
     meta = {"model": checkpoint.model_meta(config), "tokenizer": tokenizer_spec, "source": source,
             "args": {"lr": lr, "seed": DEFAULT_SEED, "split": DEFAULT_SPLIT, "data_path": None}}
     common = {"iteration": 0, "consumed_samples": 0, "nan_skipped": 0}
