@@ -53,6 +53,7 @@ from torch.futures import Future
 
 from megatron_ratplus.config import SHAPE_KEYS
 from megatron_ratplus.errors import UserError
+from megatron_ratplus.userfiles import full_disk
 
 EVAL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # load_model's parameter types by name
 
@@ -354,17 +355,14 @@ def save(save_dir: str, iteration: int, model_chunks, optimizer, common: dict, m
         # outlives the run (a SIGKILL's debris is cleared by the next lock_save_dir). _Writer
         # has stopped its threads before this point.
         cause = _failure(err)
-        # torch's zip writer reports a short write into a full disk as a RuntimeError ("unexpected
-        # pos"), not an OSError: a failure with (almost) no space left is that, seen before cleanup
-        if isinstance(cause, Exception) and not isinstance(cause, OSError) and \
-                shutil.disk_usage(save_dir).free < 2 ** 20:
-            cause = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        disk = full_disk(cause, final)  # before the cleanup frees the space
         if _is_rank0():
             shutil.rmtree(tmp, ignore_errors=True)
             with contextlib.suppress(OSError):
                 os.remove(marker_tmp)
-        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) \
-                and not cause.filename:  # a failed flush names no file: name the checkpoint being written
+        if disk is not None and not getattr(cause, "filename", None):  # name the checkpoint being written
+            raise disk from None
+        if isinstance(cause, OSError) and cause.errno in (errno.EDQUOT, errno.EROFS) and not cause.filename:
             raise OSError(cause.errno, cause.strerror, final) from None
         raise
     _barrier()

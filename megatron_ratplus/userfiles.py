@@ -9,12 +9,13 @@ a UserError naming the file and what is wrong (docs/DESIGN.md §10).
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
 import shutil
 import tempfile
-from typing import Iterator, List, Tuple, Type
+from typing import Iterator, List, Optional, Tuple, Type
 
 from megatron_ratplus.errors import UserError
 
@@ -127,6 +128,22 @@ def remove_stale_temps(pattern: str) -> None:
         if pid.isdigit() and int(pid) != os.getpid() and not os.path.exists(f"/proc/{pid}"):
             with contextlib.suppress(OSError):
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def full_disk(err: BaseException, path: str) -> Optional[OSError]:
+    """The full disk behind ``err``, a failure while writing ``path``, as an ENOSPC OSError naming
+    ``path`` (run_cli's one line); None when it is something else. torch.save's zip writer and
+    safetensors report a short write as RuntimeError or SafetensorError, so a failure with
+    (almost) no space left where ``path`` lives counts as the full disk it is. Call it before
+    the failed write's temporaries are removed, which frees the space again."""
+    if not isinstance(err, Exception) or (isinstance(err, OSError) and err.errno != errno.ENOSPC):
+        return None  # signals, and OSErrors with their own cause
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if isinstance(err, OSError) or shutil.disk_usage(folder).free < 2 ** 20:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    return None
 
 
 def make_parents(folder: str) -> list:

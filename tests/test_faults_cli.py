@@ -180,6 +180,21 @@ def test_full_disk_during_preprocess(tmp_path, small_disk, workers):
     assert os.listdir(disk) == []
 
 
+@pytest.mark.parametrize("target", ["ours", "hf", "torch", "authors"])
+def test_full_disk_during_convert(tmp_path, small_disk, authors_file, target):
+    """The converted model does not fit: one line naming what was being written, exit 1, no
+    output and no temporary file or folder left on the disk."""
+    disk = small_disk("48k")
+    output = os.path.join(disk, "out", "model.pt" if target in ("torch", "authors") else "conv")
+    source = authors_file
+    if target == "authors":  # ours -> authors: the source is our checkpoint, off the small disk
+        source = str(tmp_path / "ours")
+        assert run(COMMANDS["convert"] + ["--input", authors_file, "--output", source]).returncode == 0
+    argv = COMMANDS["convert"] + ["--input", source, "--output", output, "--to", target]
+    one_line(run(argv), 1, "ratplus-convert: error: no space left on device")
+    assert os.listdir(disk) == []
+
+
 # ---- LongBench files through ratplus-eval --longbench --------------------------------------------
 
 @pytest.fixture(scope="module")

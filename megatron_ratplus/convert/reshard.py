@@ -16,7 +16,7 @@ import torch
 
 from megatron_ratplus import checkpoint
 from megatron_ratplus.convert import ConversionError, fresh_output
-from megatron_ratplus.userfiles import publish, remove_stale_temps
+from megatron_ratplus.userfiles import full_disk, make_parents, publish, remove_folders, remove_stale_temps
 
 
 def _save_at_layout(rank: int, world: int, port: int, source: str, target: str, tp: int, pp: int) -> None:
@@ -72,13 +72,22 @@ def save_file(blob: dict, output: str) -> str:
     written to a temporary name and renamed into place."""
     if os.path.lexists(output):
         raise ConversionError(f"output {output} already exists; refusing to write over it")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    created = make_parents(os.path.dirname(os.path.abspath(output)))
     tmp = f"{output}.tmp-{os.getpid()}"
     remove_stale_temps(glob.escape(output) + ".tmp-*")
+    published = False
     try:
         torch.save(blob, tmp)
         publish(tmp, output)
+        published = True
+    except Exception as err:  # noqa: BLE001  (re-raised, as the full disk it may be)
+        disk = full_disk(err, output)
+        if disk is None:
+            raise
+        raise disk from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if not published:  # a failed conversion leaves no new empty folders
+            remove_folders(created)
     return output
