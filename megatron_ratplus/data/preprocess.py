@@ -269,12 +269,26 @@ def _ordered(tasks: Iterator, workers: int, spec: str, keys, append_eod: bool):
         for task in tasks:
             yield task, encode_batch(task)
         return
-    # The pool is made with signals deferred, and one that came meanwhile is raised inside the
-    # with, which then terminates the workers.
+    # The pool is made with signals deferred; one that came meanwhile, or one that lands while this
+    # waits for a result, terminates the workers.
     with _signals_deferred() as release:
-        with multiprocessing.Pool(workers, initializer=_init_pool_worker, initargs=(spec, keys, append_eod)) as pool:
+        pool = multiprocessing.Pool(workers, initializer=_init_pool_worker, initargs=(spec, keys, append_eod))
+        try:
             release()
             yield from _in_order(pool, tasks, workers)
+        except GeneratorExit:
+            # The caller stopped (a full disk, bad data, a signal in its own code): the workers
+            # finish their few queued batches and exit. Pool.terminate could kill a worker that
+            # holds the result queue's lock, and then wait for that lock forever (seen on a full
+            # disk, about 1 run in 20).
+            pool.close()
+            pool.join()
+            raise
+        except BaseException:
+            pool.terminate()
+            raise
+        pool.close()
+        pool.join()
 
 
 def _in_order(pool, tasks: Iterator, workers: int):
@@ -334,23 +348,25 @@ def build(paths: Sequence[str], output_prefix: str, tokenizer_spec: str = "byte"
         for k, p in prefixes.items():
             builders[k] = IndexedDatasetBuilder(p + ".bin" + tmp, dtype=dtype)
         tasks = (task for path in paths for task in read_batches(path, keys))
-        for (path, first, kind, _), (results, batch_tokens) in _ordered(tasks, workers, tokenizer.spec, keys,
-                                                                         append_eod):
-            for offset, result in enumerate(results):
-                if result is None:
-                    continue
-                if isinstance(result, str):
-                    skipped[result] += 1
-                    where = "row" if kind == "parquet" else "line"
-                    first_skip.setdefault(result, f"{path}:{where} {first + offset}" if kind != "text" else path)
-                    continue
-                shard = records % partitions
-                for key, doc in zip(keys, result):
-                    builders[key, shard].add_document(doc, [len(doc)])
-                records += 1
-            tokens += batch_tokens
-            bar.update(batch_tokens)
-            bar.set_postfix(docs=records, skipped=sum(skipped.values()), refresh=False)
+        # closed here on any failure: its pool terminates now, not when the suspended generator
+        # is collected at interpreter exit, where Pool.terminate can hang (a full disk did, 1 in ~20)
+        with contextlib.closing(_ordered(tasks, workers, tokenizer.spec, keys, append_eod)) as ordered:
+            for (path, first, kind, _), (results, batch_tokens) in ordered:
+                for offset, result in enumerate(results):
+                    if result is None:
+                        continue
+                    if isinstance(result, str):
+                        skipped[result] += 1
+                        where = "row" if kind == "parquet" else "line"
+                        first_skip.setdefault(result, f"{path}:{where} {first + offset}" if kind != "text" else path)
+                        continue
+                    shard = records % partitions
+                    for key, doc in zip(keys, result):
+                        builders[key, shard].add_document(doc, [len(doc)])
+                    records += 1
+                tokens += batch_tokens
+                bar.update(batch_tokens)
+                bar.set_postfix(docs=records, skipped=sum(skipped.values()), refresh=False)
         if records < partitions:
             raise DataError(f"the input holds {records} usable documents, fewer than --partitions {partitions}"
                             if records else "the input holds no usable documents")
