@@ -460,14 +460,20 @@ def test_server_bf16_equals_generate_bf16(ckpt, model, capsys):
             assert metrics[f'ratplus_cache_pool_bytes{{pattern="{pattern}",state="free"}}'] == bf16 < fp32
 
 
-@pytest.mark.integration
-def test_server_loads_an_hf_export(ckpt, capsys, tmp_path):
-    """--load of a Hugging Face export (ratplus-convert --to hf) serves the same greedy text as our
-    checkpoint under either pattern; its name in the API is the export's folder."""
+@pytest.fixture(scope="module")
+def export(ckpt, tmp_path_factory):
+    """The checkpoint exported for Hugging Face (ratplus-convert --to hf)."""
     from megatron_ratplus.cli import convert as convert_cli
 
-    export = str(tmp_path / "tiny-hf")
-    assert convert_cli.main(["--input", ckpt, "--output", export, "--to", "hf"]) == 0
+    path = str(tmp_path_factory.mktemp("export") / "tiny-hf")
+    assert convert_cli.main(["--input", ckpt, "--output", path, "--to", "hf"]) == 0
+    return path
+
+
+@pytest.mark.integration
+def test_server_loads_an_hf_export(ckpt, export, capsys):
+    """--load of a Hugging Face export (ratplus-convert --to hf) serves the same greedy text as our
+    checkpoint under either pattern; its name in the API is the export's folder."""
     capsys.readouterr()  # convert's "wrote ..."
     prompt = "Once upon a time"
     expected = {pattern: _generate_cli(capsys, ckpt, prompt, pattern, 20) for pattern in PATTERNS}
@@ -534,6 +540,21 @@ def test_server_tensor_parallel(ckpt, capsys):
             assert prompt + batch.choices[0].text == expected[pattern]
         os.kill(_rank_zero(server.proc.pid), signal.SIGTERM)  # as a scheduler stopping the server's rank
         assert server.proc.wait(timeout=120) == 0  # rank 0 drained and stopped rank 1: torchrun saw both succeed
+
+
+@pytest.mark.integration
+def test_server_refuses_an_hf_export_under_tensor_parallelism(export):
+    """An HF export holds whole weights: under torchrun every rank refuses it in one line naming
+    the conversion to run, and exits 2 before building anything."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "megatron_ratplus.cli.serve", "--load", export, "--port", "0"]
+    proc = subprocess.run(cmd, env=repo_env(), capture_output=True, text=True, timeout=180)
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("ratplus-serve:")]
+    expected = (f"ratplus-serve: error: {export} is a Hugging Face export, which loads on one rank; for tensor "
+                f"parallelism convert it first: ratplus-convert --input {export} --output CKPT")
+    # one line per rank that got there before torchrun stopped the other on the first failure
+    assert ours and set(ours) == {expected} and "megatron_ratplus/" not in proc.stderr, proc.stderr  # no traceback of ours
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr  # torchrun's report of the failed rank
 
 
 def _rank_zero(torchrun_pid):
