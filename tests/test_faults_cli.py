@@ -103,6 +103,52 @@ def test_signal_inside_a_checkpoint_save(tmp_path, sig, status, word):
     assert checkpoint.latest_checkpoint(save) == os.path.join(save, "iter_0000002") and no_temps(save) == []
 
 
+def test_sigterm_inside_a_two_rank_save(tmp_path):
+    """Two data-parallel ranks started as srun starts them (env:// variables, one process each)
+    and both sent SIGTERM, as scancel does, inside iteration 2's save: each rank ends with one
+    line and 143, iteration 1 stays the newest checkpoint, no temporary is left, and the two
+    ranks then resume and finish the run."""
+    import socket
+
+    save = str(tmp_path / "ck")
+    argv = COMMANDS["pretrain"] + TRAIN + ["--train-iters", "2", "--save-interval", "1", "--save", save, "--load", save,
+                                           "--micro-batch-size", "1"]
+
+    def ranks(env):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = str(sock.getsockname()[1])
+        return [subprocess.Popen(argv, env={**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2",
+                                            "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                for rank in (0, 1)]
+
+    def finish(procs):
+        try:
+            errs = [proc.communicate(timeout=120)[1] for proc in procs]
+            return [(proc.returncode, err) for proc, err in zip(procs, errs)]
+        except subprocess.TimeoutExpired:
+            pytest.fail("a rank hung")
+        finally:
+            for proc in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+    procs = ranks(slow_env(1))
+    deadline = time.monotonic() + 120
+    while not os.path.exists(os.path.join(save, ".tmp.iter_0000002", "slow-write-paused")):
+        assert all(proc.poll() is None for proc in procs) and time.monotonic() < deadline, "the save never started"
+        time.sleep(0.05)
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for result in finish(procs):
+        one_line(result, 143, "terminated (SIGTERM)")
+    assert checkpoint.latest_checkpoint(save) == os.path.join(save, "iter_0000001") and no_temps(save) == []
+    resumed = finish(ranks(repo_env()))
+    assert [rc for rc, _ in resumed] == [0, 0], resumed[0][1][-3000:] + resumed[1][1][-3000:]
+    assert checkpoint.latest_checkpoint(save) == os.path.join(save, "iter_0000002") and no_temps(save) == []
+
+
 @pytest.fixture(scope="module")
 def authors_file(tmp_path_factory):
     import torch
