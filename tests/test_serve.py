@@ -230,7 +230,7 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)  # the group this test started, whatever is left of it
         except ProcessLookupError:
             pass
-        self.proc.communicate(timeout=30)
+        self.stderr = self.proc.communicate(timeout=30)[1]
 
     def request(self, method, path, body=None, raw=None, timeout=240):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
@@ -333,7 +333,7 @@ def test_server_openai_client(ckpt, capsys):
 @pytest.mark.integration
 def test_server_bad_requests_and_disconnect(ckpt):
     """Each bad request gets a 400 (404 for an unknown model) in OpenAI's error shape with one
-    message; a client that drops a stream frees its row (seen in /metrics)."""
+    message (404 and 405 too, no request a 500); a client that drops a stream frees its row (seen in /metrics)."""
     with Server(ckpt, "--patterns", ",".join(PATTERNS)) as server:
         cases = [
             (None, "{not json"),
@@ -348,6 +348,23 @@ def test_server_bad_requests_and_disconnect(ckpt):
             ({"prompt": "", "max_tokens": 2}, None),
             ({"prompt": [1, 999]}, None),
             ({"prompt": "hi", "logprobs": 50}, None),
+            # hostile values: a seed past torch's generator, lone surrogates, JSON's NaN, a body
+            # the JSON parser gives up on, more prompts than the queue holds, OpenAI fields not
+            # implemented (refused, not ignored), stream options without a stream or mistyped
+            ({"prompt": "hi", "seed": 2**64}, None),
+            (None, '{"prompt": "\\ud800abc"}'),
+            (None, '{"prompt": "abc", "stop": ["\\udfff"]}'),
+            (None, '{"prompt": "abc", "temperature": NaN}'),
+            (None, '{"prompt": "abc", "top_p": Infinity}'),
+            (None, '{"prompt": "hi", "max_tokens": ' + "9" * 5000 + '}'),
+            (None, b'{"prompt": "caf\xe9"}'),
+            ({"prompt": ["a"] * 257, "max_tokens": 1}, None),
+            ({"prompt": [[1]] * 100_000, "max_tokens": 1}, None),
+            ({"prompt": "hi", "logit_bias": {"5": 100}}, None),
+            ({"prompt": "hi", "best_of": 3}, None),
+            ({"prompt": "hi", "presence_penalty": 1.5}, None),
+            ({"prompt": "hi", "stream_options": {"include_usage": True}}, None),
+            ({"prompt": "hi", "stream": True, "stream_options": {"include_usage": "yes"}}, None),
         ]
         for body, raw in cases:
             status, payload, _ = server.post(body, raw)
@@ -356,6 +373,12 @@ def test_server_bad_requests_and_disconnect(ckpt):
             assert error["message"] and "\n" not in error["message"]
         status, payload, _ = server.post({"model": "other", "prompt": "hi"})
         assert status == 404 and payload["error"]["code"] == "model_not_found"
+        for method, path, status in (("GET", "/v1/completions", 405), ("GET", "/v1/nothing", 404)):
+            answer = server.request(method, path)
+            assert answer[0] == status and json.loads(answer[1])["error"]["message"], answer[:2]
+        neutral = {"best_of": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "user": "u"}
+        status, payload, _ = server.post({"prompt": "hi", "max_tokens": 2, "seed": -1, **neutral})
+        assert status == 200, payload
 
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
         conn.request("POST", "/v1/completions", json.dumps({"prompt": "abc", "max_tokens": SEQ - 8, "stream": True,
@@ -374,6 +397,7 @@ def test_server_bad_requests_and_disconnect(ckpt):
         assert metrics['ratplus_requests_finished_total{reason="cancelled"}'] == 1
         assert metrics["ratplus_requests_running"] == 0
         assert metrics["ratplus_generation_tokens_total"] < SEQ - 8
+    assert "Traceback" not in server.stderr, server.stderr[-2000:]  # no request reached a 500
 
 
 def _open_stream(server, body):
