@@ -177,12 +177,48 @@ def test_stream_deltas_and_stop_strings():
     assert seq.text == "abc" and seq.finish_reason == "length"
 
 
+def test_engine_failure_ends_every_sequence(model):
+    """A step that raises (a bug) ends waiting and running sequences with finish reason "error"
+    and refuses new ones, instead of a dead engine thread leaving every client waiting forever."""
+    engine = _engine(model, rows=2)
+    failed = threading.Event()
+    engine.on_failure = failed.set
+    seqs = [Sequence(p, SamplingParams(max_tokens=8, temperature=0), "dense", ByteTokenizer(), [256])
+            for p in _prompts(4)]
+
+    def broken_step():
+        raise RuntimeError("a bug in a step")
+
+    engine.step = broken_step
+    engine.submit(seqs)
+    engine.start()
+    assert failed.wait(60) and isinstance(engine.failure, RuntimeError)
+    assert [s.finish_reason for s in seqs] == ["error"] * 4
+    with pytest.raises(Exception, match="shutting down"):
+        engine.submit([Sequence([1], SamplingParams(), "dense", ByteTokenizer(), [256])])
+    engine.stop()
+
+
+def test_sampling_extremes_stay_a_distribution():
+    """top_p below float32's smallest number keeps the top token; a temperature past float32's
+    range samples uniformly over the real vocabulary (the padded ids stay at -inf, not NaN)."""
+    from megatron_ratplus.inference.generate import sample
+
+    logits = torch.tensor([[3.0, 1.0, 2.0, float("-inf")]])
+    g = torch.Generator().manual_seed(0)
+    assert sample(logits, 1.0, 1e-300, g).tolist() == [0]
+    drawn = {int(sample(logits, 1e300, 1.0, g)) for _ in range(200)}
+    assert drawn == {0, 1, 2}
+
+
 def test_bad_flags(ckpt, capsys, tmp_path):
     """Bad flags: one line on stderr, exit 2 (nothing listens)."""
     cases = [["--load", str(tmp_path / "missing")], ["--load", ckpt, "--patterns", "dilated:0"],
              ["--load", ckpt, "--max-num-seqs", "0"], ["--load", ckpt, "--cache-memory-gb", "1e-9"],
              ["--load", ckpt, "--patterns", "dense,dense"], ["--load", ckpt, "--max-model-len", str(TRAINED + 1)],
-             ["--load", ckpt, "--host", "no such host"]]
+             ["--load", ckpt, "--host", "no such host"], ["--load", ckpt, "--dtype", "fp32", "--bf16"],
+             ["--load", ckpt, "--served-model-name", " "],
+             ["--load", ckpt, "--cache-memory-gb", "1e6", "--max-num-seqs", "100000000"]]  # far past host memory
     with socket.socket() as taken:  # a port in use
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -230,7 +266,7 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)  # the group this test started, whatever is left of it
         except ProcessLookupError:
             pass
-        self.proc.communicate(timeout=30)
+        self.stderr = self.proc.communicate(timeout=30)[1]
 
     def request(self, method, path, body=None, raw=None, timeout=240):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
@@ -333,7 +369,7 @@ def test_server_openai_client(ckpt, capsys):
 @pytest.mark.integration
 def test_server_bad_requests_and_disconnect(ckpt):
     """Each bad request gets a 400 (404 for an unknown model) in OpenAI's error shape with one
-    message; a client that drops a stream frees its row (seen in /metrics)."""
+    message (404 and 405 too, no request a 500); a client that drops a stream frees its row (seen in /metrics)."""
     with Server(ckpt, "--patterns", ",".join(PATTERNS)) as server:
         cases = [
             (None, "{not json"),
@@ -348,6 +384,23 @@ def test_server_bad_requests_and_disconnect(ckpt):
             ({"prompt": "", "max_tokens": 2}, None),
             ({"prompt": [1, 999]}, None),
             ({"prompt": "hi", "logprobs": 50}, None),
+            # hostile values: a seed past torch's generator, lone surrogates, JSON's NaN, a body
+            # the JSON parser gives up on, more prompts than the queue holds, OpenAI fields not
+            # implemented (refused, not ignored), stream options without a stream or mistyped
+            ({"prompt": "hi", "seed": 2**64}, None),
+            (None, '{"prompt": "\\ud800abc"}'),
+            (None, '{"prompt": "abc", "stop": ["\\udfff"]}'),
+            (None, '{"prompt": "abc", "temperature": NaN}'),
+            (None, '{"prompt": "abc", "top_p": Infinity}'),
+            (None, '{"prompt": "hi", "max_tokens": ' + "9" * 5000 + '}'),
+            (None, b'{"prompt": "caf\xe9"}'),
+            ({"prompt": ["a"] * 257, "max_tokens": 1}, None),
+            ({"prompt": [[1]] * 100_000, "max_tokens": 1}, None),
+            ({"prompt": "hi", "logit_bias": {"5": 100}}, None),
+            ({"prompt": "hi", "best_of": 3}, None),
+            ({"prompt": "hi", "presence_penalty": 1.5}, None),
+            ({"prompt": "hi", "stream_options": {"include_usage": True}}, None),
+            ({"prompt": "hi", "stream": True, "stream_options": {"include_usage": "yes"}}, None),
         ]
         for body, raw in cases:
             status, payload, _ = server.post(body, raw)
@@ -356,6 +409,15 @@ def test_server_bad_requests_and_disconnect(ckpt):
             assert error["message"] and "\n" not in error["message"]
         status, payload, _ = server.post({"model": "other", "prompt": "hi"})
         assert status == 404 and payload["error"]["code"] == "model_not_found"
+        for method, path, status in (("GET", "/v1/completions", 405), ("GET", "/v1/nothing", 404)):
+            answer = server.request(method, path)
+            assert answer[0] == status and json.loads(answer[1])["error"]["message"], answer[:2]
+        neutral = {"best_of": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "user": "u"}
+        status, payload, _ = server.post({"prompt": "hi", "max_tokens": 2, "seed": -1, **neutral})
+        assert status == 200, payload
+        for body in ({"top_p": 1e-300}, {"top_p": 1e-300, "temperature": 2.0}, {}):  # killed the engine thread
+            status, payload, _ = server.post({"prompt": "hi", "max_tokens": 2, **body})
+            assert status == 200, payload
 
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
         conn.request("POST", "/v1/completions", json.dumps({"prompt": "abc", "max_tokens": SEQ - 8, "stream": True,
@@ -374,6 +436,7 @@ def test_server_bad_requests_and_disconnect(ckpt):
         assert metrics['ratplus_requests_finished_total{reason="cancelled"}'] == 1
         assert metrics["ratplus_requests_running"] == 0
         assert metrics["ratplus_generation_tokens_total"] < SEQ - 8
+    assert "Traceback" not in server.stderr, server.stderr[-2000:]  # no request reached a 500
 
 
 def _open_stream(server, body):

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import List, Optional
 
 from megatron_ratplus.cli import run_cli
-from megatron_ratplus.cli.types import non_negative_float, non_negative_int, positive_int, probability
+from megatron_ratplus.cli.types import non_negative_float, positive_int, probability, seed, utf8_text
 from megatron_ratplus.errors import ArgumentParser, UserError
 from megatron_ratplus.userfiles import read_text_lines
 
@@ -24,14 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pattern", default=None,
                         help="attention pattern or composition, e.g. dense, dilated:16,w=256,p=4, "
                              "'cycle(dense;dilated:64)', 'dense|dilated:16' (default: the checkpoint's)")
-    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
+    parser.add_argument("--prompt", action="append", default=[], type=utf8_text, help="a prompt (repeat for a batch)")
     parser.add_argument("--prompt-file", help="a text file with one prompt per line")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass (default 1: off)")
-    parser.add_argument("--stop", action="append", default=[],
+    parser.add_argument("--stop", action="append", default=[], type=utf8_text,
                         help="a stop string that is one token (repeatable); end-of-document always stops")
-    parser.add_argument("--seed", type=non_negative_int, default=None, help="sampling seed")
+    parser.add_argument("--seed", type=seed, default=None, help="sampling seed")
     parser.add_argument("--max-length", type=positive_int, default=None,
                         help="longest prompt + new tokens allowed (default: the model's seq_length)")
     parser.add_argument("--show-cache", action="store_true", help="print the decode cache size")
@@ -52,7 +53,13 @@ def _prompts(args) -> List[str]:
 def _stop_tokens(tokenizer, stops) -> List[int]:
     ids = [tokenizer.eod] if getattr(tokenizer, "eod", None) is not None else []
     for text in stops:
-        encoded = tokenizer.encode(text.encode().decode("unicode_escape"))
+        try:  # backslash escapes (\\n, \\x00, \\u2028) decoded, any other character kept as it is
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", DeprecationWarning)  # '\\q': an unknown escape
+                encoded = tokenizer.encode(text.encode("latin-1", "backslashreplace").decode("unicode_escape"))
+        except (UnicodeDecodeError, DeprecationWarning) as err:
+            reason = err.reason if isinstance(err, UnicodeDecodeError) else "unknown backslash escape"
+            raise UserError(f"--stop '{text}': {reason}") from None
         if len(encoded) != 1:
             raise UserError(f"--stop '{text}' is {len(encoded)} tokens; a stop string must be one token")
         ids.append(encoded[0])

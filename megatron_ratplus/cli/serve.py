@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "chunks of at most this many, the running sequences decoding between them)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=non_negative_int, default=8000)
-    parser.add_argument("--dtype", default="fp32",
+    parser.add_argument("--dtype", default=None,
                         help="parameters, activations and decode cache: fp32 or bf16 (ratplus-generate's "
                              "and lm-eval's types; default fp32)")
     parser.add_argument("--bf16", action="store_true", help="same as --dtype bf16 (as ratplus-generate --bf16)")
@@ -55,6 +55,10 @@ def check_arguments(args) -> None:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
     if not os.path.isdir(args.load):
         raise UserError(f"--load '{args.load}' is not a directory")
+    if args.bf16 and args.dtype not in (None, "bf16"):
+        raise UserError(f"--bf16 contradicts --dtype {args.dtype}")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise UserError("--served-model-name must not be empty")
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -108,7 +112,7 @@ def run(args) -> int:
     from megatron_ratplus.serving.server import DrainingServer
 
     check_arguments(args)
-    dtype_name = "bf16" if args.bf16 else args.dtype
+    dtype_name = "bf16" if args.bf16 else args.dtype or "fp32"
     if dtype_name not in EVAL_DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(EVAL_DTYPES)}, got '{args.dtype}'")
     dtype = EVAL_DTYPES[dtype_name]
@@ -134,12 +138,16 @@ def run(args) -> int:
     port = sock.getsockname()[1]
     print(f"ratplus-serve: {served.name} on http://{args.host}:{port} ({rows})", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    server = DrainingServer(config, engine, args.drain_timeout)
+    engine.on_failure = server.stop_after_failure
     try:
-        DrainingServer(config, engine, args.drain_timeout).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         engine.stop()
         if world > 1:
             replica.stop_followers()
+    if engine.failure is not None:  # a bug in a step: its traceback, exit 1, for a supervisor to restart
+        raise engine.failure
     return 0
 
 

@@ -57,6 +57,19 @@ positive_float = Typed(float, "> 0", lambda v: v > 0)
 non_negative_float = Typed(float, ">= 0", lambda v: v >= 0)
 probability = Typed(float, "in (0, 1]", lambda v: 0 < v <= 1)
 fraction = Typed(float, "in [0, 1)", lambda v: 0 <= v < 1)
+seed = Typed(int, "in [0, 2**64)", lambda v: 0 <= v < 2**64)  # torch.Generator's range
+
+
+def utf8_text(text: str) -> str:
+    """Text from the command line (a prompt, a stop string): Python hands undecodable argv bytes
+    over as lone surrogates (\\udcff for byte 0xff), which no tokenizer can encode."""
+    try:
+        str(text).encode("utf-8")
+    except UnicodeEncodeError as err:
+        char = err.object[err.start]
+        byte = f" (byte {ord(char) - 0xdc00:#04x})" if 0xdc80 <= ord(char) <= 0xdcff else ""
+        raise argparse.ArgumentTypeError(f"is not UTF-8 text{byte}") from None
+    return text
 
 
 def byte_size(text: str) -> int:

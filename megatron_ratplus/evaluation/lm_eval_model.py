@@ -29,6 +29,7 @@ from megatron_ratplus.evaluation.scoring import continuation_logprobs, greedy_un
 from megatron_ratplus.model import set_attention_pattern
 
 PATTERN_OPTIONS = ("w", "p", "k", "block", "pool", "d")
+TRUTH = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}  # truncate's words
 
 
 def pattern_from_args(pattern: str, options: dict) -> str:
@@ -58,6 +59,10 @@ def check_model_args(text: str) -> None:
             positive_int.check(args[name], f"ratplus model argument {name}")
     if "batch_size" in args and not str(args["batch_size"]).startswith("auto"):
         positive_int.check(args["batch_size"], "ratplus model argument batch_size")
+    if "device" in args:  # lm-eval passes its --device to the model as well: a TypeError, later
+        raise EvaluationError("ratplus model argument device: give lm-eval's --device instead")
+    if str(args.get("truncate", "false")).lower() not in TRUTH:
+        raise EvaluationError(f"ratplus model argument truncate={args['truncate']}: choose true or false")
     if str(args.get("dtype", "fp32")) not in EVAL_DTYPES:
         raise EvaluationError(f"ratplus model argument dtype={args['dtype']}: choose one of {', '.join(EVAL_DTYPES)}")
     known = {"load", "pattern", "batch_size", "max_length", "max_gen_toks", "truncate", "device", "dtype",
@@ -110,7 +115,9 @@ class RatPlusLM(TemplateLM):
         self.max_length = (model.config.seq_length if max_length is None
                            else positive_int.check(max_length, "ratplus model argument max_length"))
         self.max_gen_toks = positive_int.check(max_gen_toks, "ratplus model argument max_gen_toks")
-        self.truncate = str(truncate).lower() in ("1", "true", "yes")
+        self.truncate = TRUTH.get(str(truncate).lower())
+        if self.truncate is None:
+            raise EvaluationError(f"ratplus model argument truncate={truncate}: choose true or false")
         self._device = next(self.model.parameters()).device
 
     @property

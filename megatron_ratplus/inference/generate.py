@@ -51,13 +51,17 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     # Shift the best logit to 0 before dividing: any temperature > 0 (even 1e-45) then gives
-    # logits in [-inf, 0] with one 0 per row, never inf - inf = NaN.
-    probs = torch.softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
+    # logits in [-inf, 0] with one 0 per row, never inf - inf = NaN. A temperature past float32's
+    # range divides by inf: finite logits become 0 (uniform), masked ones must stay -inf, not NaN.
+    scaled = ((logits - logits.amax(dim=-1, keepdim=True)) / temperature).masked_fill(logits == float("-inf"),
+                                                                                       float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
     if top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the tokens ranked higher
-        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # the top token always stays
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        drop = before >= top_p  # a top_p below float32's smallest number compares as 0 ...
+        drop[..., 0] = False  # ... so keep the top token explicitly
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from megatron.core.inference.contexts.base_context import BaseInferenceContext
 
+from megatron_ratplus.estimate import check_fits
 from megatron_ratplus.inference.cache import CacheFullError, LayerCache, cache_bytes
 from megatron_ratplus.layers.mixer import RATPlusMixer
 
@@ -40,6 +41,10 @@ class DecodeSession(BaseInferenceContext):
         self.model = model
         self.device = model.embedding.word_embeddings.weight.device
         self.dtype = dtype = dtype or model.embedding.word_embeddings.weight.dtype
+        # sizes from a flag or a request (--cache-memory-gb, a prompt file's lines) are refused
+        # with their numbers before allocating, not by the allocator's traceback or an OOM kill
+        check_fits(f"a decode cache of {batch} sequence(s) x {capacity} positions",
+                   formula_bytes(model, batch, capacity, dtype), self.device)
         self.max_sequence_length, self.max_batch_size = capacity, batch
         self.mixers = [m for m in model.modules() if isinstance(m, RATPlusMixer)]
         self._shared = {}  # pattern -> this step's slot positions, shared by the layers

@@ -37,6 +37,9 @@ class PatternError(UserError):
 
 KINDS = ("dense", "dilated", "local", "topk")
 _POOLS = ("mean", "max")
+# Past any sequence a model runs, and well inside int32/int64 arithmetic: index math on a
+# larger D, W, P, K or block wraps (negative strides) or overflows in the kernels and caches.
+MAX_VALUE = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,10 @@ class AttentionPattern:
                 raise PatternError(f"top-k block must be an integer >= 1, got {self.block!r}")
             if self.pool not in _POOLS:
                 raise PatternError(f"top-k pool must be one of {', '.join(_POOLS)}, got {self.pool!r}")
+        for name, value in (("dilation D", self.dilation), ("window W", self.window), ("sinks P", self.sinks),
+                            ("top-k k", self.topk), ("top-k block", self.block)):
+            if value is not None and value > MAX_VALUE:
+                raise PatternError(f"{name} must be at most {MAX_VALUE}, got {value}")
 
     @property
     def is_dense(self) -> bool:

@@ -2,9 +2,9 @@
 events ending in ``[DONE]``), /v1/models, /health and /metrics (Prometheus text).
 
 A request picks its pattern with the extra field ``attention_pattern`` (default: the first
-offered). Errors use OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``:
-400 for bad requests, 404 for an unknown model, 429 (queue full) and 503 (shutting down) with
-Retry-After.
+offered). Every error, FastAPI's own included (unreadable body, unknown path, wrong method),
+uses OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``: 400 for bad
+requests, 404 for an unknown model, 429 (queue full) and 503 (shutting down) with Retry-After.
 """
 
 from __future__ import annotations
@@ -21,15 +21,26 @@ from fastapi.exceptions import RequestValidationError
 from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
 from megatron_ratplus.serving.engine import Draining, Engine, QueueFull
 from megatron_ratplus.serving.sequence import SamplingParams, Sequence
 
 
-class CompletionRequest(BaseModel):
-    """The fields of OpenAI's completions request this server honours (others are ignored)."""
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """The fields of OpenAI's completions request this server honours. Fields it does not know
+    are ignored (``user``, vendors' extras); OpenAI's own fields that would change the output but
+    are not implemented (``UNSUPPORTED``) are refused unless left at their neutral value, so a
+    request never gets a completion computed without them as if they had been applied. Numbers
+    must be finite (JSON's NaN and Infinity are not), and a seed fits torch's generator."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
     model: Optional[str] = None
     prompt: Union[str, List[str], List[int], List[List[int]]]
@@ -38,13 +49,22 @@ class CompletionRequest(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=-1)
     stop: Union[None, str, List[str]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-2**63, le=2**64 - 1)
     n: int = Field(1, ge=1, le=1)
     logprobs: Optional[int] = Field(None, ge=0, le=20)
     echo: bool = False
     stream: bool = False
-    stream_options: Optional[dict] = None
+    stream_options: Optional[StreamOptions] = None
     attention_pattern: Optional[str] = None
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[dict] = None
+
+
+UNSUPPORTED = {"best_of": (None, 1), "suffix": (None, ""), "presence_penalty": (None, 0),
+               "frequency_penalty": (None, 0), "logit_bias": (None, {})}  # field: its neutral values
 
 
 class APIError(Exception):
@@ -87,6 +107,10 @@ def build_app(engine: Engine, served: ServedModel) -> FastAPI:
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         return APIError(400, f"{param or 'body'}: {first.get('msg')}", param).response()
 
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, err: HTTPException):  # unknown path, wrong method, unreadable body
+        return APIError(err.status_code, str(err.detail)).response()
+
     @app.get("/health")
     async def health():
         if engine.draining:
@@ -108,7 +132,8 @@ def build_app(engine: Engine, served: ServedModel) -> FastAPI:
         if body.model is not None and body.model != served.name:
             raise APIError(404, f"model '{body.model}' is not served here (this server serves '{served.name}')",
                            "model", "model_not_found")
-        prompts = _prompts(body, served)
+        _refuse_unsupported(body)
+        prompts = _prompts(body, served, engine.max_waiting)
         params = _sampling(body, served, max(len(p) for p in prompts))
         pattern = body.attention_pattern or served.patterns[0]
         if pattern not in served.patterns:
@@ -142,12 +167,33 @@ def build_app(engine: Engine, served: ServedModel) -> FastAPI:
     return app
 
 
-def _prompts(body: CompletionRequest, served: ServedModel) -> List[List[int]]:
-    """The request's prompts as token ids, checked against the vocabulary and max_model_len."""
+def _refuse_unsupported(body: CompletionRequest) -> None:
+    for name, neutral in UNSUPPORTED.items():
+        if getattr(body, name) not in neutral:
+            raise APIError(400, f"{name} is not supported by this server", name)
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
+
+
+def _text(value: str, param: str) -> str:
+    """A string of the request that can be encoded: JSON may carry a lone surrogate (\\ud800)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise APIError(400, f"{param} holds a lone surrogate ({value[err.start]!r} at character {err.start}), "
+                            "not text", param) from None
+    return value
+
+
+def _prompts(body: CompletionRequest, served: ServedModel, limit: int) -> List[List[int]]:
+    """The request's prompts as token ids, checked against the vocabulary and max_model_len; more
+    than ``limit`` (the queue's size) could never be queued: a 400 rather than a 429 to retry."""
     raw = body.prompt
     if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
         raw = [raw]
-    prompts = [served.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in raw]
+    if len(raw) > limit:
+        raise APIError(400, f"the request has {len(raw)} prompts; this server queues at most {limit}", "prompt")
+    prompts = [served.tokenizer.encode(_text(p, "prompt")) if isinstance(p, str) else list(p) for p in raw]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise APIError(400, "prompt must not be empty", "prompt")
     for p in prompts:
@@ -165,7 +211,7 @@ def _sampling(body: CompletionRequest, served: ServedModel, longest: int) -> Sam
     if longest + max_tokens > served.max_model_len:
         raise APIError(400, f"max_tokens {max_tokens} does not fit: the prompt has {longest} tokens and "
                             f"max_model_len is {served.max_model_len}", "max_tokens")
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    stop = [_text(s, "stop") for s in ([body.stop] if isinstance(body.stop, str) else body.stop or [])]
     if any(not s for s in stop):
         raise APIError(400, "stop strings must not be empty", "stop")
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
@@ -226,7 +272,7 @@ async def _stream(engine: Engine, seqs: List[Sequence], events: asyncio.Queue, h
                 yield _event({**head, "choices": [{"index": i, "text": delta, "logprobs": logprobs,
                                                    "finish_reason": reason}]})
             left -= reason is not None
-        if (body.stream_options or {}).get("include_usage"):
+        if body.stream_options is not None and body.stream_options.include_usage:
             yield _event({**head, "choices": [], "usage": _usage(seqs)})
         yield "data: [DONE]\n\n"
     finally:

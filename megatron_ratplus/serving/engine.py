@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -52,6 +52,8 @@ class Engine:
         self.waiting: collections.deque = collections.deque()
         self.stats = Stats()
         self.draining = False
+        self.failure: Optional[BaseException] = None  # what ended the engine thread, if not stop()
+        self.on_failure: Callable[[], None] = lambda: None  # the server stops (cli/serve.py)
         self._wake = threading.Condition()
         self._stop = False
         self._thread: Optional[threading.Thread] = None
@@ -60,7 +62,7 @@ class Engine:
     def submit(self, seqs: List[Sequence]) -> None:
         """Queue ``seqs`` (one request's prompts, all or none)."""
         with self._wake:
-            if self.draining:
+            if self.draining or self.failure is not None:
                 raise Draining("the server is shutting down")
             if len(self.waiting) + len(seqs) > self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (limit {self.max_waiting})")
@@ -97,20 +99,30 @@ class Engine:
 
     # --- the engine thread ---------------------------------------------------------------------
     def _loop(self) -> None:
+        """Step until stopped. A step that raises is a bug, but left alone it would leave every
+        request waiting forever behind a healthy /health: the engine ends every sequence (finish
+        reason "error"), admits nothing more and tells the server, which exits and re-raises it."""
+        reason = "length"
         while True:
             with self._wake:
                 while not self._stop and self.idle:
                     self._wake.wait()
                 if self._stop:
                     break
-            self.step()
+            try:
+                self.step()
+            except BaseException as err:  # noqa: BLE001  (re-raised by the server's main thread)
+                self.failure, reason = err, "error"
+                break
         filling = [pool.filling for pool in self.pools.values() if pool.filling is not None]
         for seq in list(self.waiting) + filling + [s for pool in self.pools.values() for s in pool.live]:
-            seq.finish("length")
+            seq.finish(reason)
             seq.notify(seq)
         self.waiting.clear()
         for pool in self.pools.values():
             pool.filling = None
+        if self.failure is not None:
+            self.on_failure()
 
     @torch.no_grad()
     def step(self) -> None:

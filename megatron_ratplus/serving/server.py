@@ -2,7 +2,8 @@
 
 The first signal stops admitting (the API answers 503), gives running and queued requests up
 to ``drain_timeout`` seconds, cuts off the rest (finish reason "length") and exits 0; uvicorn's
-own handler would re-raise the signal after its shutdown. A second signal stops at once.
+own handler would re-raise the signal after its shutdown. A second signal stops at once. An
+engine that failed (a bug in a step) stops the server the same way, without the wait.
 """
 
 from __future__ import annotations
@@ -27,9 +28,15 @@ class DrainingServer(uvicorn.Server):
         self.engine.draining = True
         threading.Thread(target=self._drain, name="ratplus-drain", daemon=True).start()
 
+    def stop_after_failure(self) -> None:
+        """The engine thread failed (its sequences ended with finish reason "error"): refuse new
+        requests and exit once those responses went out."""
+        self.engine.draining = True
+        threading.Thread(target=self._drain, name="ratplus-drain", daemon=True).start()
+
     def _drain(self) -> None:
         deadline = time.monotonic() + self.drain_timeout
-        while not self.engine.idle and time.monotonic() < deadline:
+        while self.engine.failure is None and not self.engine.idle and time.monotonic() < deadline:
             time.sleep(0.05)
         self.engine.stop()
         time.sleep(0.2)  # the cut-off responses go out before the connections close
