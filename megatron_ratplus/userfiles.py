@@ -14,6 +14,7 @@ import glob
 import json
 import os
 import shutil
+import stat
 import tempfile
 from typing import Iterator, List, Optional, Tuple, Type
 
@@ -27,10 +28,19 @@ def _decode_error(path: str, err: UnicodeDecodeError) -> UserError:
                      "re-encode it as UTF-8")
 
 
+def open_text(path: str, what: str):
+    """``path`` opened as UTF-8 text; a device (``/dev/zero``, directly or by a link) is refused,
+    since it reads without end. A pipe stays allowed: ``--prompt-file <(...)`` ends."""
+    with contextlib.suppress(OSError):  # a missing or unreadable file: open's own error, below
+        if stat.S_ISCHR(os.stat(path).st_mode) or stat.S_ISBLK(os.stat(path).st_mode):
+            raise UserError(f"{what} {path} is a device, not a file")
+    return open(path, encoding=ENCODING, newline=None)
+
+
 def read_text_lines(path: str, what: str) -> List[str]:
     """The lines of a UTF-8 text file, newline removed."""
     try:
-        with open(path, encoding=ENCODING, newline=None) as f:
+        with open_text(path, what) as f:
             return [line.rstrip("\n") for line in f]
     except UnicodeDecodeError as err:
         raise _decode_error(path, err) from None
@@ -41,7 +51,7 @@ def read_text_lines(path: str, what: str) -> List[str]:
 def read_json(path: str, what: str, kind: Type = dict):
     """A UTF-8 JSON file whose top level must be a ``kind`` (dict or list)."""
     try:
-        with open(path, encoding=ENCODING) as f:
+        with open_text(path, what) as f:
             value = json.load(f)
     except UnicodeDecodeError as err:
         raise _decode_error(path, err) from None
@@ -59,7 +69,7 @@ def json_objects(path: str) -> Iterator[Tuple[int, dict]]:
     """(line number, object) per non-blank line of a UTF-8 JSONL file; a line that is not a JSON
     object is an error naming the line."""
     try:
-        with open(path, encoding=ENCODING) as f:
+        with open_text(path, "JSONL file") as f:
             for number, line in enumerate(f, start=1):
                 if not line.strip():
                     continue

@@ -90,6 +90,7 @@ BAD = [
                                         "--tasks", "piqa"], 2),
     # user files: encoding and structure, one line naming the file
     ("generate_prompt_file_latin1", "generate", ["--load", "{W}/ck", "--prompt-file", "{W}/latin1.txt"], 2),
+    ("generate_prompt_file_device", "generate", ["--load", "{W}/ck", "--prompt-file", "{W}/zero.txt"], 2),
     ("convert_hf_config_list", "convert", ["--input", "{W}/hf_list", "--output", "{W}/conv"], 2),
     ("convert_hf_config_string_layers", "convert", ["--input", "{W}/hf_str", "--output", "{W}/conv"], 2),
     ("convert_hf_config_latin1", "convert", ["--input", "{W}/hf_latin1", "--output", "{W}/conv"], 2),
@@ -135,6 +136,7 @@ def _prepare(root):
     (root / "duplicate.yaml").write_text("lr: 1.0e-2\nmicro_batch_size: 2\nlr: 1.0e-3\n")
     (root / "latin1.yaml").write_bytes("lr: 1.0e-2  # caf\xe9\n".encode("latin-1"))
     (root / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    os.symlink("/dev/zero", root / "zero.txt")  # reads without end
     (root / "table_dir.csv").mkdir()
     for name, config in (("hf_list", [HF]), ("hf_str", {**HF, "num_hidden_layers": "1"}),
                          ("hf_huge", {**HF, "num_hidden_layers": 300_000_000}), ("hf_index", HF)):
