@@ -233,6 +233,18 @@ def test_tiny_temperature_samples_the_best_token(workspace):  # noqa: F811
     assert outputs[0] == outputs[1]
 
 
+def test_lm_eval_task_data_missing_offline(workspace, tmp_path):  # noqa: F811
+    """A task whose data lm-eval cannot download (offline, empty cache) ends in one error line
+    saying so and exit 2, after lm-eval's own progress log; no traceback."""
+    env = {**repo_env(), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run(COMMANDS["lm-eval"] + ["--model", "ratplus", "--model_args", f"load={workspace / 'ck'}",
+                                                   "--tasks", "piqa", "--limit", "1"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert last.startswith("ratplus-lm-eval: error: Couldn't reach") and "piqa" in last and "HF_DATASETS_CACHE" in last
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("sig,status,word", [(signal.SIGINT, 130, "interrupted"),
                                              (signal.SIGTERM, 143, "terminated")])
