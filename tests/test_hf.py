@@ -360,6 +360,19 @@ def test_modeling_parser_agrees_with_ours(text):
            [[(p.dilation, p.window, p.sinks) for p in layer] for layer in theirs]
 
 
+@pytest.mark.parametrize("text", ["dilated:1_6", "dilated:\u0663", "dilated:9223372036854775807", "local:w=2147483648",
+                                  "3000000000*dense", "5*dense", "\u0662*dense;\u0662*dilated:4", "dense:", "dilated:4,q=1"])
+def test_modeling_parser_refuses_what_ours_refuses(text):
+    """The export's own copy of the grammar has the same boundary: plain ASCII digits, numbers up
+    to 2**31-1, no repeat count beyond the model's layers (checked before a list is built)."""
+    from megatron_ratplus.patterns import PatternError
+
+    with pytest.raises(PatternError):
+        parse_composition(text).resolve(4, 4)
+    with pytest.raises(ValueError, match="attention pattern"):
+        modeling_ratplus.resolve_patterns(text, 4, 4)
+
+
 def test_hf_import_bad_inputs(tmp_path, capsys, exported):
     root, _ = exported
     (tmp_path / "empty").mkdir()

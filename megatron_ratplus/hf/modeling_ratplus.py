@@ -57,11 +57,14 @@ class Pattern:
         return allowed & (j <= t)
 
 
+MAX_VALUE = 2**31 - 1  # the largest D, W or P
+
+
 def parse_pattern(text: str) -> Pattern:
     source = text
-    kind, _, rest = text.strip().lower().partition(":")
+    kind, colon, rest = text.strip().lower().partition(":")
     kind = kind.strip()
-    if kind == "dense" and not rest.strip():
+    if kind == "dense" and not colon:
         return Pattern()
     if kind not in ("dilated", "local"):
         raise ValueError(f"attention pattern '{source}': this exported model supports dense, dilated and local")
@@ -75,10 +78,11 @@ def parse_pattern(text: str) -> Pattern:
         name = name.strip()
         if name not in ({"d", "w", "p"} if kind == "dilated" else {"w", "p"}) or name in fields:
             raise ValueError(f"attention pattern '{source}': unexpected parameter '{name}'")
-        try:
-            fields[name] = int(value)
-        except ValueError:
-            raise ValueError(f"attention pattern '{source}': {name} must be an integer") from None
+        # plain ASCII digits up to 2**31-1, as the training side's grammar: int() would also take
+        # "1_6", other scripts' digits and values whose index arithmetic overflows
+        if not re.fullmatch(r"\s*[0-9]+\s*", value) or int(value) > MAX_VALUE:
+            raise ValueError(f"attention pattern '{source}': {name} must be an integer in 0..{MAX_VALUE}")
+        fields[name] = int(value)
     if (kind == "dilated" and fields.get("d", 0) < 1) or (kind == "local" and "w" not in fields) \
             or min(fields.values(), default=0) < 0:
         raise ValueError(f"attention pattern '{source}': missing or negative parameter")
@@ -86,7 +90,7 @@ def parse_pattern(text: str) -> Pattern:
 
 
 def _count(text: str):
-    match = re.match(r"^\s*(\d+)\s*\*(.*)$", text)
+    match = re.match(r"^\s*([0-9]+)\s*\*(.*)$", text)  # ASCII digits only, as the grammar says
     return (int(match.group(1)), match.group(2)) if match else (None, text)
 
 
@@ -120,6 +124,8 @@ def resolve_patterns(text: str, num_layers: int, num_heads: int) -> List[Tuple[P
             layer = layer[1:-1]
         if not layer.strip() or "(" in layer or ")" in layer:
             raise ValueError(f"attention pattern '{text}': bad layer item '{item.strip()}'")
+        if (count or 1) > num_layers:  # refused before the list is built: "3000000000*dense" would fill memory
+            raise ValueError(f"attention pattern '{text}': {count} layers named, the model has {num_layers}")
         layers += [_layer_heads(layer, num_heads)] * (count or 1)
     if cycle or len(layers) == 1:
         if num_layers % len(layers):

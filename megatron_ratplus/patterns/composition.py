@@ -31,7 +31,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 from megatron_ratplus.patterns.pattern import AttentionPattern, PatternError, parse_pattern
 
-_COUNT = re.compile(r"^\s*(\d+)\s*\*(.*)$")
+_COUNT = re.compile(r"^\s*([0-9]+)\s*\*(.*)$")  # ASCII digits
 # A count repeats a layer or a head group: more than any model's layers or heads (parsing must
 # not allocate what a typo asks for; the model's own sizes are checked at resolve time).
 MAX_COUNT = 65536

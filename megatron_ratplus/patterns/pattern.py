@@ -105,7 +105,7 @@ class AttentionPattern:
 
 def _int_value(text: str, name: str, source: str) -> int:
     """Plain decimal digits only: int() would also take '1_6' (16) and ' 16'."""
-    if not re.fullmatch(r"-?\d+", text):
+    if not re.fullmatch(r"-?[0-9]+", text):  # ASCII: \d also matches other scripts' digits
         raise PatternError(f"pattern '{source}': {name} must be an integer, got '{text}'")
     return int(text)
 
