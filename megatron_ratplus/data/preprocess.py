@@ -216,10 +216,12 @@ def encode_batch(task) -> Tuple[list, int]:
 
 
 def _init_pool_worker(spec: str, keys, append_eod: bool) -> None:
-    """A pool worker leaves Ctrl-C to the parent (which terminates the pool: a worker killed
-    mid-task would leave the parent waiting for its result forever) and dies at once on SIGTERM."""
+    """A pool worker leaves Ctrl-C and SIGTERM (a terminal's or a scheduler's, sent to every
+    process) to the parent, which closes the pool (``_ordered``): a worker killed mid-task would
+    leave the parent waiting for its result forever. A killed parent ends it too: its task pipe
+    reaches end of file."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _init_worker(spec, keys, append_eod)
 
 
@@ -233,11 +235,8 @@ def _signals_deferred():
     noted, previous, parent = [], {}, os.getpid()
 
     def note(signum, frame):
-        if os.getpid() == parent:
+        if os.getpid() == parent:  # a worker forked meanwhile ignores it, as _init_pool_worker will
             noted.append(signum)
-        elif signum == signal.SIGTERM:  # a worker forked meanwhile, not yet in _init_pool_worker:
-            signal.signal(signum, signal.SIG_DFL)  # Pool.terminate's SIGTERM must end it (Ctrl-C: the
-            os.kill(os.getpid(), signum)  # parent's, ignored here as _init_pool_worker does)
 
     if threading.current_thread() is threading.main_thread():  # elsewhere signals are not ours to handle
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -269,26 +268,20 @@ def _ordered(tasks: Iterator, workers: int, spec: str, keys, append_eod: bool):
         for task in tasks:
             yield task, encode_batch(task)
         return
-    # The pool is made with signals deferred; one that came meanwhile, or one that lands while this
-    # waits for a result, terminates the workers.
+    # The pool is made with signals deferred (one that came meanwhile is raised once it exists).
+    # However the run ends (done, a full disk, bad data, Ctrl-C, SIGTERM), the workers, which
+    # ignore signals, finish their at most 2 x workers queued batches and exit; a further signal
+    # waits for that. Pool.terminate is never called: it waits for the task queue's lock, which an
+    # idle worker holds while it waits for a task, and hung about 1 run in 10 after a Ctrl-C.
     with _signals_deferred() as release:
         pool = multiprocessing.Pool(workers, initializer=_init_pool_worker, initargs=(spec, keys, append_eod))
         try:
             release()
             yield from _in_order(pool, tasks, workers)
-        except GeneratorExit:
-            # The caller stopped (a full disk, bad data, a signal in its own code): the workers
-            # finish their few queued batches and exit. Pool.terminate could kill a worker that
-            # holds the result queue's lock, and then wait for that lock forever (seen on a full
-            # disk, about 1 run in 20).
-            pool.close()
-            pool.join()
-            raise
-        except BaseException:
-            pool.terminate()
-            raise
-        pool.close()
-        pool.join()
+        finally:
+            with _signals_deferred():
+                pool.close()
+                pool.join()
 
 
 def _in_order(pool, tasks: Iterator, workers: int):
