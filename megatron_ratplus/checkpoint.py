@@ -52,7 +52,7 @@ except ImportError:  # another torch than the pinned one: _Writer defers to torc
 from torch.futures import Future
 
 from megatron_ratplus.config import SHAPE_KEYS
-from megatron_ratplus.errors import UserError
+from megatron_ratplus.errors import UserError, first_line
 from megatron_ratplus.userfiles import full_disk
 
 EVAL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # load_model's parameter types by name
@@ -261,7 +261,7 @@ def read_meta(path: str) -> dict:
         with open(os.path.join(ckpt, META_FILE), encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"unreadable checkpoint metadata in {ckpt}: {str(err).splitlines()[0]}") from None
+        raise CheckpointError(f"unreadable checkpoint metadata in {ckpt}: {first_line(err)}") from None
     missing = [key for key in META_KEYS if not isinstance(meta, dict) or not isinstance(meta.get(key), (dict, str))]
     missing += [f"model.{key}" for key in SHAPE_KEYS if not missing and key not in meta["model"]]
     if missing:

@@ -15,7 +15,7 @@ import sys
 
 from megatron_ratplus.cli.types import non_negative_float, positive_float, positive_int, probability
 from megatron_ratplus.config import PRESETS, preset
-from megatron_ratplus.errors import ArgumentParser, UserError
+from megatron_ratplus.errors import ArgumentParser, UserError, first_line
 from megatron_ratplus.estimate import Layout, iterations_for_tokens, report
 from megatron_ratplus.patterns import PatternError, split_pattern_list
 from megatron_ratplus.training.arguments import yaml_argv
@@ -77,7 +77,7 @@ def run(argv=None) -> int:
         for p in patterns:
             split_pattern_list(p)
     except (ValueError, PatternError) as err:
-        raise UserError(str(err).splitlines()[0]) from None
+        raise UserError(first_line(err)) from None
     layout = Layout(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                     args.context_parallel_size, args.gpus // model_parallel,
                     args.sequence_parallel, args.use_distributed_optimizer)

@@ -57,6 +57,9 @@ positive_float = Typed(float, "> 0", lambda v: v > 0)
 non_negative_float = Typed(float, ">= 0", lambda v: v >= 0)
 probability = Typed(float, "in (0, 1]", lambda v: 0 < v <= 1)
 fraction = Typed(float, "in [0, 1)", lambda v: 0 <= v < 1)
+# A random seed: torch takes 64 bits, numpy's RandomState (megatron's dataset shuffles) 32, and
+# megatron adds offsets per rank; a larger seed would fail with a traceback mid-start-up.
+seed = Typed(int, f"in [0, {2 ** 31 - 1}]", lambda v: 0 <= v < 2 ** 31)
 
 
 def byte_size(text: str) -> int:

@@ -17,6 +17,7 @@ from typing import Dict, Tuple
 import torch
 
 from megatron_ratplus.convert import ConversionError, check_tensors, fresh_output, rename
+from megatron_ratplus.errors import first_line
 from megatron_ratplus.userfiles import read_json, typed_fields
 
 MODELING_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hf")
@@ -107,7 +108,7 @@ def read_safetensors(directory: str) -> Dict[str, torch.Tensor]:
         try:
             state.update(load_file(os.path.join(directory, file)))
         except Exception as err:  # safetensors raises its own error types for damaged files
-            raise ConversionError(f"cannot read {os.path.join(directory, file)}: {str(err).splitlines()[0]}") from None
+            raise ConversionError(f"cannot read {os.path.join(directory, file)}: {first_line(err)}") from None
     return state
 
 
@@ -192,7 +193,7 @@ def read_hf(directory: str) -> Tuple[Dict[str, torch.Tensor], dict, str]:
     try:
         config = model_config(shape)
     except ValueError as err:
-        raise ConversionError(f"{path}: {str(err).splitlines()[0]}") from None
+        raise ConversionError(f"{path}: {first_line(err)}") from None
     check_weights_fit(config)  # before naming and reading every layer's tensors
     hf_names = local_to_hf_names(config.num_layers)
     tensors = read_safetensors(directory)

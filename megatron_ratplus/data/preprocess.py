@@ -27,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from megatron_ratplus.data.tokenizer import DataError, build_tokenizer
+from megatron_ratplus.errors import first_line
 from megatron_ratplus.userfiles import check_output_path, make_parents, publish, remove_folders, remove_stale_temps
 
 BATCH = 512  # records per task sent to a worker
@@ -120,7 +121,7 @@ def read_batches(path: str, keys: Sequence[str]) -> Iterator[Tuple[str, int, str
                 batch = []
     except _corrupt_errors() as err:
         raise DataError(f"{path}: corrupt or truncated {kind[6:] or 'file'} data after line {line_no} "
-                        f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+                        f"({first_line(err)})") from None
     if batch:
         yield path, first, "jsonl", batch
 
@@ -133,7 +134,7 @@ def _parquet_batches(path: str, keys: Sequence[str]):
     try:
         table = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises ArrowInvalid/OSError with the reason
-        raise DataError(f"{path}: not a readable parquet file ({str(err).splitlines()[0]})") from None
+        raise DataError(f"{path}: not a readable parquet file ({first_line(err)})") from None
     columns = table.schema_arrow.names
     missing = [k for k in keys if k not in columns]
     if missing:
@@ -145,7 +146,7 @@ def _parquet_batches(path: str, keys: Sequence[str]):
             yield path, row, "parquet", values
             row += len(values)
     except Exception as err:
-        raise DataError(f"{path}: corrupt parquet data after row {row} ({str(err).splitlines()[0]})") from None
+        raise DataError(f"{path}: corrupt parquet data after row {row} ({first_line(err)})") from None
 
 
 # ---- worker side: one tokenizer per process, set by _init_worker ------------------------------
