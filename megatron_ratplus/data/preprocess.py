@@ -17,6 +17,7 @@ import gzip
 import json
 import multiprocessing
 import os
+import resource
 import signal
 import sys
 import threading
@@ -321,13 +322,24 @@ def build(paths: Sequence[str], output_prefix: str, tokenizer_spec: str = "byte"
 
     if workers < 1 or partitions < 1:
         raise DataError("--workers and --partitions must be >= 1")
+    cores = len(os.sched_getaffinity(0))
+    if workers > cores:  # each worker is a process holding a tokenizer: more only cost memory
+        raise DataError(f"--workers {workers} is more than the {cores} CPU cores this process may use")
     keys = tuple(json_keys)
     if len(set(keys)) != len(keys) or not keys:
         raise DataError("--json-keys must name distinct fields")
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if len(keys) * partitions > files // 2:  # every shard's .bin stays open while documents are dealt
+        raise DataError(f"--partitions {partitions} x {len(keys)} --json-keys would hold {len(keys) * partitions} "
+                        f"files open; this process may open {files} (ulimit -n)")
     for path in paths:
         if not os.path.isfile(path):
             raise DataError(f"input {path} is a directory; name its files" if os.path.isdir(path)
                             else f"input file not found: {path}")
+    named = [os.path.realpath(path) for path in paths]
+    twice = next((path for i, path in enumerate(paths) if named[i] in named[:i]), None)
+    if twice is not None:
+        raise DataError(f"input {twice} is named twice; its documents would be in the dataset twice")
     prefixes = output_prefixes(output_prefix, keys, partitions)
     for prefix in prefixes.values():
         for ext in (".bin", ".idx"):
