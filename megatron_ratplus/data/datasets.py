@@ -16,6 +16,7 @@ a global batch into one data-parallel rank's micro-batches (``collate``d) by tha
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -174,12 +175,14 @@ def _record_range(prefix: str, key: dict, low: int, high: int) -> None:
             os.remove(tmp)
 
 
-def check_indexed_dataset(prefix: str, vocab_size: int) -> int:
+def check_indexed_dataset(prefix: str, vocab_size: int, pending: Optional[list] = None) -> int:
     """Validate ``prefix.bin``/``prefix.idx``; returns the token count. One-line DataError otherwise.
 
     The token-id scan reads the whole .bin (hundreds of GB at FineWeb scale), so its result
     (min and max id) is recorded beside the .idx, keyed by _file_key of both files,
     and later starts reuse it; the ids are then checked against this run's vocabulary.
+    ``pending``: the recording is appended here (a callable) for the caller to run once the
+    rest of the run is accepted too, so a run refused for another reason writes nothing.
     """
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -211,7 +214,8 @@ def check_indexed_dataset(prefix: str, vocab_size: int) -> int:
     if high >= vocab_size:
         raise DataError(f"{prefix}.bin holds token id {high}, beyond the vocabulary size {vocab_size}")
     if recorded is None:  # only for an accepted dataset: a refused one leaves nothing beside it
-        _record_range(prefix, key, low, high)
+        record = functools.partial(_record_range, prefix, key, low, high)
+        pending.append(record) if pending is not None else record()
     return n_tokens
 
 
@@ -315,14 +319,17 @@ def build_datasets(data_path: Optional[List[str]], tokenizer, seq_length: int, s
         return TokenWindows(train_tokens, seq_length), TokenWindows(valid_tokens, seq_length)
     prefixes, weights = parse_blend(list(data_path))
     check_split(split)
+    records = []
     for i, prefix in enumerate(prefixes):
-        if check_indexed_dataset(prefix, tokenizer.vocab_size) < seq_length + 1:
+        if check_indexed_dataset(prefix, tokenizer.vocab_size, records) < seq_length + 1:
             raise DataError(f"{prefix} has fewer tokens than one sample of --seq-length {seq_length} + 1")
         # the samples megatron asks of this prefix: all of them alone, one pass each in an
         # unweighted blend, a weight's share (plus megatron's 0.5% surplus) in a weighted one
         share = 1.0 if len(prefixes) == 1 else 0.0 if weights is None else 1.005 * weights[i] / sum(weights)
         check_split_documents(prefix, split, seq_length,
                               (math.ceil(share * num_train) + 1, math.ceil(share * num_valid) + 1))
+    for record in records:
+        record()
     return _gpt_datasets(prefixes, weights, tokenizer, seq_length, seed, split, num_train, num_valid, cache_dir)
 
 
