@@ -52,7 +52,7 @@ except ImportError:  # another torch than the pinned one: _Writer defers to torc
 from torch.futures import Future
 
 from megatron_ratplus.config import SHAPE_KEYS
-from megatron_ratplus.errors import UserError
+from megatron_ratplus.errors import UserError, first_line
 from megatron_ratplus.userfiles import full_disk
 
 EVAL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # load_model's parameter types by name
@@ -261,13 +261,38 @@ def read_meta(path: str) -> dict:
         with open(os.path.join(ckpt, META_FILE), encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"unreadable checkpoint metadata in {ckpt}: {str(err).splitlines()[0]}") from None
+        raise CheckpointError(f"unreadable checkpoint metadata in {ckpt}: {first_line(err)}") from None
     missing = [key for key in META_KEYS if not isinstance(meta, dict) or not isinstance(meta.get(key), (dict, str))]
     missing += [f"model.{key}" for key in SHAPE_KEYS if not missing and key not in meta["model"]]
     if missing:
         raise CheckpointError(f"checkpoint metadata {os.path.join(ckpt, META_FILE)} lacks {', '.join(missing)}")
+    check_model_shape(meta["model"], os.path.join(ckpt, META_FILE))
+    iteration = meta.get("iteration", 0)
+    if not isinstance(iteration, int) or isinstance(iteration, bool) or iteration < 0:
+        raise CheckpointError(f"{os.path.join(ckpt, META_FILE)}: iteration must be an integer >= 0, got {iteration!r}")
     meta["path"] = ckpt
     return meta
+
+
+def check_model_shape(shape: dict, where: str, tokenizer=None, names: Optional[dict] = None) -> None:
+    """A recorded model shape (ratplus.json's "model", a Hugging Face config.json's) as a model
+    can be built from it: positive integers (a bool is none), recurrence true or false, no more
+    real tokens than embedding rows and, given the ``tokenizer``, exactly its tokens. A hand-edited
+    or foreign file ends in one line naming it, not in a traceback while the model is built or a
+    model that samples ids its tokenizer cannot decode. ``names``: the file's names of the keys."""
+    name = (names or {}).get
+    for key in SHAPE_KEYS:
+        value, flag = shape.get(key), key == "recurrence"
+        if not (isinstance(value, bool) if flag else
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise CheckpointError(f"{where}: {name(key, key)} must be {'true or false' if flag else 'an integer >= 1'}, "
+                                  f"got {value!r}")
+    if shape["real_vocab_size"] > shape["vocab_size"]:
+        raise CheckpointError(f"{where}: {name('real_vocab_size', 'real_vocab_size')} {shape['real_vocab_size']} is "
+                              f"above {name('vocab_size', 'vocab_size')} {shape['vocab_size']} (the embedding rows)")
+    if tokenizer is not None and shape["real_vocab_size"] != tokenizer.vocab_size:
+        raise CheckpointError(f"{where}: real_vocab_size {shape['real_vocab_size']} is not the "
+                              f"{tokenizer.vocab_size} tokens of its tokenizer ({tokenizer.spec})")
 
 
 def rng_state() -> dict:
@@ -475,9 +500,10 @@ def load_model(path: str, pattern=None, dtype: str = "fp32", **config_overrides)
     exported = os.path.isfile(os.path.join(path, "config.json"))  # ratplus-convert --to hf's directory
     meta, state = _read_hf_export(path) if exported else (read_meta(path), None)
     tokenizer = build_tokenizer(meta["tokenizer"])
+    if not exported:  # read_hf checked an export against its tokenizer
+        check_model_shape(meta["model"], os.path.join(meta["path"], META_FILE), tokenizer)
     recorded = {"attention_pattern": meta["attention_pattern"]} if "attention_pattern" in meta else {}
-    # checkpoints written before real_vocab_size was recorded: the tokenizer's vocabulary is the real one
-    config = model_config(**{"real_vocab_size": tokenizer.vocab_size, **meta["model"], **recorded, **config_overrides})
+    config = model_config(**{**meta["model"], **recorded, **config_overrides})
     model = build_model(config)
     if state is None:
         load(meta["path"], [model])

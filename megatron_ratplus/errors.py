@@ -16,6 +16,13 @@ class UserError(ValueError):
     """A problem with the user's input; ``str(err)`` is one line meant for the user."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of a library's exception, for a one-line message about it; its class name
+    when it has no text (torch.load of an empty file raises a bare ``EOFError()``)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with its errors raised as UserError (``--help`` still prints and exits 0)."""
 

@@ -78,11 +78,16 @@ def flops_per_token(config, pattern, seq_length: int, training: bool = True) -> 
         dense_layer += SCAN_FLOPS_PER_CHANNEL * width
     per_head = {}
     attention = 0.0
-    for layer in parse_composition(pattern).resolve(config.num_layers, heads):
-        for head in layer:
+    composition = parse_composition(pattern)
+    composition.validate(config.num_layers, heads)
+    # each named layer pattern repeats this often (a cycle, one for all layers, or one per layer):
+    # counted, not laid out per layer, so a typo'd layer count costs no time or memory here
+    repeat = config.num_layers // len(composition.layers)
+    for layer in composition.layers:
+        for head in layer.per_head(heads):
             if head not in per_head:
                 per_head[head] = _attention_flops(head, seq_length, head_dim)
-            attention += per_head[head]
+            attention += repeat * per_head[head]
     forward = config.num_layers * dense_layer + attention + 2 * d * config.vocab_size
     return 3 * forward if training else forward
 

@@ -27,8 +27,11 @@ from test_convert import authors_state
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = {"pretrain": ["ratplus-pretrain"], "eval": ["ratplus-eval"], "generate": ["ratplus-generate"],
             "convert": ["ratplus-convert"], "lm-eval": ["ratplus-lm-eval"], "estimate": [sys.executable, os.path.join(REPO, "tools", "estimate.py")],
-            "preprocess": [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py")]}
-PROGS = {"estimate": "estimate.py", "preprocess": "preprocess_data.py"}
+            "preprocess": [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py")],
+            **{f"bench_{name}": [sys.executable, os.path.join(REPO, "tools", f"bench_{name}.py")]
+               for name in ("train", "decode", "serve", "ops")}}
+PROGS = {"estimate": "estimate.py", "preprocess": "preprocess_data.py",
+         **{f"bench_{name}": f"bench_{name}.py" for name in ("train", "decode", "serve", "ops")}}
 QUICK = ["--train-iters", "1", "--eval-iters", "1", "--eval-interval", "0", "--no-progress-bar",
          "--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "32",
          "--micro-batch-size", "2", "--global-batch-size", "2"]
@@ -77,6 +80,14 @@ BAD = [
     ("estimate_num_layers_0", "estimate", ["--train-iters", "1", "--num-layers", "0"], 2),
     ("preprocess_workers_underscore", "preprocess", ["--input", "{W}/text.jsonl", "--output-prefix", "{W}/pre",
                                                      "--workers", "1_0"], 2),
+    ("pretrain_seed_past_32_bits", "pretrain", P + ["--seed", "1099511627776"], 2),
+    ("estimate_iters_and_tokens", "estimate", ["--train-iters", "10", "--train-tokens", "1000000"], 2),
+    ("estimate_bf16_and_fp32", "estimate", ["--train-iters", "10", "--bf16", "--fp32"], 2),
+    ("estimate_tp_over_heads", "estimate", ["--train-iters", "10", "--tensor-model-parallel-size", "1024",
+                                            "--gpus", "1024"], 2),
+    ("bench_train_repeats_0", "bench_train", ["--repeats", "0"], 2),
+    ("bench_decode_context_negative", "bench_decode", ["--context", "-5"], 2),
+    ("bench_serve_rate_inf", "bench_serve", ["--rate", "inf"], 2),
     ("lm_eval_batch_size_0", "lm-eval", ["--model", "ratplus", "--model_args", "load={W}/ck,batch_size=0",
                                          "--tasks", "piqa"], 2),
     ("lm_eval_max_length_nan", "lm-eval", ["--model", "ratplus", "--model_args=load={W}/ck,max_length=nan",
@@ -95,7 +106,20 @@ BAD = [
     ("convert_hf_config_string_layers", "convert", ["--input", "{W}/hf_str", "--output", "{W}/conv"], 2),
     ("convert_hf_config_latin1", "convert", ["--input", "{W}/hf_latin1", "--output", "{W}/conv"], 2),
     ("convert_hf_index_not_json", "convert", ["--input", "{W}/hf_index", "--output", "{W}/conv"], 2),
+    ("convert_empty_authors_file", "convert", ["--input", "{W}/empty.pt", "--output", "{W}/conv"], 2),
+    ("convert_authors_embedding_1d", "convert", ["--input", "{W}/authors_1d.pt", "--output", "{W}/conv"], 2),
+    ("convert_hf_max_position_0", "convert", ["--input", "{W}/hf_seq0", "--output", "{W}/conv"], 2),
+    ("convert_hf_real_vocab_past_rows", "convert", ["--input", "{W}/hf_real_big", "--output", "{W}/conv"], 2),
+    ("convert_meta_float_heads", "convert", ["--input", "{W}/meta_float_heads", "--output", "{W}/conv",
+                                             "--to", "hf"], 2),
+    ("resume_meta_lr_string", "pretrain", ["--save", "{W}/meta_lr_str", "--load", "{W}/meta_lr_str"], 2),
     # sizes checked before allocating
+    ("data_train_iters_huge", "pretrain", P + ["--data-path", "{W}/docs", "--train-iters", "1000000000000"], 2),
+    ("data_eval_iters_huge", "pretrain", P + ["--data-path", "{W}/docs", "--eval-iters", "1000000000000"], 2),
+    ("preprocess_workers_past_cores", "preprocess", ["--input", "{W}/text.jsonl", "--output-prefix", "{W}/pre",
+                                                     "--workers", "100000"], 2),
+    ("preprocess_partitions_past_open_files", "preprocess", ["--input", "{W}/text.jsonl", "--output-prefix",
+                                                             "{W}/pre", "--partitions", "1000000"], 2),
     ("pretrain_hidden_huge", "pretrain", ["--save", "{W}/new_run", *QUICK[:6], "--hidden-size", "65536"], 2),
     ("pretrain_layers_huge", "pretrain", ["--save", "{W}/new_run", *QUICK[:6], "--num-layers", "100000",
                                           "--hidden-size", "256", "--num-attention-heads", "2"], 2),
@@ -113,6 +137,7 @@ BAD = [
     ("preprocess_input_is_a_directory", "preprocess", ["--input", "{W}", "--output-prefix", "{W}/pre"], 2),
     ("preprocess_refused_makes_no_folder", "preprocess", ["--input", "{W}/empty.jsonl", "--output-prefix",
                                                           "{W}/made/sub/pre"], 2),
+    ("bench_ops_json_is_directory", "bench_ops", ["--json", "{W}/table_dir.csv"], 2),
     # one line even where megatron's dataset would print "Exception ignored" when freed
     ("data_zero_byte_idx", "pretrain", P + ["--data-path", "{W}/zero_idx"], 2),
     ("data_empty_dataset", "pretrain", P + ["--data-path", "{W}/no_docs"], 2),
@@ -121,6 +146,15 @@ BAD = [
     ("pattern_underscore_dilation", "pretrain", P + ["--no-joint-training", "--attention-pattern", "dilated:1_6"], 2),
     ("latest_marker_outside", "eval", ["--load", "{W}/marker_outside"], 2),
     ("data_ids_beyond_vocab", "pretrain", P + ["--data-path", "{W}/big_ids"], 2),
+    ("convert_heads_flag_for_ours", "convert", ["--input", "{W}/ck", "--output", "{W}/conv", "--to", "hf",
+                                                "--num-attention-heads", "2"], 2),
+    ("convert_shard_size_for_authors", "convert", ["--input", "{W}/ck", "--output", "{W}/conv.pt", "--to", "authors",
+                                                   "--max-shard-size", "1KB"], 2),
+    ("convert_pattern_for_ours", "convert", A + ["--attention-pattern", "dilated:4"], 2),
+    ("preprocess_input_twice", "preprocess", ["--input", "{W}/text.jsonl", "{W}/../{B}/text.jsonl",
+                                              "--output-prefix", "{W}/pre"], 2),
+    ("preprocess_file_and_model", "preprocess", ["--input", "{W}/text.jsonl", "--output-prefix", "{W}/pre",
+                                                 "--tokenizer-file", "{W}/tok.json", "--tokenizer-model", "{W}/tok.json"], 2),
     # lossy conversion
     ("convert_hf_int64_tensor", "convert", ["--input", "{W}/hf_int64", "--output", "{W}/conv"], 2),
     ("convert_hf_garbage_tokenizer", "convert", ["--input", "{W}/hf_bad_tokenizer", "--output", "{W}/conv"], 2),
@@ -157,6 +191,19 @@ def _prepare(root):
     state = authors_state()
     state["embedding.wte.weight"] = state["head.lm_head.weight"] = torch.randn(300, state["backbone.ln.weight"].numel())
     torch.save({"task": state}, root / "authors300.pt")
+    (root / "empty.pt").write_bytes(b"")
+    torch.save({"task": {**state, "embedding.wte.weight": torch.randn(300)}}, root / "authors_1d.pt")
+    for name, config in (("hf_seq0", {**HF, "max_position_embeddings": 0}), ("hf_real_big", {**HF, "real_vocab_size": 1000})):
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(json.dumps(config))
+    for name, change in (("meta_float_heads", lambda m: m["model"].update(num_attention_heads=2.0)),
+                         ("meta_lr_str", lambda m: m["args"].update(lr="0.01"))):
+        shutil.copytree(root / "ck", root / name, ignore=shutil.ignore_patterns(".lock", "tensorboard", "iter_0000001"))
+        meta = json.loads((root / name / "iter_0000002" / "ratplus.json").read_text())
+        change(meta)
+        (root / name / "iter_0000002" / "ratplus.json").write_text(json.dumps(meta))
+    write_int32_dataset(str(root / "docs"), [[5, 6, 7, 8] * 20] * 100)
+    (root / "tok.json").write_text("{}")
     _hf_dirs(root)
 
 
@@ -191,8 +238,9 @@ def _run(cli, argv, root):
         argv = argv + [word for flag, value in zip(QUICK[:6:2], QUICK[1:6:2]) if flag not in argv
                        for word in (flag, value)] + ["--no-progress-bar"]
     started = time.monotonic()
-    result = subprocess.run(COMMANDS[cli] + [a.replace("{W}", str(root)) for a in argv], cwd=str(root),
-                            env=repo_env(), capture_output=True, text=True, timeout=600)
+    words = [a.replace("{W}", str(root)).replace("{B}", root.name) for a in argv]  # {B}: the workspace's name
+    result = subprocess.run(COMMANDS[cli] + words, cwd=str(root), env=repo_env(), capture_output=True, text=True,
+                            timeout=600)
     return result, time.monotonic() - started
 
 
@@ -242,7 +290,7 @@ def test_lm_eval_task_data_missing_offline(workspace, tmp_path):  # noqa: F811
                             env=env, capture_output=True, text=True, timeout=600)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert last.startswith("ratplus-lm-eval: error: Couldn't reach") and "piqa" in last and "HF_DATASETS_CACHE" in last
+    assert last.startswith("ratplus-lm-eval: error: Couldn't reach") and "piqa" in last and "HF_HOME" in last
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -34,6 +34,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ratplus.cli import run_cli  # noqa: E402
+from megatron_ratplus.cli.types import positive_int  # noqa: E402
+from megatron_ratplus.errors import ArgumentParser  # noqa: E402
+
 HIDDEN, HEADS, BATCH, ACT_BYTES = 2048, 16, 1, 2  # the 1.5B layer, bf16 activations
 
 
@@ -191,9 +195,9 @@ def launch_timing(nproc: int, seq_len: int, repeats: int, pattern: str) -> float
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seq-len", type=int, default=16384)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seq-len", type=positive_int, default=16384)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--pattern", default="dilated:16,w=8,p=2")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
@@ -224,4 +228,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(os.path.basename(__file__), main))

@@ -23,6 +23,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ratplus.cli import run_cli  # noqa: E402
+from megatron_ratplus.cli.types import positive_int  # noqa: E402
+from megatron_ratplus.errors import ArgumentParser  # noqa: E402
+
 from megatron_ratplus import distributed  # noqa: E402
 from megatron_ratplus.config import preset  # noqa: E402
 from megatron_ratplus.inference import DecodeSession  # noqa: E402
@@ -48,15 +52,15 @@ def bench(model, pattern: str, context: int, new_tokens: int, batch: int, vocab:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--context", type=int, default=8192)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=4)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--context", type=positive_int, default=8192)
+    parser.add_argument("--new-tokens", type=positive_int, default=32)
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--hidden", type=positive_int, default=256)
+    parser.add_argument("--heads", type=positive_int, default=4)
+    parser.add_argument("--layers", type=positive_int, default=4)
     parser.add_argument("--patterns", default="dense,dilated:16,dilated:64")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     distributed.initialize()
@@ -82,4 +86,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(os.path.basename(__file__), main))

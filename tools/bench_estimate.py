@@ -15,6 +15,12 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_ratplus.cli import run_cli  # noqa: E402
+from megatron_ratplus.cli.types import positive_int  # noqa: E402
+from megatron_ratplus.errors import ArgumentParser  # noqa: E402
+
 
 def saved_activation_bytes(model, tokens: torch.Tensor) -> int:
     """Bytes of the distinct tensors autograd saves for the backward of ``model(tokens)`` + loss."""
@@ -34,11 +40,10 @@ def saved_activation_bytes(model, tokens: torch.Tensor) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=positive_int, default=4)
+    parser.add_argument("--micro-batches", type=positive_int, nargs="+", default=[1, 2, 4, 8])
     args = parser.parse_args()
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from megatron_ratplus import distributed
     from megatron_ratplus.config import preset
     from megatron_ratplus.estimate import Layout, memory_per_gpu
@@ -61,4 +66,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(os.path.basename(__file__), main))

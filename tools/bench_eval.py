@@ -23,6 +23,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ratplus.cli import run_cli  # noqa: E402
+from megatron_ratplus.cli.types import positive_int  # noqa: E402
+from megatron_ratplus.errors import ArgumentParser  # noqa: E402
+
 from megatron_ratplus import distributed  # noqa: E402
 from megatron_ratplus.config import preset  # noqa: E402
 from megatron_ratplus.evaluation.scoring import continuation_logprobs, greedy_until  # noqa: E402
@@ -40,14 +44,14 @@ def best_of(repeats: int, fn) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=positive_int, default=64)
+    parser.add_argument("--prompts", type=positive_int, default=16)
+    parser.add_argument("--new-tokens", type=positive_int, default=32)
     parser.add_argument("--patterns", default="dense,dilated:16")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     distributed.initialize()
@@ -81,4 +85,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(os.path.basename(__file__), main))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -20,6 +21,15 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_ratplus.cli import run_cli  # noqa: E402
+from megatron_ratplus.cli.types import positive_int  # noqa: E402
+from megatron_ratplus.errors import ArgumentParser  # noqa: E402
+from megatron_ratplus.userfiles import check_output_path  # noqa: E402
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))  # the measured process imports from here, from any directory
 
 
 def median_time(fn, repeats: int) -> float:
@@ -89,7 +99,7 @@ def case(name: str, seq_len: int):
 def peak_memory_mb(name: str, seq_len: int, module: str = "bench_ops") -> float:
     """Max-RSS growth of running one case (``module.case``), in a fresh process, over a process
     that only builds its inputs."""
-    build = f"import resource,sys; sys.path.insert(0,'tools'); import {module} as b; f=b.case('{name}',{seq_len}); "
+    build = f"import resource,sys; sys.path.insert(0,{TOOLS!r}); import {module} as b; f=b.case('{name}',{seq_len}); "
     report = "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     peak = int(subprocess.check_output([sys.executable, "-c", build + "f(); " + report]).split()[-1])
     floor = int(subprocess.check_output([sys.executable, "-c", build + report]).split()[-1])
@@ -97,11 +107,13 @@ def peak_memory_mb(name: str, seq_len: int, module: str = "bench_ops") -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seq-len", type=int, default=8192, help="attention sequence length")
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--seq-len", type=positive_int, default=8192, help="attention sequence length")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
+    if args.json:  # before the measurements, not after them
+        check_output_path("--json", args.json)
     # memory first: a child's max RSS starts at its parent's RSS (kept across exec), so the
     # parent must still be small when the measuring processes start
     memory = {n: peak_memory_mb(n, args.seq_len) for n in
@@ -135,4 +147,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(os.path.basename(__file__), main))

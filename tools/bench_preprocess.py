@@ -19,6 +19,12 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_ratplus.cli import run_cli  # noqa: E402
+from megatron_ratplus.cli.types import positive_float, positive_int  # noqa: E402
+from megatron_ratplus.errors import ArgumentParser  # noqa: E402
+
 
 def make_corpus(path: str, documents: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
@@ -33,13 +39,12 @@ def make_corpus(path: str, documents: int, seed: int = 0) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--documents", type=int, default=20000)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--target-tokens", type=float, default=100e9)
-    parser.add_argument("--target-cores", type=int, default=64)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--documents", type=positive_int, default=20000)
+    parser.add_argument("--workers", type=positive_int, nargs="+", default=[1, 2])
+    parser.add_argument("--target-tokens", type=positive_float, default=100e9)
+    parser.add_argument("--target-cores", type=positive_int, default=64)
     args = parser.parse_args()
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import sentencepiece
 
     from megatron_ratplus.data.preprocess import build
@@ -72,4 +77,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(os.path.basename(__file__), main))

@@ -28,6 +28,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ratplus.cli import run_cli  # noqa: E402
+from megatron_ratplus.cli.types import int_list, non_negative_float, non_negative_int, positive_float, positive_int  # noqa: E402
+from megatron_ratplus.errors import ArgumentParser  # noqa: E402
+
 from megatron_ratplus import distributed  # noqa: E402
 from megatron_ratplus.config import preset  # noqa: E402
 from megatron_ratplus.data.tokenizer import ByteTokenizer  # noqa: E402
@@ -93,23 +97,23 @@ def bench(model, pattern, prompt_len, args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--patterns", default="dense,dilated:16,dilated:64")
-    parser.add_argument("--prompt-lens", default="2048,8192")
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--cache-mb", type=float, default=64.0, help="decode-cache budget per pattern")
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--clients", type=int, default=0, help="closed-loop clients (default: the pool's rows)")
-    parser.add_argument("--requests", type=int, default=1, help="requests per client (closed) or in all (--rate)")
-    parser.add_argument("--rate", type=float, default=0.0, help="Poisson arrivals per second instead")
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--heads", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-lens", type=int_list, default="2048,8192")
+    parser.add_argument("--new-tokens", type=positive_int, default=32)
+    parser.add_argument("--cache-mb", type=positive_float, default=64.0, help="decode-cache budget per pattern")
+    parser.add_argument("--max-num-seqs", type=positive_int, default=64)
+    parser.add_argument("--clients", type=non_negative_int, default=0, help="closed-loop clients (default: the pool's rows)")
+    parser.add_argument("--requests", type=positive_int, default=1, help="requests per client (closed) or in all (--rate)")
+    parser.add_argument("--rate", type=non_negative_float, default=0.0, help="Poisson arrivals per second instead")
+    parser.add_argument("--layers", type=positive_int, default=2)
+    parser.add_argument("--hidden", type=positive_int, default=128)
+    parser.add_argument("--heads", type=positive_int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     distributed.initialize()
-    lengths = [int(x) for x in args.prompt_lens.split(",")]
+    lengths = args.prompt_lens
     torch.manual_seed(0)
     config = preset("tiny", num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
                     seq_length=max(lengths) + args.new_tokens, vocab_size=384, real_vocab_size=257)
@@ -132,4 +136,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(os.path.basename(__file__), main))

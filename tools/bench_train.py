@@ -11,22 +11,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import tempfile
 import time
 
 import torch
 
 from megatron_ratplus import distributed
+from megatron_ratplus.cli import run_cli
+from megatron_ratplus.cli.types import positive_int
 from megatron_ratplus.config import preset
 from megatron_ratplus.data.corpus import embedded_splits
 from megatron_ratplus.data.datasets import TokenWindows, collate
 from megatron_ratplus.data.tokenizer import ByteTokenizer, padded_vocab_size
+from megatron_ratplus.errors import ArgumentParser
 from megatron_ratplus.model import build_model
 from megatron_ratplus.training.arguments import parse_flags
 from megatron_ratplus.training.config import TrainingConfig
 from megatron_ratplus.training.data_parallel import wrap_model
 from megatron_ratplus.training.optimizer import build_optimizer
 from megatron_ratplus.training.steps import train_step
+from megatron_ratplus.userfiles import check_output_path
 
 
 def time_steps(recurrence: bool, patterns, args, batches) -> float:
@@ -51,14 +57,16 @@ def time_steps(recurrence: bool, patterns, args, batches) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--seq-length", type=int, default=256)
-    parser.add_argument("--micro-batch-size", type=int, default=8)
-    parser.add_argument("--global-batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--seq-length", type=positive_int, default=256)
+    parser.add_argument("--micro-batch-size", type=positive_int, default=8)
+    parser.add_argument("--global-batch-size", type=positive_int, default=16)
+    parser.add_argument("--repeats", type=positive_int, default=10)
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
+    if args.json:  # before the measurements, not after them
+        check_output_path("--json", args.json)
 
     distributed.initialize()
     tokens, _ = embedded_splits(ByteTokenizer())
@@ -87,4 +95,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(os.path.basename(__file__), main))

@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_ratplus.cli import run_cli
 from megatron_ratplus.cli.types import non_negative_float, positive_float, positive_int, probability
 from megatron_ratplus.config import PRESETS, preset
-from megatron_ratplus.errors import ArgumentParser, UserError
+from megatron_ratplus.errors import ArgumentParser, UserError, first_line
 from megatron_ratplus.estimate import Layout, iterations_for_tokens, report
 from megatron_ratplus.patterns import PatternError, split_pattern_list
 from megatron_ratplus.training.arguments import yaml_argv
+from megatron_ratplus.training.parallel_layout import validate_parallel_config
 
 PROG = "estimate.py"
 
@@ -40,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-parallel-size", type=positive_int, default=1)
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--use-distributed-optimizer", action="store_true")
-    p.add_argument("--bf16", action="store_true", help="(the estimate assumes bf16 unless --fp32)")
-    p.add_argument("--fp32", action="store_true", help="fp32 training (weights, grads, activations)")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true", help="(the estimate assumes bf16 unless --fp32)")
+    precision.add_argument("--fp32", action="store_true", help="fp32 training (weights, grads, activations)")
     p.add_argument("--recompute", action="store_true", help="full activation recomputation")
     p.add_argument("--joint-training", default=True, action=argparse.BooleanOptionalAction)
     p.add_argument("--sparse-pattern", default="dilated:64")
@@ -77,7 +80,16 @@ def run(argv=None) -> int:
         for p in patterns:
             split_pattern_list(p)
     except (ValueError, PatternError) as err:
-        raise UserError(str(err).splitlines()[0]) from None
+        raise UserError(first_line(err)) from None
+    # the layouts and shapes ratplus-pretrain refuses are refused here too, not estimated
+    if config.hidden_size % config.num_attention_heads:
+        raise UserError(f"--hidden-size {config.hidden_size} is not divisible by "
+                        f"--num-attention-heads {config.num_attention_heads}")
+    validate_parallel_config(args.gpus, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                             args.context_parallel_size, None, config.num_layers, config.num_attention_heads,
+                             config.seq_length, sequence_parallel=args.sequence_parallel)
+    if args.train_iters is not None and args.train_tokens is not None:
+        raise UserError("give --train-iters or --train-tokens, not both")
     layout = Layout(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                     args.context_parallel_size, args.gpus // model_parallel,
                     args.sequence_parallel, args.use_distributed_optimizer)
@@ -98,11 +110,9 @@ def run(argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    try:
-        return run(argv)
-    except UserError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+    """run() under run_cli (one line and 2 on a usage error, 130 on Ctrl-C); else run()'s status."""
+    status = []
+    return run_cli(PROG, lambda: status.append(run(argv))) or status[0]
 
 
 if __name__ == "__main__":

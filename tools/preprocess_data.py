@@ -44,6 +44,8 @@ def tokenizer_spec(args) -> str:
     if args.tokenizer_file:
         if args.tokenizer_type not in (None, "huggingface"):
             raise DataError("--tokenizer-file is a tokenizer.json: use --tokenizer-model with this --tokenizer-type")
+        if args.tokenizer_model:
+            raise DataError("give --tokenizer-file or --tokenizer-model, not both")
         return f"json:{args.tokenizer_file}"
     kind = args.tokenizer_type or "byte"
     if kind == "byte":

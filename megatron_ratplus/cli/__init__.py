@@ -8,7 +8,7 @@ import sys
 import threading
 from typing import Callable
 
-from megatron_ratplus.errors import UserError
+from megatron_ratplus.errors import UserError, first_line
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -49,7 +49,7 @@ def run_cli(prog: str, main: Callable[[], object]) -> int:
     try:
         main()
     except UserError as err:
-        print(f"{prog}: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        print(f"{prog}: error: {first_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -54,6 +54,31 @@ def build_parser():
     return p
 
 
+# Flags that serve some conversions only (source format, target): given to another they would be
+# ignored without a word, and the user would believe the output holds what they asked for.
+SCOPES = {
+    "target_tensor_parallel_size": ("resharding (--from ours --to ours)", lambda s, t: (s, t) == ("ours", "ours")),
+    "target_pipeline_parallel_size": ("resharding (--from ours --to ours)", lambda s, t: (s, t) == ("ours", "ours")),
+    "num_attention_heads": ("reading an authors' file", lambda s, t: s == "authors"),
+    "seq_length": ("reading an authors' file", lambda s, t: s == "authors"),
+    "tokenizer_file": ("reading an authors' file (other sources carry their tokenizer)", lambda s, t: s == "authors"),
+    "trust_pickle": ("reading an authors' file", lambda s, t: s == "authors"),
+    "pretrain_lr": ("writing our checkpoint from another format", lambda s, t: t == "ours" and s != "ours"),
+    "attention_pattern": ("a Hugging Face export (--to hf)", lambda s, t: t == "hf"),
+    "max_shard_size": ("a Hugging Face export (--to hf)", lambda s, t: t == "hf"),
+}
+
+
+def check_scopes(args, source_format: str) -> None:
+    """Refuse a flag given (other than its default) to a conversion it does not apply to."""
+    parser = build_parser()
+    flags = {a.dest: a.option_strings[0] for a in parser._actions}
+    for dest, (where, applies) in SCOPES.items():
+        if getattr(args, dest) != parser.get_default(dest) and not applies(source_format, args.target):
+            raise UserError(f"{flags[dest]} applies only to {where}; this conversion is "
+                            f"{source_format} -> {args.target}")
+
+
 def detect_format(path: str) -> str:
     if os.path.isfile(path):
         return "authors"
@@ -112,9 +137,7 @@ def convert(args) -> str:
     from megatron_ratplus.convert import ConversionError
 
     source_format = args.source or detect_format(args.input)
-    resharding = (args.target_tensor_parallel_size, args.target_pipeline_parallel_size) != (1, 1)
-    if resharding and (source_format, args.target) != ("ours", "ours"):
-        raise UserError("--target-tensor/pipeline-parallel-size reshard our checkpoints (--from ours --to ours)")
+    check_scopes(args, source_format)
     if os.path.lexists(args.output):
         raise ConversionError(f"output {args.output} already exists; refusing to write into or over it")
     check_output_path("--output", args.output, directory=args.target in ("ours", "hf"))

@@ -14,7 +14,7 @@ import warnings
 from typing import List, Optional
 
 from megatron_ratplus.cli import run_cli
-from megatron_ratplus.cli.types import non_negative_float, positive_int, probability, seed, utf8_text
+from megatron_ratplus.cli.types import non_negative_float, positive_int, probability, sampling_seed, utf8_text
 from megatron_ratplus.errors import ArgumentParser, UserError
 from megatron_ratplus.userfiles import read_text_lines
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass (default 1: off)")
     parser.add_argument("--stop", action="append", default=[], type=utf8_text,
                         help="a stop string that is one token (repeatable); end-of-document always stops")
-    parser.add_argument("--seed", type=seed, default=None, help="sampling seed")
+    parser.add_argument("--seed", type=sampling_seed, default=None, help="sampling seed")
     parser.add_argument("--max-length", type=positive_int, default=None,
                         help="longest prompt + new tokens allowed (default: the model's seq_length)")
     parser.add_argument("--show-cache", action="store_true", help="print the decode cache size")

@@ -19,6 +19,7 @@ from megatron_ratplus.optional import require
 def _run(argv) -> None:
     require("lm_eval", "ratplus-lm-eval")
     from megatron_ratplus.evaluation.errors import DatasetMissingError
+    from megatron_ratplus.evaluation.harness import OFFLINE_HINT
     from megatron_ratplus.evaluation.lm_eval_model import check_model_args  # registers "ratplus"
     from lm_eval.__main__ import cli_evaluate
 
@@ -31,8 +32,7 @@ def _run(argv) -> None:
     try:
         cli_evaluate()
     except ConnectionError as err:  # datasets' "Couldn't reach ... on the Hub": a task's data is missing offline
-        raise DatasetMissingError(f"{err}: lm-eval downloads each task's data from the Hugging Face Hub; run once "
-                                  "where it is reachable, or set HF_DATASETS_CACHE to a cache that holds it") from None
+        raise DatasetMissingError(f"{err}; {OFFLINE_HINT}") from None
 
 
 def main(argv=None) -> int:

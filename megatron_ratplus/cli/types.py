@@ -57,7 +57,10 @@ positive_float = Typed(float, "> 0", lambda v: v > 0)
 non_negative_float = Typed(float, ">= 0", lambda v: v >= 0)
 probability = Typed(float, "in (0, 1]", lambda v: 0 < v <= 1)
 fraction = Typed(float, "in [0, 1)", lambda v: 0 <= v < 1)
-seed = Typed(int, "in [0, 2**64)", lambda v: 0 <= v < 2**64)  # torch.Generator's range
+# A random seed: torch takes 64 bits, numpy's RandomState (megatron's dataset shuffles) 32, and
+# megatron adds offsets per rank; a larger seed would fail with a traceback mid-start-up.
+seed = Typed(int, f"in [0, {2 ** 31 - 1}]", lambda v: 0 <= v < 2 ** 31)
+sampling_seed = Typed(int, "in [0, 2**64)", lambda v: 0 <= v < 2**64)  # torch.Generator's range
 
 
 def utf8_text(text: str) -> str:
@@ -74,7 +77,7 @@ def utf8_text(text: str) -> str:
 
 def byte_size(text: str) -> int:
     """'5GB', '500MB', '64KB', '1000' -> bytes, at least one."""
-    match = re.fullmatch(r"(\d+)\s*([KMG]?)B?", str(text).strip().upper())
+    match = re.fullmatch(r"([0-9]+)\s*([KMG]?)B?", str(text).strip().upper())
     if not match:
         raise argparse.ArgumentTypeError(f"invalid size '{text}' (e.g. 5GB, 500MB)")
     size = int(match.group(1)) * {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}[match.group(2)]

@@ -17,6 +17,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from megatron_ratplus.convert import ConversionError, check_tensors, rename
+from megatron_ratplus.errors import first_line
 
 _LAYER = re.compile(r"^backbone\.layers\.(\d+)\.")
 _HEAD_KEYS = ("num_heads", "n_heads", "n_head", "num_attention_heads", "nhead")
@@ -60,9 +61,10 @@ def load_authors(path: str, trust_pickle: bool = False) -> Tuple[Dict[str, torch
         if not trust_pickle and "weights_only" in str(err):
             raise ConversionError(f"{path} holds more than tensors and the authors' config; refusing to unpickle "
                                   f"it (pass --trust-pickle only for files you trust)") from None
-        raise ConversionError(f"cannot read {path} as a torch checkpoint: {str(err).splitlines()[0]}") from None
+        raise ConversionError(f"cannot read {path} as a torch checkpoint: {first_line(err)}") from None
     state = blob.get("task", blob) if isinstance(blob, dict) else None
-    if not isinstance(state, dict) or not any(str(k).replace("_orig_mod.", "") == "embedding.wte.weight" for k in state):
+    if not isinstance(state, dict) or not any(str(k).replace("_orig_mod.", "") == "embedding.wte.weight"
+                                              and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise ConversionError(f"{path} is not an authors' RAT+ checkpoint (no 'task' state dict with embedding.wte.weight)")
     tensors = {k.replace("_orig_mod.", ""): v for k, v in state.items() if isinstance(v, torch.Tensor)}
     config = blob.get("config") if isinstance(blob.get("config"), dict) else {}
@@ -82,14 +84,17 @@ def _find(config: dict, names) -> Optional[object]:
     return None
 
 
+def _count(value) -> Optional[int]:
+    """A positive integer of their config, else None (``num_heads: true`` is no head count)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def config_heads(config: dict) -> Optional[int]:
-    heads = _find(config, _HEAD_KEYS)
-    return int(heads) if isinstance(heads, int) and heads > 0 else None
+    return _count(_find(config, _HEAD_KEYS))
 
 
 def config_seq_length(config: dict) -> Optional[int]:
-    length = _find(config, _LENGTH_KEYS)
-    return int(length) if isinstance(length, int) and length > 0 else None
+    return _count(_find(config, _LENGTH_KEYS))
 
 
 def interleave_heads(weight: torch.Tensor, parts: int, heads: int) -> torch.Tensor:
@@ -108,7 +113,6 @@ def block_heads(weight: torch.Tensor, parts: int, heads: int) -> torch.Tensor:
 
 def authors_shape(state: Dict[str, torch.Tensor], config: dict) -> dict:
     """Our model shape (checkpoint.MODEL_KEYS but vocabulary and sequence length) from their tensors."""
-    vocab, hidden = state["embedding.wte.weight"].shape
     layers = [int(m.group(1)) for k in state for m in [_LAYER.match(k)] if m]
     if not layers:
         raise ConversionError("the authors' checkpoint has no backbone.layers.* tensors")
@@ -116,6 +120,13 @@ def authors_shape(state: Dict[str, torch.Tensor], config: dict) -> dict:
     if first + "in_proj.weight" not in state or "backbone.layers.0.hidden_layer.fc1.weight" not in state:
         raise ConversionError(f"missing tensors {first}in_proj.weight or backbone.layers.0.hidden_layer.fc1.weight "
                               f"(not a RAT+ layer)")
+    # the shape is read off these tensors, so they are checked here; check_tensors checks the rest against it
+    for name in ("embedding.wte.weight", first + "in_proj.weight", first + "fgate_proj.weight",
+                 "backbone.layers.0.hidden_layer.fc1.weight"):
+        if name in state and (state[name].dim() != 2 or 0 in state[name].shape):
+            raise ConversionError(f"{name} has shape {tuple(state[name].shape)}; a weight matrix of a RAT+ model "
+                                  "is 2-D and not empty")
+    vocab, hidden = state["embedding.wte.weight"].shape
     rows = state[first + "in_proj.weight"].shape[0] + (
         state[first + "fgate_proj.weight"].shape[0] if first + "fgate_proj.weight" in state else 0)
     apply_re = _find(config, ("apply_re",))

@@ -17,6 +17,7 @@ from typing import Dict, Tuple
 import torch
 
 from megatron_ratplus.convert import ConversionError, check_tensors, fresh_output, rename
+from megatron_ratplus.errors import first_line
 from megatron_ratplus.userfiles import read_json, typed_fields
 
 MODELING_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hf")
@@ -107,7 +108,7 @@ def read_safetensors(directory: str) -> Dict[str, torch.Tensor]:
         try:
             state.update(load_file(os.path.join(directory, file)))
         except Exception as err:  # safetensors raises its own error types for damaged files
-            raise ConversionError(f"cannot read {os.path.join(directory, file)}: {str(err).splitlines()[0]}") from None
+            raise ConversionError(f"cannot read {os.path.join(directory, file)}: {first_line(err)}") from None
     return state
 
 
@@ -170,6 +171,7 @@ def export_hf(state, config, tokenizer, output: str, max_shard_bytes: int = 5 * 
 def read_hf(directory: str) -> Tuple[Dict[str, torch.Tensor], dict, str]:
     """(our full state dict, our model shape, tokenizer file or None for the byte tokenizer) from an
     HF directory we exported."""
+    from megatron_ratplus.checkpoint import check_model_shape
     from megatron_ratplus.convert.local import expected_shapes, model_config
     from megatron_ratplus.data.tokenizer import build_tokenizer
     from megatron_ratplus.estimate import check_weights_fit
@@ -185,20 +187,21 @@ def read_hf(directory: str) -> Tuple[Dict[str, torch.Tensor], dict, str]:
     missing = [k for k in _CONFIG_KEYS.values() if k not in hf]
     if missing:
         raise ConversionError(f"{path} lacks {', '.join(missing)}")
-    typed_fields(hf, {k: (bool if k == "recurrence" else int) for k in _CONFIG_KEYS.values()}, path)
     typed_fields(hf, {"attention_pattern": str}, path)
     shape = {ours: hf[key] for ours, key in _CONFIG_KEYS.items()}
+    check_model_shape(shape, path, names=_CONFIG_KEYS)
     shape["attention_pattern"] = hf.get("attention_pattern", "dense")
     try:
         config = model_config(shape)
     except ValueError as err:
-        raise ConversionError(f"{path}: {str(err).splitlines()[0]}") from None
+        raise ConversionError(f"{path}: {first_line(err)}") from None
     check_weights_fit(config)  # before naming and reading every layer's tensors
     hf_names = local_to_hf_names(config.num_layers)
     tensors = read_safetensors(directory)
     check_tensors(tensors, {hf_names[k]: s for k, s in expected_shapes(config).items()}, directory)
     tokenizer = os.path.join(directory, "tokenizer.json")
     tokenizer = tokenizer if os.path.isfile(tokenizer) and not hf.get("byte_tokenizer") else None
-    if tokenizer:
-        build_tokenizer(f"json:{tokenizer}")  # a file that does not load is refused, not carried along
+    # a tokenizer file that does not load is refused, not carried along
+    check_model_shape(shape, path, build_tokenizer(f"json:{tokenizer}" if tokenizer else "byte"),
+                      names=_CONFIG_KEYS)
     return rename(tensors, {v: k for k, v in hf_names.items()}), shape, tokenizer

@@ -16,6 +16,7 @@ import torch
 
 from megatron_ratplus import checkpoint
 from megatron_ratplus.convert import ConversionError, fresh_output
+from megatron_ratplus.errors import first_line
 from megatron_ratplus.userfiles import full_disk, make_parents, publish, remove_folders, remove_stale_temps
 
 
@@ -55,7 +56,7 @@ def reshard(source: str, output: str, tp: int, pp: int) -> str:
         validate_parallel_config(tp * pp, tp, pp, 1, None, shape["num_layers"], shape["num_attention_heads"],
                                  shape["seq_length"])
     except ValueError as err:
-        raise ConversionError(f"target layout TP={tp} PP={pp}: {str(err).splitlines()[0]}") from None
+        raise ConversionError(f"target layout TP={tp} PP={pp}: {first_line(err)}") from None
     if shape["vocab_size"] % tp:
         raise ConversionError(f"target TP={tp} does not divide the padded vocabulary of {shape['vocab_size']}")
     world = tp * pp

@@ -16,8 +16,10 @@ a global batch into one data-parallel rank's micro-batches (``collate``d) by tha
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
 import re
 import struct
@@ -28,6 +30,7 @@ import torch
 
 from megatron_ratplus.data.corpus import embedded_splits
 from megatron_ratplus.data.tokenizer import DataError
+from megatron_ratplus.errors import first_line
 
 # The data of a run that names none: the shuffling seed (also the run's seed) and megatron's
 # train/validation/test split of indexed data.
@@ -172,12 +175,14 @@ def _record_range(prefix: str, key: dict, low: int, high: int) -> None:
             os.remove(tmp)
 
 
-def check_indexed_dataset(prefix: str, vocab_size: int) -> int:
+def check_indexed_dataset(prefix: str, vocab_size: int, pending: Optional[list] = None) -> int:
     """Validate ``prefix.bin``/``prefix.idx``; returns the token count. One-line DataError otherwise.
 
     The token-id scan reads the whole .bin (hundreds of GB at FineWeb scale), so its result
     (min and max id) is recorded beside the .idx, keyed by _file_key of both files,
     and later starts reuse it; the ids are then checked against this run's vocabulary.
+    ``pending``: the recording is appended here (a callable) for the caller to run once the
+    rest of the run is accepted too, so a run refused for another reason writes nothing.
     """
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -193,7 +198,7 @@ def check_indexed_dataset(prefix: str, vocab_size: int) -> int:
         sizes = dataset.sequence_lengths
         dtype = dataset.index.dtype
     except Exception as err:  # megatron raises assertions/ValueErrors of many kinds on bad indexes
-        raise DataError(f"corrupt index {prefix}.idx: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        raise DataError(f"corrupt index {prefix}.idx: {first_line(err)}") from None
     n_tokens = int(np.sum(sizes, dtype=np.int64))
     expected = n_tokens * np.dtype(dtype).itemsize
     actual = os.path.getsize(prefix + ".bin")
@@ -209,7 +214,8 @@ def check_indexed_dataset(prefix: str, vocab_size: int) -> int:
     if high >= vocab_size:
         raise DataError(f"{prefix}.bin holds token id {high}, beyond the vocabulary size {vocab_size}")
     if recorded is None:  # only for an accepted dataset: a refused one leaves nothing beside it
-        _record_range(prefix, key, low, high)
+        record = functools.partial(_record_range, prefix, key, low, high)
+        pending.append(record) if pending is not None else record()
     return n_tokens
 
 
@@ -249,19 +255,35 @@ def check_split(split: str) -> str:
     return split
 
 
-def check_split_documents(prefix: str, split: str) -> None:
+def check_split_documents(prefix: str, split: str, seq_length: int, samples: Tuple[int, int]) -> None:
     """Train and validation must each get a document of ``prefix``: GPTDataset loops forever on an
-    empty split. Document ranges are rounded as megatron's builder rounds them."""
+    empty split. Document ranges are rounded as megatron's builder rounds them. And the sample
+    index megatron builds in memory for ``samples`` (train, valid) must fit: it counts the epochs
+    one by one and lays out every document of every epoch, so a typo'd --train-iters or
+    --eval-iters would loop for hours or ask for terabytes instead of being refused."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_ratplus.estimate import check_fits
 
     shares = [float(p) for p in re.split(r"[,/]", split.strip())]
     shares += [0.0] * (3 - len(shares))
     bounds = np.cumsum([0.0] + [x / sum(shares) for x in shares])
-    n_docs = len(IndexedDataset(prefix, mmap=True).document_indices) - 1
-    for name, lo, hi in (("train", bounds[0], bounds[1]), ("validation", bounds[1], bounds[2])):
-        if int(round(hi * n_docs)) - int(round(lo * n_docs)) < 1:
+    dataset = IndexedDataset(prefix, mmap=True)
+    documents = dataset.document_indices
+    n_docs = len(documents) - 1
+    for name, lo, hi, count in (("train", bounds[0], bounds[1], samples[0]),
+                                ("validation", bounds[1], bounds[2], samples[1])):
+        first, last = int(round(lo * n_docs)), int(round(hi * n_docs))
+        if last - first < 1:
             raise DataError(f"--split {split} leaves the {name} split of {prefix} without a document "
                             f"({n_docs} documents): give more data or a larger {name} share")
+        tokens = int(np.sum(dataset.sequence_lengths[documents[first]:documents[last]], dtype=np.int64))
+        epochs = -(-(count * seq_length + 1) // max(1, tokens))
+        # numpy.mgrid's int64 (2, epochs, documents) grid, its int32 document index, and the
+        # sample and shuffle indexes (megatron's _build_document_sample_shuffle_indices)
+        check_fits(f"megatron's sample index of the {name} split of {prefix} ({count} samples of "
+                   f"{seq_length} tokens: {epochs} passes over its {tokens} tokens)",
+                   20 * epochs * (last - first) + 24 * count)
 
 
 class _TokenizerForMegatron:
@@ -297,10 +319,17 @@ def build_datasets(data_path: Optional[List[str]], tokenizer, seq_length: int, s
         return TokenWindows(train_tokens, seq_length), TokenWindows(valid_tokens, seq_length)
     prefixes, weights = parse_blend(list(data_path))
     check_split(split)
-    for prefix in prefixes:
-        if check_indexed_dataset(prefix, tokenizer.vocab_size) < seq_length + 1:
+    records = []
+    for i, prefix in enumerate(prefixes):
+        if check_indexed_dataset(prefix, tokenizer.vocab_size, records) < seq_length + 1:
             raise DataError(f"{prefix} has fewer tokens than one sample of --seq-length {seq_length} + 1")
-        check_split_documents(prefix, split)
+        # the samples megatron asks of this prefix: all of them alone, one pass each in an
+        # unweighted blend, a weight's share (plus megatron's 0.5% surplus) in a weighted one
+        share = 1.0 if len(prefixes) == 1 else 0.0 if weights is None else 1.005 * weights[i] / sum(weights)
+        check_split_documents(prefix, split, seq_length,
+                              (math.ceil(share * num_train) + 1, math.ceil(share * num_valid) + 1))
+    for record in records:
+        record()
     return _gpt_datasets(prefixes, weights, tokenizer, seq_length, seed, split, num_train, num_valid, cache_dir)
 
 

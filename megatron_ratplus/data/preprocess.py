@@ -17,6 +17,7 @@ import gzip
 import json
 import multiprocessing
 import os
+import resource
 import signal
 import sys
 import threading
@@ -27,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from megatron_ratplus.data.tokenizer import DataError, build_tokenizer
+from megatron_ratplus.errors import first_line
 from megatron_ratplus.userfiles import check_output_path, make_parents, publish, remove_folders, remove_stale_temps
 
 BATCH = 512  # records per task sent to a worker
@@ -120,7 +122,7 @@ def read_batches(path: str, keys: Sequence[str]) -> Iterator[Tuple[str, int, str
                 batch = []
     except _corrupt_errors() as err:
         raise DataError(f"{path}: corrupt or truncated {kind[6:] or 'file'} data after line {line_no} "
-                        f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+                        f"({first_line(err)})") from None
     if batch:
         yield path, first, "jsonl", batch
 
@@ -133,7 +135,7 @@ def _parquet_batches(path: str, keys: Sequence[str]):
     try:
         table = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises ArrowInvalid/OSError with the reason
-        raise DataError(f"{path}: not a readable parquet file ({str(err).splitlines()[0]})") from None
+        raise DataError(f"{path}: not a readable parquet file ({first_line(err)})") from None
     columns = table.schema_arrow.names
     missing = [k for k in keys if k not in columns]
     if missing:
@@ -145,7 +147,7 @@ def _parquet_batches(path: str, keys: Sequence[str]):
             yield path, row, "parquet", values
             row += len(values)
     except Exception as err:
-        raise DataError(f"{path}: corrupt parquet data after row {row} ({str(err).splitlines()[0]})") from None
+        raise DataError(f"{path}: corrupt parquet data after row {row} ({first_line(err)})") from None
 
 
 # ---- worker side: one tokenizer per process, set by _init_worker ------------------------------
@@ -313,13 +315,25 @@ def build(paths: Sequence[str], output_prefix: str, tokenizer_spec: str = "byte"
 
     if workers < 1 or partitions < 1:
         raise DataError("--workers and --partitions must be >= 1")
+    cores = len(os.sched_getaffinity(0))
+    if workers > cores:  # each worker is a process holding a tokenizer: more only cost memory
+        raise DataError(f"--workers {workers} is more than the {cores} CPU cores this process may use")
     keys = tuple(json_keys)
     if len(set(keys)) != len(keys) or not keys:
         raise DataError("--json-keys must name distinct fields")
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if len(keys) * partitions > files // 2:  # every shard's .bin stays open while documents are dealt
+        raise DataError(f"--partitions {partitions} x {len(keys)} --json-keys would hold {len(keys) * partitions} "
+                        f"files open; this process may open {files} (ulimit -n)")
     for path in paths:
         if not os.path.isfile(path):
             raise DataError(f"input {path} is a directory; name its files" if os.path.isdir(path)
+                            else f"input {path} is not a regular file" if os.path.exists(path)
                             else f"input file not found: {path}")
+    named = [os.path.realpath(path) for path in paths]
+    twice = next((path for i, path in enumerate(paths) if named[i] in named[:i]), None)
+    if twice is not None:
+        raise DataError(f"input {twice} is named twice; its documents would be in the dataset twice")
     prefixes = output_prefixes(output_prefix, keys, partitions)
     for prefix in prefixes.values():
         for ext in (".bin", ".idx"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import List
 
-from megatron_ratplus.errors import UserError
+from megatron_ratplus.errors import UserError, first_line
 
 
 class DataError(UserError):
@@ -46,7 +46,7 @@ class JsonTokenizer:
         try:
             self._tok = Tokenizer.from_file(path)
         except Exception as err:  # the library raises a bare Exception on malformed files
-            raise DataError(f"cannot read tokenizer file {path}: {str(err).splitlines()[0]}") from None
+            raise DataError(f"cannot read tokenizer file {path}: {first_line(err)}") from None
         self.path = os.path.abspath(path)
         vocab = self._tok.get_vocab()
         eod = next((vocab[n] for n in self._EOD_NAMES if n in vocab), None)
@@ -74,7 +74,7 @@ class SentencePieceTokenizer:
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
         except Exception as err:  # RuntimeError/OSError with the C++ message
-            raise DataError(f"cannot read SentencePiece model {path}: {str(err).splitlines()[0]}") from None
+            raise DataError(f"cannot read SentencePiece model {path}: {first_line(err)}") from None
         self.path = os.path.abspath(path)
         eos = self._sp.eos_id()
         self.vocab_size = self._sp.get_piece_size() + (1 if eos < 0 else 0)

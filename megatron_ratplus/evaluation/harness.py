@@ -12,6 +12,7 @@ import difflib
 import os
 from typing import List, Optional, Sequence
 
+from megatron_ratplus.errors import first_line
 from megatron_ratplus.evaluation.errors import DatasetMissingError, UnknownTaskError
 from megatron_ratplus.evaluation.results import from_lm_eval
 
@@ -82,7 +83,7 @@ def lm_eval_rows(model, tokenizer, tasks: Sequence[str], patterns: Sequence, man
                                               num_fewshot=num_fewshot, bootstrap_iters=0)
         except (ConnectionError, FileNotFoundError) as err:  # datasets' DatasetNotFoundError is a FileNotFoundError
             raise DatasetMissingError(f"lm-eval dataset not available ({_dataset_of(tasks, manager)}): "
-                                      f"{str(err).splitlines()[0]}; {OFFLINE_HINT}") from None
+                                      f"{first_line(err)}; {OFFLINE_HINT}") from None
         if results is not None:  # None on ranks that do not report
             rows += from_lm_eval(results, lm.pattern)
     return rows

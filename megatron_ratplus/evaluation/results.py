@@ -18,6 +18,7 @@ import json
 import os
 from typing import List, Optional
 
+from megatron_ratplus.errors import first_line
 from megatron_ratplus.evaluation.errors import DatasetMissingError, EvaluationError
 
 SUITES = ("perplexity", "lm_eval", "ruler", "longbench")
@@ -83,6 +84,6 @@ def read_results(path: str, name: Optional[str] = None) -> dict:
             row["task"], row["metric"], row["pattern"] = str(row["task"]), str(row["metric"]), str(row["pattern"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise EvaluationError(f"{path} is not a ratplus-eval results file ({type(err).__name__}: "
-                                  f"{str(err).splitlines()[0] if str(err) else ''})") from None
+                                  f"{first_line(err)})") from None
     return {"checkpoint": name or str(data.get("checkpoint") or os.path.splitext(os.path.basename(path))[0]),
             "rows": rows}

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Dict, List, Optional, Tuple
 
+from megatron_ratplus.errors import first_line
 from megatron_ratplus.evaluation.errors import DatasetMissingError
 
 HOW_TO_GET = {
@@ -59,7 +60,7 @@ def _load_json(path: str, what: str):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError) as err:
-        raise DatasetMissingError(f"RULER {what} file {path} is not JSON: {str(err).splitlines()[0]}") from None
+        raise DatasetMissingError(f"RULER {what} file {path} is not JSON: {first_line(err)}") from None
 
 
 def _doc_ids(documents: List[str]) -> Dict[str, int]:

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import yaml
 
 from megatron_ratplus.cli.types import (fraction, non_negative_float, non_negative_int, positive_float,
-                                        positive_int)
+                                        positive_int, seed)
 from megatron_ratplus.config import PRESETS
 from megatron_ratplus.data.datasets import DEFAULT_SEED, DEFAULT_SPLIT
 from megatron_ratplus.errors import ArgumentParser, UserError
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--adam-eps", type=positive_float, default=1e-8)
     t.add_argument("--clip-grad", type=non_negative_float, default=1.0)
     t.add_argument("--bf16", action="store_true", help="bf16 compute with fp32 master weights")
-    t.add_argument("--seed", type=non_negative_int, default=DEFAULT_SEED)
+    t.add_argument("--seed", type=seed, default=DEFAULT_SEED)
     t.add_argument("--max-nan-steps", type=positive_int, default=3,
                    help="stop after this many non-finite losses in a row (each is skipped)")
 

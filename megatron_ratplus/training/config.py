@@ -11,6 +11,7 @@ Megatron-LM's flag names; a checkpoint records the fields under "args".
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -131,6 +132,8 @@ class TrainingConfig:
         if load and _same_dir(load, flags["save"]) and not checkpoint.latest_checkpoint(load):
             load = None  # --load SAVE --save SAVE on a first run (SLURM requeue style): start fresh
         meta = checkpoint.read_meta(load) if load else None
+        if meta:
+            _check_saved_schedule(meta)
         adapting = bool(flags["adapt_pattern"])
         if meta and not adapting:
             _check_optimizer_layout(flags, meta["args"])
@@ -159,6 +162,8 @@ class TrainingConfig:
                 parse_composition(text).validate(shape["num_layers"], shape["num_attention_heads"])
             except PatternError as err:
                 raise UserError(f"{name}: {err}") from None
+        if flags["lr"] is None and adapting and meta["args"].get("lr") is None:
+            raise UserError(f"--load {flags['load']} records no pretraining learning rate; give --lr")
         if flags["lr"] is None:
             flags["lr"] = ADAPTATION_LR_FACTOR * meta["args"]["lr"] if adapting else DEFAULT_LR
         if flags["lr_warmup_fraction"] is None:
@@ -224,6 +229,29 @@ class TrainingConfig:
 # LR-schedule flags: a resume keeps the checkpoint's unless overridden (Megatron-LM's rule).
 SCHEDULE_FLAGS = ("lr", "min_lr", "lr_warmup_fraction", "lr_decay_style", "train_iters", "weight_decay")
 SCHEDULE_DEFAULTS = {"min_lr": 1e-5, "lr_decay_style": "cosine", "weight_decay": 0.1}  # argparse gives None
+
+
+def _check_saved_schedule(meta: dict) -> None:
+    """The checkpoint's recorded LR-schedule flags, which a resume or an adaptation computes with,
+    must be values their flags take (a number for a number, one of the choices): a hand-edited
+    ratplus.json ends in one line naming it, not in a TypeError."""
+    from megatron_ratplus.training.arguments import build_parser
+
+    actions = {action.dest: action for action in build_parser()._actions}
+    for name in SCHEDULE_FLAGS:
+        value, action = meta["args"].get(name), actions[name]
+        if value is None:
+            continue
+        if action.choices:
+            ok = value in action.choices
+        else:
+            try:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and action.type(str(value)) == value
+            except argparse.ArgumentTypeError:
+                ok = False
+        if not ok:
+            raise UserError(f"{os.path.join(meta['path'], checkpoint.META_FILE)}: args.{name} is {value!r}, "
+                            f"not a value of --{name.replace('_', '-')}")
 
 
 def _resume_schedule(flags: dict, meta: dict, explicit: set) -> None:
