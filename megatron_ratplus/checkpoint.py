@@ -283,10 +283,14 @@ def check_model_shape(shape: dict, where: str, tokenizer=None, names: Optional[d
     name = (names or {}).get
     for key in SHAPE_KEYS:
         value, flag = shape.get(key), key == "recurrence"
+        if key == "real_vocab_size" and value is None:
+            continue  # ModelConfig's default: every embedding row is a real token
         if not (isinstance(value, bool) if flag else
                 isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             raise CheckpointError(f"{where}: {name(key, key)} must be {'true or false' if flag else 'an integer >= 1'}, "
                                   f"got {value!r}")
+    if shape["real_vocab_size"] is None:
+        return
     if shape["real_vocab_size"] > shape["vocab_size"]:
         raise CheckpointError(f"{where}: {name('real_vocab_size', 'real_vocab_size')} {shape['real_vocab_size']} is "
                               f"above {name('vocab_size', 'vocab_size')} {shape['vocab_size']} (the embedding rows)")

@@ -28,6 +28,11 @@ def pytest_sessionstart(session):
     import signal
 
     signal.signal(signal.SIGTERM, lambda signum, frame: _RUNNER_SIGTERMS.append(signum))
+    # A runner started in the background by a shell (`pytest ... &`, nohup) inherits Ctrl-C
+    # ignored, and so would every console script the tests start and then interrupt: they would
+    # never see it. Children exec'd from a runner that handles SIGINT get the default back.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_terminal_summary(terminalreporter):
