@@ -11,7 +11,7 @@ sequences (P + W + 1 + T/D slots per head instead of T, docs/DESIGN.md §5) and 
 
 Usage: python3 tools/bench_serve.py [--patterns dense,dilated:16,dilated:64] [--prompt-lens 2048,8192]
        [--new-tokens 32] [--cache-mb 64] [--clients N] [--requests 1] [--rate R] [--layers 2]
-       [--hidden 128] [--heads 2] [--max-num-seqs 64]
+       [--hidden 128] [--heads 2] [--max-num-seqs 64] [--max-prefill-tokens N]
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def bench(model, pattern, prompt_len, args):
     rows = min(args.max_num_seqs, int(args.cache_mb * 2**20 // row_bytes(model, pattern, max_len, torch.float32)))
     if rows < 1:
         return dict(pattern=pattern, prompt=prompt_len, rows=0)
-    engine = Engine({pattern: PatternPool(model, pattern, rows, max_len, torch.float32)}, rows, 10**6, prompt_len)
+    engine = Engine({pattern: PatternPool(model, pattern, rows, max_len, torch.float32)}, rows, 10**6,
+                    args.max_prefill_tokens or prompt_len)
     engine.start()
     records, lock = [], threading.Lock()
     rng = random.Random(0)
@@ -110,6 +111,9 @@ def main():
     parser.add_argument("--hidden", type=positive_int, default=128)
     parser.add_argument("--heads", type=positive_int, default=2)
     parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--max-prefill-tokens", type=non_negative_int, default=0,
+                        help="prompt tokens prefilled per engine step (ratplus-serve's flag; default 0: a "
+                             "whole prompt per step)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     distributed.initialize()
@@ -121,7 +125,8 @@ def main():
     mode = f"Poisson {args.rate}/s, {args.requests} requests" if args.rate else \
         f"closed loop, {args.clients or 'rows'} clients x {args.requests} requests"
     print(f"# {args.layers} layers, d={args.hidden}, {args.heads} heads, {args.new_tokens} new tokens, "
-          f"cache budget {args.cache_mb} MiB per pattern, {mode}, fp32, {args.threads} threads")
+          f"cache budget {args.cache_mb} MiB per pattern, {mode}, fp32, {args.threads} threads, "
+          f"prefill {args.max_prefill_tokens or 'a whole prompt'} tokens per step")
     print("| prompt | pattern | max concurrent seqs | output tok/s | TTFT p50 / p99 s | TPOT p50 / p99 ms |")
     print("|---|---|---|---|---|---|")
     for length in lengths:
