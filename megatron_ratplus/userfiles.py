@@ -32,7 +32,8 @@ def open_text(path: str, what: str):
     """``path`` opened as UTF-8 text; a device (``/dev/zero``, directly or by a link) is refused,
     since it reads without end. A pipe stays allowed: ``--prompt-file <(...)`` ends."""
     with contextlib.suppress(OSError):  # a missing or unreadable file: open's own error, below
-        if stat.S_ISCHR(os.stat(path).st_mode) or stat.S_ISBLK(os.stat(path).st_mode):
+        mode = os.stat(path).st_mode
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
             raise UserError(f"{what} {path} is a device, not a file")
     return open(path, encoding=ENCODING, newline=None)
 
@@ -154,6 +155,20 @@ def full_disk(err: BaseException, path: str) -> Optional[OSError]:
     if isinstance(err, OSError) or shutil.disk_usage(folder).free < 2 ** 20:
         return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
     return None
+
+
+@contextlib.contextmanager
+def full_disk_named(path: str):
+    """A failure inside the block that is a full disk (:func:`full_disk`) is raised as the ENOSPC
+    naming ``path``; anything else as it is. Enter it inside the block that removes the
+    temporaries, so the space is still used up when it looks."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001  (re-raised, as the full disk it may be)
+        disk = full_disk(err, path)
+        if disk is None:
+            raise
+        raise disk from None
 
 
 def make_parents(folder: str) -> list:

@@ -111,8 +111,7 @@ def run(argv=None) -> int:
 
 def main(argv=None) -> int:
     """run() under run_cli (one line and 2 on a usage error, 130 on Ctrl-C); else run()'s status."""
-    status = []
-    return run_cli(PROG, lambda: status.append(run(argv))) or status[0]
+    return run_cli(PROG, lambda: run(argv))
 
 
 if __name__ == "__main__":

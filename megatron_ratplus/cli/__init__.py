@@ -39,7 +39,8 @@ def _terminate(signum, frame):
 
 
 def run_cli(prog: str, main: Callable[[], object]) -> int:
-    """Call ``main``; a UserError becomes ``prog: error: message`` and exit status 2; Ctrl-C one
+    """Call ``main``; its exit status is what it returns if that is an int (a tool's verdict:
+    estimate.py's "does not fit" is 1), else 0. A UserError becomes ``prog: error: message`` and exit status 2; Ctrl-C one
     line and 130; a full disk or a read-only file system one line and 1 (docs/DESIGN.md §10).
     SIGTERM unwinds like Ctrl-C (exit 143) so no temporary file outlives it."""
     unwind = threading.current_thread() is threading.main_thread() and \
@@ -47,7 +48,7 @@ def run_cli(prog: str, main: Callable[[], object]) -> int:
     if unwind:
         signal.signal(signal.SIGTERM, _terminate)
     try:
-        main()
+        status = main()
     except UserError as err:
         print(f"{prog}: error: {first_line(err)}", file=sys.stderr)
         return 2
@@ -75,4 +76,4 @@ def run_cli(prog: str, main: Callable[[], object]) -> int:
     finally:
         if unwind:  # a console script called in-process (tests, notebooks) leaves no handler behind
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    return 0
+    return status if isinstance(status, int) and not isinstance(status, bool) else 0

@@ -139,7 +139,7 @@ def run(args) -> int:
     print(f"ratplus-serve: {served.name} on http://{args.host}:{port} ({rows})", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=port, log_level="warning", timeout_graceful_shutdown=5)
     server = DrainingServer(config, engine, args.drain_timeout)
-    engine.on_failure = server.stop_after_failure
+    engine.on_failure = server.start_drain
     try:
         server.run(sockets=[sock])
     finally:

@@ -23,7 +23,7 @@ from typing import Dict, Iterator, Mapping, Tuple
 import torch
 
 from megatron_ratplus.errors import UserError
-from megatron_ratplus.userfiles import full_disk, make_parents, remove_folders, remove_stale_temps
+from megatron_ratplus.userfiles import full_disk_named, make_parents, remove_folders, remove_stale_temps
 
 
 class ConversionError(UserError):
@@ -75,13 +75,8 @@ def fresh_output(path: str) -> Iterator[str]:
         remove_stale_temps(glob.escape(tmp.rsplit(".tmp-", 1)[0]) + ".tmp-*")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        try:
+        with full_disk_named(path):
             yield tmp
-        except Exception as err:  # noqa: BLE001  (re-raised, as the full disk it may be)
-            disk = full_disk(err, path)
-            if disk is None:
-                raise
-            raise disk from None
         try:
             os.rename(tmp, path)  # fails, never merges, if another run created path meanwhile
             published = True

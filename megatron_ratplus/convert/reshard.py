@@ -17,7 +17,7 @@ import torch
 from megatron_ratplus import checkpoint
 from megatron_ratplus.convert import ConversionError, fresh_output
 from megatron_ratplus.errors import first_line
-from megatron_ratplus.userfiles import full_disk, make_parents, publish, remove_folders, remove_stale_temps
+from megatron_ratplus.userfiles import full_disk_named, make_parents, publish, remove_folders, remove_stale_temps
 
 
 def _save_at_layout(rank: int, world: int, port: int, source: str, target: str, tp: int, pp: int) -> None:
@@ -78,14 +78,10 @@ def save_file(blob: dict, output: str) -> str:
     remove_stale_temps(glob.escape(output) + ".tmp-*")
     published = False
     try:
-        torch.save(blob, tmp)
-        publish(tmp, output)
+        with full_disk_named(output):
+            torch.save(blob, tmp)
+            publish(tmp, output)
         published = True
-    except Exception as err:  # noqa: BLE001  (re-raised, as the full disk it may be)
-        disk = full_disk(err, output)
-        if disk is None:
-            raise
-        raise disk from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -215,7 +215,10 @@ def check_indexed_dataset(prefix: str, vocab_size: int, pending: Optional[list] 
         raise DataError(f"{prefix}.bin holds token id {high}, beyond the vocabulary size {vocab_size}")
     if recorded is None:  # only for an accepted dataset: a refused one leaves nothing beside it
         record = functools.partial(_record_range, prefix, key, low, high)
-        pending.append(record) if pending is not None else record()
+        if pending is None:
+            record()
+        else:
+            pending.append(record)
     return n_tokens
 
 

@@ -355,8 +355,8 @@ def build(paths: Sequence[str], output_prefix: str, tokenizer_spec: str = "byte"
         for k, p in prefixes.items():
             builders[k] = IndexedDatasetBuilder(p + ".bin" + tmp, dtype=dtype)
         tasks = (task for path in paths for task in read_batches(path, keys))
-        # closed here on any failure: its pool terminates now, not when the suspended generator
-        # is collected at interpreter exit, where Pool.terminate can hang (a full disk did, 1 in ~20)
+        # closed here on any failure: its pool is closed and joined now, not when the suspended
+        # generator is collected at interpreter exit, where multiprocessing terminates pools
         with contextlib.closing(_ordered(tasks, workers, tokenizer.spec, keys, append_eod)) as ordered:
             for (path, first, kind, _), (results, batch_tokens) in ordered:
                 for offset, result in enumerate(results):

@@ -25,12 +25,11 @@ class DrainingServer(uvicorn.Server):
         if self.engine.draining:
             self.should_exit = True
             return
-        self.engine.draining = True
-        threading.Thread(target=self._drain, name="ratplus-drain", daemon=True).start()
+        self.start_drain()
 
-    def stop_after_failure(self) -> None:
-        """The engine thread failed (its sequences ended with finish reason "error"): refuse new
-        requests and exit once those responses went out."""
+    def start_drain(self) -> None:
+        """Refuse new requests (503) and exit once the running ones finished or were cut off; also
+        what an engine that failed calls (its sequences already ended with finish reason "error")."""
         self.engine.draining = True
         threading.Thread(target=self._drain, name="ratplus-drain", daemon=True).start()
 
