@@ -98,6 +98,34 @@ def test_chunked_prefill_equals_one_shot_prefill(model, pattern):
     _check_chunked_prefill(model, pattern)
 
 
+@pytest.mark.parametrize("lengths", [[11, 11], [11, 4]])
+def test_last_only_prefill_equals_the_last_positions(model, lengths):
+    """``last_only`` gives each prompt's last logits, whole and continued in a second chunk: with
+    one length through megatron's last-position projection (the output layer sees one position),
+    ragged by gathering; the caches it leaves decode the same next step."""
+    set_attention_pattern(model, "dilated:4,w=3,p=2")
+    tokens = torch.randint(0, VOCAB, (2, 15), generator=torch.Generator().manual_seed(8))
+    lengths = torch.tensor(lengths)
+    projected = []
+    hook = model.output_layer.register_forward_hook(lambda mod, args, out: projected.append(args[0].shape[0]))
+    try:
+        with DecodeSession(model, 2, 20) as every, DecodeSession(model, 2, 20) as last:
+            full = every.prefill(tokens[:, :int(lengths.max())], lengths)
+            got = last.prefill(tokens[:, :int(lengths.max())], lengths, last_only=True)
+            torch.testing.assert_close(got, full[torch.arange(2), lengths - 1], **TOL)
+            assert projected[-1] == (1 if len(set(lengths.tolist())) == 1 else int(lengths.max()))
+            more = torch.tensor([4, 4])
+            chunk = tokens[:, 11:15]
+            full = every.prefill(chunk, more, lengths)
+            got = last.prefill(chunk, more, lengths, last_only=True)
+            torch.testing.assert_close(got, full[:, -1], **TOL)
+            assert projected[-1] == 1
+            step = chunk[:, -1]
+            torch.testing.assert_close(last.step(step), every.step(step), **TOL)
+    finally:
+        hook.remove()
+
+
 @pytest.mark.parametrize("pattern", ["dense", "dilated:4,w=3,p=2", "topk:k=1,block=2"])
 def test_chunked_prefill_in_query_blocks(model, pattern, monkeypatch):
     """The same when the chunk's queries attend a few at a time (a long chunk over a long cache)."""

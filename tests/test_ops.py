@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from megatron_ratplus.ops import affine_scan, gated_scan, pattern_attention
+from megatron_ratplus.ops import affine_scan, blocked_attention, gated_scan, pattern_attention
 from megatron_ratplus.ops.topk import topk_allowed_mask
-from megatron_ratplus.patterns import allowed_mask, parse_pattern
+from megatron_ratplus.patterns import allowed_mask, may_be_seen, parse_pattern, visible
 
 
 def loop_scan(x, g, h0):
@@ -48,13 +48,15 @@ def test_gated_scan_without_h0_and_zero_gate_is_identity():
     torch.testing.assert_close(last, x[-1])
 
 
-def test_affine_scan_reverse_matches_loop():
-    a, b, h0 = torch.rand(23, 6), torch.randn(23, 6), torch.randn(6)
-    state, out = h0, [None] * 23
-    for t in reversed(range(23)):
-        state = a[t] * state + b[t]
+@pytest.mark.parametrize("seq_len", [1, 23, 1025, 3001])  # one chunk; padded; two and three levels of chunks
+@pytest.mark.parametrize("reverse", [False, True])
+def test_affine_scan_matches_loop(seq_len, reverse):
+    a, b, h0 = torch.rand(seq_len, 6) * 0.2 + 0.8, torch.randn(seq_len, 6), torch.randn(6)
+    state, out = h0.double(), [None] * seq_len
+    for t in (reversed(range(seq_len)) if reverse else range(seq_len)):
+        state = a[t].double() * state + b[t].double()
         out[t] = state
-    torch.testing.assert_close(affine_scan(a, b, h0, reverse=True), torch.stack(out))
+    torch.testing.assert_close(affine_scan(a, b, h0, reverse=reverse).double(), torch.stack(out), atol=1e-4, rtol=1e-4)
 
 
 def test_gated_scan_rejects_bad_shapes():
@@ -92,6 +94,37 @@ def _compare(pattern, seq_len, mask_fn, seed=0):
 def test_dilated_attention_matches_mask(seq_len, d, w, p):
     pattern = f"dilated:{d},w={w},p={p}"
     _compare(pattern, seq_len, lambda q, k: allowed_mask(parse_pattern(pattern), seq_len))
+
+
+@pytest.mark.parametrize("pattern, start, n_q", [
+    ("dilated:4,w=3,p=2", 300, 290),   # several query blocks after a gap-riddled prefix
+    ("dilated:16,w=40,p=5", 517, 140),
+    ("local:w=9,p=3", 260, 131),
+    ("dilated:7", 0, 263),             # no earlier keys: the queries' own keys only
+])
+def test_blocked_attention_over_explicit_key_positions_matches_mask(pattern, start, n_q):
+    """Keys at explicit ascending positions (a context-parallel slice: the earlier tokens the
+    queries may see, with gaps, then the queries' own), queries at start.. : equal to softmax
+    over the rule's mask on exactly those keys, gradients included."""
+    rule = parse_pattern(pattern)
+    earlier = torch.arange(start)
+    positions = torch.cat([earlier[may_be_seen(rule, earlier, start)], torch.arange(start, start + n_q)])
+    torch.manual_seed(start + n_q)
+    q = torch.randn(n_q, 2, 3, 8, requires_grad=True)
+    k, v = (torch.randn(len(positions), 2, 3, 8, requires_grad=True) for _ in range(2))
+    out = blocked_attention(q, k, v, rule, 0.3, start, positions)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    mask = visible(rule, torch.arange(start, start + n_q).unsqueeze(1), positions.unsqueeze(0))
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    probs = (torch.einsum("tbhd,jbhd->bhtj", q64, k64) * 0.3).masked_fill(~mask, float("-inf")).softmax(-1)
+    ref = torch.einsum("bhtj,jbhd->tbhd", probs, v64)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out.double())
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-4)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want.double(), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # the no-graph path (evaluation, serving prefill) computes the same
+        torch.testing.assert_close(blocked_attention(q, k, v, rule, 0.3, start, positions), out)
 
 
 @pytest.mark.parametrize("pattern", ["local:w=0", "local:w=9,p=3", "dense"])

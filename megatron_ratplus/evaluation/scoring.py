@@ -103,7 +103,7 @@ def greedy_until(model, prompts: Sequence[Sequence[int]], decode: Callable[[List
         outputs = [[] for _ in batch]
         active = list(range(len(batch)))
         with DecodeSession(model, len(batch), int(lengths.max()) + max_new_tokens - 1) as session:
-            logits = session.prefill(tokens, lengths)[torch.arange(len(batch), device=device), lengths - 1]
+            logits = session.prefill(tokens, lengths, last_only=True)
             for step in range(max_new_tokens):
                 if step < min_new_tokens and len(stop_ids):
                     logits = logits.index_fill(-1, stop_ids.to(device), float("-inf"))

@@ -121,7 +121,7 @@ def generate(model, prompts: Sequence[Sequence[int]], sampling: Optional[Samplin
     done = torch.zeros(len(prompts), dtype=torch.bool)
     try:
         with DecodeSession(model, len(prompts), capacity) as session:
-            logits = session.prefill(batch, lengths)[torch.arange(len(prompts)), lengths - 1]
+            logits = session.prefill(batch, lengths, last_only=True)
             for step in range(sampling.max_new_tokens):
                 tokens = sample(logits, sampling.temperature, sampling.top_p, generator).cpu()
                 for i in torch.nonzero(~done).flatten().tolist():

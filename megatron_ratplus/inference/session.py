@@ -35,7 +35,7 @@ class DecodeSession(BaseInferenceContext):
     """
 
     def __init__(self, model, batch: int, capacity: int, dtype: Optional[torch.dtype] = None):
-        super().__init__(materialize_only_last_token_logits=False)  # prefill returns every position's logits
+        super().__init__(materialize_only_last_token_logits=False)  # set per prefill (``last_only``)
         if getattr(model, "embedding", None) is None or getattr(model, "output_layer", None) is None:
             raise ValueError("generation needs the whole model in one process (pipeline-parallel size 1)")
         self.model = model
@@ -113,9 +113,10 @@ class DecodeSession(BaseInferenceContext):
         return self.model(tokens, positions, None, inference_context=self, runtime_gather_output=True)
 
     @torch.no_grad()
-    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, starts: Optional[torch.Tensor] = None
-                ) -> torch.Tensor:
-        """Right-padded prompts [b, s] of ``lengths`` tokens -> logits [b, s, vocab].
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, starts: Optional[torch.Tensor] = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Right-padded prompts [b, s] of ``lengths`` tokens -> logits [b, s, vocab], or with
+        ``last_only`` each prompt's last token's logits [b, vocab].
 
         ``starts`` [b] (chunked prefill): the tokens continue each sequence from position
         ``starts[b]``, which must be the length it already holds (its earlier chunks, prefilled
@@ -141,10 +142,18 @@ class DecodeSession(BaseInferenceContext):
         offset = 0 if starts is None else starts.unsqueeze(1)
         positions = (torch.arange(tokens.shape[1], device=self.device) + offset).expand_as(tokens)
         positions = positions.clamp(max=self.capacity - 1)  # padding past the cache
+        # megatron's static-batch path projects only the last position onto the vocabulary,
+        # which is every prompt's last token when none is padded
+        last_column = last_only and bool((lengths == tokens.shape[1]).all()) and not self.model.config.sequence_parallel
+        self.materialize_only_last_token_logits = last_column
         try:
-            return self._logits(tokens.to(self.device), positions)
+            logits = self._logits(tokens.to(self.device), positions)
         finally:
             self.chunk_starts = None
+            self.materialize_only_last_token_logits = False
+        if last_column:
+            return logits[:, -1]
+        return logits[torch.arange(len(lengths), device=self.device), lengths - 1] if last_only else logits
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,10 @@
 
 FlexAttention has no CPU backward, and a dense T x T mask would cost as much as dense attention,
 so sparse patterns are computed block by block over a *compact* key set. For the queries of one
-block [t0, t1) the visible keys are the sinks and dilated states before lo = max(0, t0 - W),
-which every query of the block sees (``patterns.may_be_seen`` at t0), and the near keys
-[lo, t1), masked per query by the rule (``patterns.visible``). Each block is one
+block [t0, t1) the visible keys are the far keys (sinks and dilated states) before
+lo = max(0, t0 - W), which every query of the block sees, and the near keys [lo, t1), masked per
+query by the rule (``patterns.visible``). The far keys are gathered once, so a block's keys are
+a prefix of them followed by one contiguous run. Each block is one
 `scaled_dot_product_attention` call (torch's fused CPU kernel, with backward) on about
 P + t0/D + W + block keys instead of t1: total work O(T (T/D + W + P)).
 
@@ -15,6 +16,7 @@ earlier chunks plus its own slice (docs/DESIGN.md §4).
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -22,60 +24,67 @@ import torch.nn.functional as F
 
 from megatron_ratplus.patterns import AttentionPattern, may_be_seen, parse_pattern, visible
 
-QUERY_BLOCK = 128
-
-
-def _as_index(cols: torch.Tensor, device):
-    """CPU column indices as a slice when they are one contiguous run (no copy), else on ``device``."""
-    first, last = int(cols[0]), int(cols[-1])
-    return slice(first, last + 1) if last - first + 1 == len(cols) else cols.to(device)
+QUERY_BLOCK = 256
 
 
 class _BlockedAttention(torch.autograd.Function):
     """Query blocks over their compact key sets.
 
-    Autograd through per-block gathers would allocate a full-size zero key gradient per block
-    (T/block of them); instead each block's small graph is kept and its key gradients are added
-    back into one buffer by index.
+    The far keys (sinks and dilated states) are gathered once; a block's keys are a prefix of
+    them plus one contiguous run of near keys, so a block needs no index of its own. Autograd
+    through per-block gathers would allocate a full-size zero key gradient per block (T/block of
+    them); instead each block's small graph is kept and its key gradients are added back into one
+    buffer per key set.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, pattern, scale, query_start, key_positions, keep_graphs):
         q, k, v = q.detach(), k.detach(), v.detach()
         n_q = q.shape[0]
-        blocks, outputs = [], []
+        far = torch.nonzero(may_be_seen(pattern, key_positions, math.inf)).flatten()  # sinks and states
+        far_positions = key_positions[far]
+        k_far, v_far = k[far.to(k.device)], v[far.to(k.device)]
+        out = q.new_empty(q.shape[:3] + v.shape[3:])
+        blocks = []
         with torch.set_grad_enabled(keep_graphs):  # no backward to come (evaluation, recomputation's first pass): no graphs
             for t0 in range(query_start, query_start + n_q, QUERY_BLOCK):
                 t1 = min(query_start + n_q, t0 + QUERY_BLOCK)
-                near = (key_positions >= t0) & (key_positions < t1)
-                far = (key_positions < t0) & may_be_seen(pattern, key_positions, t0)
-                cols = torch.nonzero(near | far).flatten()
-                mask = visible(pattern, torch.arange(t0, t1).unsqueeze(1), key_positions[cols].unsqueeze(0))
-                cols = _as_index(cols, k.device)
+                lo = t0 - pattern.window
+                n_far = int(torch.searchsorted(far_positions, lo))  # far keys before the block's window
+                a, b = (int(i) for i in torch.searchsorted(key_positions, torch.tensor([lo, t1])))
+                # every query of the block sees its far keys; the near keys [lo, t1) by the rule
+                near = visible(pattern, torch.arange(t0, t1).unsqueeze(1), key_positions[a:b].unsqueeze(0))
+                mask = torch.zeros(t1 - t0, n_far + b - a, dtype=q.dtype)
+                mask[:, n_far:].masked_fill_(~near, -math.inf)
                 rows = slice(t0 - query_start, t1 - query_start)
-                qb, kb, vb = (t.requires_grad_() for t in (q[rows], k[cols], v[cols]))
-                out = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (qb, kb, vb)),
-                                                     attn_mask=mask.to(q.device), scale=scale).permute(2, 0, 1, 3)
+                parts = [q[rows], k_far[:n_far], k[a:b], v_far[:n_far], v[a:b]]
                 if keep_graphs:
-                    blocks.append((rows, cols, qb, kb, vb, out))
-                outputs.append(out.detach())
-        ctx.blocks, ctx.shapes = blocks, (q.shape, k.shape)
-        return torch.cat(outputs)
+                    parts = [t.requires_grad_() for t in parts]
+                qb, kb, vb = parts[0], torch.cat(parts[1:3]), torch.cat(parts[3:])
+                block = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (qb, kb, vb)),
+                                                       attn_mask=mask.to(q.device), scale=scale).permute(2, 0, 1, 3)
+                if keep_graphs:
+                    blocks.append((rows, n_far, slice(a, b), parts, block))
+                out[rows] = block.detach()
+        ctx.blocks, ctx.far, ctx.shapes = blocks, far.to(k.device), (q.shape, k.shape, v.shape)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q_shape, k_shape = ctx.shapes
+        q_shape, k_shape, v_shape = ctx.shapes
         grad_q = grad_out.new_zeros(q_shape)
-        grad_k, grad_v = grad_out.new_zeros(k_shape), grad_out.new_zeros(k_shape)
-        for rows, cols, qb, kb, vb, out in ctx.blocks:
-            gq, gk, gv = torch.autograd.grad(out, (qb, kb, vb), grad_out[rows])
+        grad_k, grad_v = grad_out.new_zeros(k_shape), grad_out.new_zeros(v_shape)
+        grad_k_far = grad_out.new_zeros((len(ctx.far),) + k_shape[1:])
+        grad_v_far = grad_out.new_zeros((len(ctx.far),) + v_shape[1:])
+        for rows, n_far, near, parts, block in ctx.blocks:
+            gq, gkf, gk, gvf, gv = torch.autograd.grad(block, parts, grad_out[rows])
             grad_q[rows] = gq
-            if isinstance(cols, slice):
-                grad_k[cols] += gk
-                grad_v[cols] += gv
-            else:
-                grad_k.index_add_(0, cols, gk)
-                grad_v.index_add_(0, cols, gv)
+            grad_k_far[:n_far] += gkf
+            grad_v_far[:n_far] += gvf
+            grad_k[near] += gk
+            grad_v[near] += gv
+        grad_k.index_add_(0, ctx.far, grad_k_far)
+        grad_v.index_add_(0, ctx.far, grad_v_far)
         ctx.blocks = None
         return grad_q, grad_k, grad_v, None, None, None, None, None
 

@@ -4,12 +4,13 @@ The scan is an affine recurrence h_t = a_t * h_{t-1} + b_t. Autograd through T e
 steps would keep T graph nodes and run T Python iterations each way, so this is a custom
 autograd function whose backward is the same recurrence run in reverse time.
 
-On CPU a per-step loop is dominated by per-op overhead, so both directions use a two-level
-(chunked) scan: every chunk is scanned from a zero state with the loop vectorised over all
-chunks, the chunk boundary states are carried across chunks, and each chunk is corrected by
-the cumulative product of its gates times its incoming state. That is about 2*sqrt(T) Python
-steps instead of T, with identical math (the same decomposition the context-parallel scan and
-the Triton kernel use).
+On CPU a per-step loop is dominated by per-op overhead, so both directions use a chunked
+scan: every chunk is scanned from a zero state with the loop vectorised over all
+chunks, the states entering the chunks come from the same recurrence over the chunks' ends
+(scanned the same way, recursively), and each chunk is corrected by the cumulative product of
+its gates times its incoming state. That is about 2 sqrt(T) Python steps for short
+sequences and CHUNK log_CHUNK(T) for long ones instead of T, with identical math (the same
+decomposition the context-parallel scan and the Triton kernel use).
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 
-def _chunk_size(seq_len: int) -> int:
-    return max(1, min(seq_len, int(math.ceil(math.sqrt(seq_len)))))
+CHUNK = 32  # most steps per chunk: each level of the recursion below is that many times shorter
 
 
 def affine_scan(a: torch.Tensor, b: torch.Tensor, h0: Optional[torch.Tensor] = None,
@@ -31,29 +31,31 @@ def affine_scan(a: torch.Tensor, b: torch.Tensor, h0: Optional[torch.Tensor] = N
     Returns all states [T, N] (fp32). ``h0`` [N] is the state before the first step.
     """
     seq_len, width = a.shape
-    chunk = _chunk_size(seq_len)
+    chunk = min(CHUNK, math.isqrt(seq_len - 1) + 1)  # ceil(sqrt(T)) for short sequences
     n_chunks = -(-seq_len // chunk)
     pad = n_chunks * chunk - seq_len
     if pad:  # identity steps (a = 1, b = 0) at the end leave the state unchanged either way
         a = torch.cat([a, a.new_ones(pad, width)])
-        b = torch.cat([b, b.new_zeros(pad, width)])
+        h = torch.cat([b, b.new_zeros(pad, width)]).view(n_chunks, chunk, width)
+    else:
+        h = b.reshape(n_chunks, chunk, width).clone()
     a = a.view(n_chunks, chunk, width)
-    h = b.reshape(n_chunks, chunk, width).clone()
-    decay = torch.empty_like(h)  # product of the gates from the chunk's first step up to t
-    steps = range(chunk - 2, -1, -1) if reverse else range(1, chunk)
-    first = chunk - 1 if reverse else 0
+    decay = torch.empty_like(h)  # product of the gates from the chunk's first step (in scan order) up to t
+    first, last = (chunk - 1, 0) if reverse else (0, chunk - 1)
     decay[:, first] = a[:, first]
-    for i in steps:  # local scans of all chunks at once
+    for i in (range(chunk - 2, -1, -1) if reverse else range(1, chunk)):  # all chunks at once, from zero
         prev = i + 1 if reverse else i - 1
         h[:, i].addcmul_(a[:, i], h[:, prev])
-        torch.mul(decay[:, prev], a[:, i], out=decay[:, i])
-    last = 0 if reverse else chunk - 1
-    carry = a.new_empty(n_chunks, width)  # state entering each chunk
-    state = h0 if h0 is not None else a.new_zeros(width)
-    for c in (range(n_chunks - 1, -1, -1) if reverse else range(n_chunks)):
-        carry[c] = state
-        state = decay[c, last] * state + h[c, last]
-    h.addcmul_(decay, carry.unsqueeze(1))
+        torch.mul(decay[:, prev], a[:, i], out=decay[:, i])  # (torch.cumprod along dim 1 is slower)
+    if n_chunks == 1 and h0 is None:
+        return h.view(seq_len, width)
+    initial = h0.unsqueeze(0) if h0 is not None else a.new_zeros(1, width)
+    if n_chunks == 1:
+        entering = initial
+    else:  # the state entering each chunk: the same recurrence over the chunks' ends
+        ends = affine_scan(decay[:, last], h[:, last], h0, reverse)
+        entering = torch.cat([ends[1:], initial]) if reverse else torch.cat([initial, ends[:-1]])
+    h.addcmul_(decay, entering.unsqueeze(1))
     return h.view(n_chunks * chunk, width)[:seq_len]
 
 

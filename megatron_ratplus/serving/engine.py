@@ -136,11 +136,14 @@ class Engine:
                 budget -= self._prefill_chunk(pool, budget)
         admitted, chunked = self._admit(budget)
         for pool, seqs in admitted.items():
-            logits = pool.prefill(seqs)
-            for i, seq in enumerate(seqs):
-                self.stats.prompt_tokens += len(seq.prompt)
-                _prompt_logprobs(seq, logits[i], 0)
-            self._advance(seqs, logits[torch.arange(len(seqs)), [len(s.prompt) - 1 for s in seqs]])
+            every_position = any(map(_wants_prompt_logprobs, seqs))
+            logits = pool.prefill(seqs, every_position)
+            self.stats.prompt_tokens += sum(len(seq.prompt) for seq in seqs)
+            if every_position:
+                for i, seq in enumerate(seqs):
+                    _prompt_logprobs(seq, logits[i], 0)
+                logits = logits[torch.arange(len(seqs)), [len(s.prompt) - 1 for s in seqs]]
+            self._advance(seqs, logits)
         for pool, (seq, first) in chunked.items():
             pool.filling, pool.filled = seq, 0
             self._prefill_chunk(pool, first)
@@ -158,10 +161,11 @@ class Engine:
         in chunks; after its last chunk it joins the live rows with its first token. -> tokens."""
         seq, start = pool.filling, pool.filled
         tokens = seq.prompt[start:start + budget]
-        logits = pool.chunk(tokens, start)
+        logits = pool.chunk(tokens, start, _wants_prompt_logprobs(seq))
         pool.filled += len(tokens)
         self.stats.prompt_tokens += len(tokens)
-        _prompt_logprobs(seq, logits, start)
+        if _wants_prompt_logprobs(seq):
+            _prompt_logprobs(seq, logits, start)
         if pool.filled == len(seq.prompt):
             pool.filling = None
             pool.promote(seq)
@@ -222,11 +226,14 @@ class Engine:
                 self.stats.finished[seq.finish_reason or "cancelled"] += 1
 
 
+def _wants_prompt_logprobs(seq: Sequence) -> bool:
+    """An echoed prompt with logprobs needs every prompt position's logits (else only the last)."""
+    return seq.params.echo and seq.params.logprobs is not None
+
+
 def _prompt_logprobs(seq: Sequence, logits: torch.Tensor, start: int) -> None:
     """Echoed prompts with logprobs: each prompt token's logprob from the chunk's logits
     [n, vocab] at positions start .. start + n - 1 (the first token has none)."""
-    if not (seq.params.echo and seq.params.logprobs is not None):
-        return
     if start == 0:
         seq.prompt_logprobs = [None]
     for j in range(logits.shape[0]):

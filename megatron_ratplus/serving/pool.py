@@ -57,31 +57,34 @@ class PatternPool:
         """Point the model's mixers at this pool's pattern before a forward."""
         set_attention_pattern(self.model, self.pattern)
 
-    def prefill(self, seqs: List[Sequence]) -> torch.Tensor:
-        """Admit ``seqs`` into the next free rows and run their prompts -> logits [k, s, vocab]."""
+    def prefill(self, seqs: List[Sequence], every_position: bool = False) -> torch.Tensor:
+        """Admit ``seqs`` into the next free rows and run their prompts -> each prompt's last
+        logits [k, vocab], or with ``every_position`` all of them [k, s, vocab]."""
         if len(seqs) > self.free:
             raise RuntimeError(f"pool '{self.pattern}' has {self.free} free rows, {len(seqs)} asked")
         if self.announce:
-            self.announce(("prefill", self.pattern, [seq.prompt for seq in seqs]))
+            self.announce(("prefill", self.pattern, ([seq.prompt for seq in seqs], every_position)))
         start = len(self.live)
         lengths = torch.tensor([len(seq.prompt) for seq in seqs])
         tokens = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
         for i, seq in enumerate(seqs):
             tokens[i, :len(seq.prompt)] = torch.tensor(seq.prompt)
         self.activate()
-        logits = self.session.rows(start, start + len(seqs)).prefill(tokens, lengths)
+        logits = self.session.rows(start, start + len(seqs)).prefill(tokens, lengths, last_only=not every_position)
         self.live.extend(seqs)
         return logits
 
-    def chunk(self, tokens: List[int], start: int) -> torch.Tensor:
+    def chunk(self, tokens: List[int], start: int, every_position: bool = False) -> torch.Tensor:
         """Prefill ``tokens`` at positions start, start + 1, ... of the top row (positions before
-        ``start`` are its earlier chunks) -> logits [len(tokens), vocab]."""
+        ``start`` are its earlier chunks) -> the last token's logits [1, vocab], or with
+        ``every_position`` all of them [len(tokens), vocab]."""
         if self.announce:
-            self.announce(("chunk", self.pattern, (tokens, start)))
+            self.announce(("chunk", self.pattern, (tokens, start, every_position)))
         self.activate()
         row = self.session.rows(self.rows - 1, self.rows)
         starts = torch.tensor([start]) if start else None
-        return row.prefill(torch.tensor([tokens]), torch.tensor([len(tokens)]), starts)[0]
+        logits = row.prefill(torch.tensor([tokens]), torch.tensor([len(tokens)]), starts, last_only=not every_position)
+        return logits if not every_position else logits[0]
 
     def promote(self, seq: Sequence) -> None:
         """The top row's prompt is all in: it becomes the next live row (decoded from now on)."""

@@ -40,7 +40,8 @@ def follow(pools: Dict[str, PatternPool]) -> None:
                 return
             pool = pools[pattern]
             if op == "prefill":
-                pool.prefill([SimpleNamespace(prompt=prompt) for prompt in arg])
+                prompts, every_position = arg
+                pool.prefill([SimpleNamespace(prompt=prompt) for prompt in prompts], every_position)
             elif op == "chunk":
                 pool.chunk(*arg)
             elif op == "promote":
