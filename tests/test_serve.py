@@ -588,6 +588,29 @@ def test_server_burst_queues_then_sigterm_drains(ckpt):
         assert server.proc.wait(timeout=60) == 0
 
 
+def test_server_second_signal_cuts_off_at_once(ckpt):
+    """A second SIGTERM during a long drain cuts the running request off (a complete response,
+    finish reason "length", fewer tokens than asked) and the server exits 0 without a traceback."""
+    asked = TRAINED - 16
+    with Server(ckpt, "--patterns", "dense", "--max-model-len", str(TRAINED), "--drain-timeout", "600") as server:
+        result = {}
+        client = threading.Thread(target=lambda: result.update(
+            response=server.post({"prompt": "a long one", "max_tokens": asked, "temperature": 0})))
+        client.start()
+        deadline = time.monotonic() + 60
+        while server.metrics()["ratplus_requests_running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=60) == 0
+        client.join(timeout=60)
+        status, payload, _ = result["response"]
+        assert status == 200 and payload["choices"][0]["finish_reason"] == "length"
+        assert 0 < payload["usage"]["completion_tokens"] < asked
+        assert "Traceback" not in server.proc.stderr.read()
+
+
 @pytest.mark.integration
 def test_server_tensor_parallel(ckpt, capsys):
     """Under torchrun with two ranks (gloo), rank 0 serves and the ranks split the heads: the

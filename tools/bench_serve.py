@@ -2,8 +2,9 @@
 output token (TPOT), p50/p99, and the most concurrent sequences a fixed cache budget holds, per
 pattern and prompt length.
 
-Clients run in-process against the engine thread (the HTTP layer adds the same small cost to
-every pattern): either a closed loop of ``--clients`` clients (default: as many as the pool
+Clients run in-process against the engine, which runs on the main thread as in ratplus-serve
+(the HTTP layer adds the same small cost to every pattern), with their prompts made before the
+clock starts: either a closed loop of ``--clients`` clients (default: as many as the pool
 holds) each sending ``--requests`` requests back to back, or ``--rate`` Poisson arrivals per
 second of ``--requests`` requests in all. The pool for each pattern is sized from the same
 ``--cache-mb`` budget at ``--max-model-len`` = prompt + new tokens, so a sparse pattern holds more
@@ -54,15 +55,18 @@ def bench(model, pattern, prompt_len, args):
         return dict(pattern=pattern, prompt=prompt_len, rows=0)
     engine = Engine({pattern: PatternPool(model, pattern, rows, max_len, torch.float32)}, rows, 10**6,
                     args.max_prefill_tokens or prompt_len)
-    engine.start()
     records, lock = [], threading.Lock()
     rng = random.Random(0)
+    clients = 0 if args.rate else args.clients or rows
+    prompts = iter([[rng.randrange(256) for _ in range(prompt_len)]  # before the clock starts
+                    for _ in range(args.requests * (clients or 1))])
 
     def one_request():
         done = threading.Event()
         times = []
-        seq = Sequence([rng.randrange(256) for _ in range(prompt_len)],
-                       SamplingParams(max_tokens=args.new_tokens, temperature=0), pattern, ByteTokenizer(), [],
+        with lock:
+            prompt = next(prompts)
+        seq = Sequence(prompt, SamplingParams(max_tokens=args.new_tokens, temperature=0), pattern, ByteTokenizer(), [],
                        lambda s: (times.append(time.perf_counter()), s.finished and done.set()))
         start = time.perf_counter()
         engine.submit([seq])
@@ -74,21 +78,28 @@ def bench(model, pattern, prompt_len, args):
         for _ in range(args.requests):
             one_request()
 
-    begin = time.perf_counter()
-    if args.rate:
+    def load():
+        """The clients, then the engine's stop; the engine runs on the main thread, as in ratplus-serve."""
         threads = []
-        for _ in range(args.requests):
-            threads.append(threading.Thread(target=one_request))
-            threads[-1].start()
-            time.sleep(rng.expovariate(args.rate))
-    else:
-        threads = [threading.Thread(target=closed_client) for _ in range(args.clients or rows)]
+        if args.rate:
+            for _ in range(args.requests):
+                threads.append(threading.Thread(target=one_request))
+                threads[-1].start()
+                time.sleep(rng.expovariate(args.rate))
+        else:
+            threads = [threading.Thread(target=closed_client) for _ in range(clients)]
+            for thread in threads:
+                thread.start()
         for thread in threads:
-            thread.start()
-    for thread in threads:
-        thread.join()
+            thread.join()
+        engine.stop()
+
+    begin = time.perf_counter()
+    loader = threading.Thread(target=load)
+    loader.start()
+    engine.run()
+    loader.join()
     wall = time.perf_counter() - begin
-    engine.stop()
     ttft = [times[0] - start for start, times in records]
     tpot = [(times[-1] - times[0]) / (len(times) - 1) for _, times in records if len(times) > 1]
     tokens = sum(len(times) for _, times in records)

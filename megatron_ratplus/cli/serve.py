@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
+import threading
 from typing import List, Optional
 
 from megatron_ratplus.cli import run_cli
@@ -133,22 +135,51 @@ def run(args) -> int:
     served = ServedModel(args.served_model_name or os.path.basename(os.path.normpath(args.load)), patterns,
                          tokenizer, config.real_vocab_size or config.vocab_size, max_model_len)
     app = build_app(engine, served)
-    engine.start()
     rows = ", ".join(f"{p}: {pool.rows} sequences" for p, pool in engine.pools.items())
     port = sock.getsockname()[1]
     print(f"ratplus-serve: {served.name} on http://{args.host}:{port} ({rows})", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=port, log_level="warning", timeout_graceful_shutdown=5)
     server = DrainingServer(config, engine, args.drain_timeout)
     engine.on_failure = server.start_drain
+    http = HTTPThread(server, sock)
+    # uvicorn listens for signals only on the main thread, which runs the engine here
+    handlers = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.run(sockets=[sock])
+        http.start()
+        # The model's forwards run on the thread that loaded it: torch's OpenMP pool on another
+        # thread would be a second one, and libgomp then throttles its workers' spin-waits
+        # (CPU steps about 20% slower, docs/PERFORMANCE.md "Serving").
+        engine.run()
+        http.join()
     finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         engine.stop()
         if world > 1:
             replica.stop_followers()
+    if http.failure is not None:
+        raise http.failure
     if engine.failure is not None:  # a bug in a step: its traceback, exit 1, for a supervisor to restart
         raise engine.failure
     return 0
+
+
+class HTTPThread(threading.Thread):
+    """uvicorn serving ``sock`` beside the engine; when it ends, so does the engine (what made it
+    end, if anything raised, is re-raised on the main thread)."""
+
+    def __init__(self, server, sock: socket.socket):
+        super().__init__(name="ratplus-http", daemon=True)
+        self.server, self.sock = server, sock
+        self.failure: Optional[BaseException] = None
+
+    def run(self) -> None:
+        try:
+            self.server.run(sockets=[self.sock])
+        except BaseException as err:  # noqa: BLE001  (re-raised by the main thread)
+            self.failure = err
+        finally:
+            self.server.engine.stop()
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -86,7 +86,8 @@ class Engine:
         return not self.waiting and self.running == 0
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="ratplus-engine", daemon=True)
+        """Run the engine in a thread of its own (ratplus-serve runs it on its main thread instead)."""
+        self._thread = threading.Thread(target=self.run, name="ratplus-engine", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -98,7 +99,7 @@ class Engine:
             self._thread.join()
 
     # --- the engine thread ---------------------------------------------------------------------
-    def _loop(self) -> None:
+    def run(self) -> None:
         """Step until stopped. A step that raises is a bug, but left alone it would leave every
         request waiting forever behind a healthy /health: the engine ends every sequence (finish
         reason "error"), admits nothing more and tells the server, which exits and re-raises it."""

@@ -2,7 +2,8 @@
 
 The first signal stops admitting (the API answers 503), gives running and queued requests up
 to ``drain_timeout`` seconds, cuts off the rest (finish reason "length") and exits 0; uvicorn's
-own handler would re-raise the signal after its shutdown. A second signal stops at once. An
+own handler would re-raise the signal after its shutdown. A second signal cuts off the rest at
+once and exits 0 (left running, they would outlive uvicorn's graceful shutdown as 500s). An
 engine that failed (a bug in a step) stops the server the same way, without the wait.
 """
 
@@ -22,7 +23,8 @@ class DrainingServer(uvicorn.Server):
         self.engine, self.drain_timeout = engine, drain_timeout
 
     def handle_exit(self, sig, frame) -> None:
-        if self.engine.draining:
+        if self.engine.draining:  # a second signal: cut off what is running and exit now
+            self.engine.stop()
             self.should_exit = True
             return
         self.start_drain()
