@@ -298,11 +298,11 @@ class Server:
         return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", max_retries=0, timeout=60)
 
 
-def _settled(server, timeout=30):
-    """/metrics once no sequence runs (a response can reach its client a moment before the
-    engine retires the row)."""
+def _settled(server, running=0, timeout=30):
+    """/metrics once at most ``running`` sequences run (a response can reach its client a moment
+    before the engine retires the row)."""
     deadline = time.monotonic() + timeout
-    while (metrics := server.metrics())["ratplus_requests_running"] and time.monotonic() < deadline:
+    while (metrics := server.metrics())["ratplus_requests_running"] > running and time.monotonic() < deadline:
         time.sleep(0.05)
     return metrics
 
@@ -463,7 +463,7 @@ def test_server_chunked_prefill_equals_generate(ckpt, capsys):
             status, body, _ = server.post({"prompt": prompt, "max_tokens": 16, "temperature": 0,
                                            "attention_pattern": pattern})
             assert status == 200 and prompt + body["choices"][0]["text"] == expected[pattern]
-            metrics = server.metrics()
+            metrics = _settled(server, running=1)
             assert metrics["ratplus_requests_running"] == 1  # the other request is still decoding
             assert metrics["ratplus_generation_tokens_total"] - before > 16 + 12  # and decoded between the chunks
             other.sock.shutdown(socket.SHUT_RDWR)
