@@ -42,8 +42,8 @@ class _BlockedAttention(torch.autograd.Function):
         q, k, v = q.detach(), k.detach(), v.detach()
         n_q = q.shape[0]
         far = torch.nonzero(may_be_seen(pattern, key_positions, math.inf)).flatten()  # sinks and states
-        far_positions = key_positions[far]
-        k_far, v_far = k[far.to(k.device)], v[far.to(k.device)]
+        far_positions, far = key_positions[far], far.to(k.device)
+        k_far, v_far = k[far], v[far]
         out = q.new_empty(q.shape[:3] + v.shape[3:])
         blocks = []
         with torch.set_grad_enabled(keep_graphs):  # no backward to come (evaluation, recomputation's first pass): no graphs
@@ -66,7 +66,7 @@ class _BlockedAttention(torch.autograd.Function):
                 if keep_graphs:
                     blocks.append((rows, n_far, slice(a, b), parts, block))
                 out[rows] = block.detach()
-        ctx.blocks, ctx.far, ctx.shapes = blocks, far.to(k.device), (q.shape, k.shape, v.shape)
+        ctx.blocks, ctx.far, ctx.shapes = blocks, far, (q.shape, k.shape, v.shape)
         return out
 
     @staticmethod

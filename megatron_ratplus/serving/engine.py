@@ -162,10 +162,11 @@ class Engine:
         in chunks; after its last chunk it joins the live rows with its first token. -> tokens."""
         seq, start = pool.filling, pool.filled
         tokens = seq.prompt[start:start + budget]
-        logits = pool.chunk(tokens, start, _wants_prompt_logprobs(seq))
+        every_position = _wants_prompt_logprobs(seq)
+        logits = pool.chunk(tokens, start, every_position)
         pool.filled += len(tokens)
         self.stats.prompt_tokens += len(tokens)
-        if _wants_prompt_logprobs(seq):
+        if every_position:
             _prompt_logprobs(seq, logits, start)
         if pool.filled == len(seq.prompt):
             pool.filling = None

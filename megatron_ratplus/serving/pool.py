@@ -84,7 +84,7 @@ class PatternPool:
         row = self.session.rows(self.rows - 1, self.rows)
         starts = torch.tensor([start]) if start else None
         logits = row.prefill(torch.tensor([tokens]), torch.tensor([len(tokens)]), starts, last_only=not every_position)
-        return logits if not every_position else logits[0]
+        return logits[0] if every_position else logits
 
     def promote(self, seq: Sequence) -> None:
         """The top row's prompt is all in: it becomes the next live row (decoded from now on)."""
